@@ -1,0 +1,128 @@
+//! Per-request control: a request extension, or a task-local scope for code that cannot touch
+//! the request.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::Dep;
+
+/// What the caller wants the cache to do with one request.
+///
+/// Put it in the request's extensions, or run the code that sends the request inside
+/// [`scope`]. The extension wins over the scope.
+///
+/// ```
+/// use cachecore::{Dep, RequestContext};
+/// use std::time::Duration;
+///
+/// let mut req = http::Request::new(());
+/// req.extensions_mut().insert(
+///     RequestContext::new()
+///         .dep(Dep::new("doc:contract-123").hash("v1"))
+///         .ttl(Duration::from_secs(600)),
+/// );
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestContext {
+    pub(crate) deps: Vec<Dep>,
+    pub(crate) bypass: bool,
+    pub(crate) refresh: bool,
+    pub(crate) ttl: Option<Duration>,
+}
+
+impl RequestContext {
+    /// An empty context: cache normally, no deps.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A context that declares `deps`.
+    pub fn with_deps(deps: impl IntoIterator<Item = Dep>) -> Self {
+        Self {
+            deps: deps.into_iter().collect(),
+            ..Self::default()
+        }
+    }
+
+    /// A context that bypasses the cache: nothing is read or written.
+    pub fn bypass_all() -> Self {
+        Self {
+            bypass: true,
+            ..Self::default()
+        }
+    }
+
+    /// Declares that the response is derived from `dep`.
+    #[must_use]
+    pub fn dep(mut self, dep: Dep) -> Self {
+        self.deps.push(dep);
+        self
+    }
+
+    /// Neither read from nor write to the cache.
+    #[must_use]
+    pub fn bypass(mut self) -> Self {
+        self.bypass = true;
+        self
+    }
+
+    /// Skip the read, call the inner service, and replace the entry with the fresh response.
+    #[must_use]
+    pub fn refresh(mut self) -> Self {
+        self.refresh = true;
+        self
+    }
+
+    /// Fresh TTL for the entry this request writes, instead of the layer's default.
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// The declared deps.
+    pub fn deps(&self) -> &[Dep] {
+        &self.deps
+    }
+
+    /// Whether the request bypasses the cache.
+    pub fn is_bypass(&self) -> bool {
+        self.bypass
+    }
+
+    /// Whether the request skips the read and replaces the entry.
+    pub fn is_refresh(&self) -> bool {
+        self.refresh
+    }
+
+    /// The TTL override, if any.
+    pub fn ttl_override(&self) -> Option<Duration> {
+        self.ttl
+    }
+}
+
+tokio::task_local! {
+    static SCOPE: RequestContext;
+}
+
+/// Runs `fut` with `ctx` applying to every request the layer sees while `fut` runs on this task.
+///
+/// For code that builds its requests internally (an in-house LLM client): the caller wraps the
+/// call, the client needs no change. Scopes do not leak across tasks: a task spawned inside
+/// `fut` does not inherit it, and concurrent tasks with different scopes never see each other's.
+///
+/// ```
+/// # async fn call_llm() {}
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use cachecore::{scope, Dep, RequestContext};
+/// scope(RequestContext::new().dep(Dep::new("classifier-prompt").hash("v3")), call_llm()).await;
+/// # }
+/// ```
+pub async fn scope<F: Future>(ctx: RequestContext, fut: F) -> F::Output {
+    SCOPE.scope(ctx, fut).await
+}
+
+/// The context of the innermost [`scope`] this code runs in, if any.
+pub fn current_scope() -> Option<RequestContext> {
+    SCOPE.try_with(Clone::clone).ok()
+}

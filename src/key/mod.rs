@@ -1,0 +1,141 @@
+//! The cache key: SHA-256 of everything that makes two requests "the same" (DESIGN section 3).
+
+use http::{HeaderMap, HeaderName, Method, Uri};
+use sha2::{Digest, Sha256};
+
+mod canonical;
+pub use canonical::{hash_canonical_json, NotJson};
+
+use crate::Dep;
+
+/// Bumped whenever the encoding below changes, so keys of different formats never collide.
+const KEY_FORMAT_VERSION: u8 = 1;
+
+/// How the body is keyed.
+#[derive(Clone, Debug, Default)]
+pub struct BodyKeying {
+    /// Canonicalise JSON bodies (sorted keys, no insignificant white space). Default on.
+    pub canonical_json: bool,
+    /// Top-level JSON fields left out of the key (for example `user`).
+    pub ignored_fields: Vec<String>,
+}
+
+/// The parts of a request that make its key, borrowed.
+#[derive(Debug)]
+pub struct KeyParts<'a> {
+    /// Tenant of the namespace.
+    pub tenant: &'a str,
+    /// Policy version of the namespace.
+    pub policy_version: &'a str,
+    /// Request method.
+    pub method: &'a Method,
+    /// Request URI (only path and query are used).
+    pub uri: &'a Uri,
+    /// Request headers (only those named in `vary` are used).
+    pub headers: &'a HeaderMap,
+    /// Header names that are part of the key.
+    pub vary: &'a [HeaderName],
+    /// Declared deps, in any order.
+    pub deps: &'a [Dep],
+    /// The whole request body.
+    pub body: &'a [u8],
+}
+
+/// Computes the key digest of a request.
+///
+/// Every part is length-prefixed and the format version comes first, so no two different
+/// requests encode to the same byte stream.
+///
+/// ```
+/// use cachecore::key::{compute_key, BodyKeying, KeyParts};
+/// let (method, uri, headers) = (http::Method::POST, "/v1/chat".parse().unwrap(), http::HeaderMap::new());
+/// let parts = |body: &'static [u8]| KeyParts {
+///     tenant: "t", policy_version: "1", method: &method, uri: &uri, headers: &headers,
+///     vary: &[], deps: &[], body,
+/// };
+/// let keying = BodyKeying { canonical_json: true, ignored_fields: vec![] };
+/// assert_eq!(
+///     compute_key(&parts(br#"{"a":1,"b":2}"#), &keying),
+///     compute_key(&parts(br#"{ "b": 2, "a": 1 }"#), &keying),
+/// );
+/// ```
+pub fn compute_key(parts: &KeyParts<'_>, keying: &BodyKeying) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update([KEY_FORMAT_VERSION]);
+    field(&mut h, parts.tenant.as_bytes());
+    field(&mut h, parts.policy_version.as_bytes());
+    field(&mut h, parts.method.as_str().as_bytes());
+    field(
+        &mut h,
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes(),
+    );
+
+    count(&mut h, parts.vary.len());
+    for name in parts.vary {
+        field(&mut h, name.as_str().as_bytes());
+        let values = parts.headers.get_all(name);
+        count(&mut h, values.iter().count());
+        for v in values {
+            field(&mut h, v.as_bytes());
+        }
+    }
+
+    let mut deps: Vec<(&str, Option<&str>)> =
+        parts.deps.iter().map(|d| (d.id(), d.expected_hash())).collect();
+    deps.sort_unstable();
+    deps.dedup();
+    count(&mut h, deps.len());
+    for (id, hash) in deps {
+        field(&mut h, id.as_bytes());
+        match hash {
+            None => h.update([0u8]),
+            Some(hash) => {
+                h.update([1u8]);
+                field(&mut h, hash.as_bytes());
+            }
+        }
+    }
+
+    if keying.canonical_json && looks_like_json(parts.body) {
+        let mut json = h.clone();
+        json.update([b'J']);
+        if hash_canonical_json(parts.body, &keying.ignored_fields, &mut json).is_ok() {
+            return json.finalize().into();
+        }
+    }
+    h.update([b'R']);
+    field(&mut h, parts.body);
+    h.finalize().into()
+}
+
+/// Cheap pre-check so binary or form bodies skip the JSON parser.
+fn looks_like_json(body: &[u8]) -> bool {
+    matches!(
+        body.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'{' | b'[')
+    )
+}
+
+fn count(h: &mut Sha256, n: usize) {
+    h.update((n as u64).to_be_bytes());
+}
+
+fn field(h: &mut Sha256, bytes: &[u8]) {
+    count(h, bytes.len());
+    h.update(bytes);
+}
+
+/// Lowercase hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    s
+}
