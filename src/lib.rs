@@ -3,11 +3,22 @@
 
 mod context;
 mod dep;
+mod engine;
 pub mod key;
+pub mod layer;
+mod metrics;
+mod status;
 pub mod store;
 
 pub use context::{current_scope, scope, RequestContext};
 pub use dep::{validate_dep_id, Dep, InvalidDepId, MAX_DEP_ID_LEN, POLICY_DEP};
+pub use engine::{
+    tenant_for_credentials, ContextResolver, Namespace, NamespaceResolver, RequestHead,
+    ANONYMOUS_TENANT, DEFAULT_POLICY_VERSION, X_CACHE, X_CACHE_AGE, X_CACHE_SIMILARITY,
+};
+pub use layer::{Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, ResponseBody, X_CACHE_ERROR};
+pub use metrics::MetricsSnapshot;
+pub use status::CacheStatus;
 pub use store::{
     CacheKey, CacheStore, DepEpochs, Entry, InvalidationResult, Lookup, MemoryStore, PutOutcome,
     StoreError, StoreErrorKind,

@@ -1,0 +1,817 @@
+//! The transport-neutral part of the cache: context, key, lookup, admission, put, invalidate.
+//!
+//! The tower service and the reqwest adapter are thin shells over [`Engine`]; no cache logic
+//! lives anywhere else.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Extensions, HeaderMap, Method, Response, StatusCode, Uri};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::key::{compute_key, to_hex, BodyKeying, KeyParts};
+use crate::metrics::Metrics;
+use crate::store::{
+    duration_ms, now_ms, CacheKey, CacheStore, DepEpochs, Entry, InvalidationResult, Lookup,
+    PutOutcome,
+};
+use crate::{current_scope, validate_dep_id, CacheStatus, Dep, RequestContext, POLICY_DEP};
+
+/// `X-Cache`: what the cache did with the request.
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+/// `X-Cache-Age`: seconds since the served entry was stored.
+pub const X_CACHE_AGE: HeaderName = HeaderName::from_static("x-cache-age");
+/// `X-Cache-Similarity`: 1.00 for exact (L1) hits, 0.00 otherwise (wire-compatible mode only).
+pub const X_CACHE_SIMILARITY: HeaderName = HeaderName::from_static("x-cache-similarity");
+
+/// Defaults, chosen for LLM calls: answers are expensive and requests are a few KiB.
+pub(crate) mod defaults {
+    use std::time::Duration;
+    /// An hour: long enough to pay off an LLM call, short enough to bound surprise.
+    pub(crate) const FRESH_TTL: Duration = Duration::from_secs(3600);
+    /// Off: serving stale is an explicit choice.
+    pub(crate) const STALE_WINDOW: Duration = Duration::ZERO;
+    /// 2 MiB covers long-context chat requests; larger bodies pass through uncached.
+    pub(crate) const MAX_BODY: usize = 2 * 1024 * 1024;
+    /// 8 MiB of response is recorded at most; larger responses are forwarded, not stored.
+    pub(crate) const MAX_RESPONSE: usize = 8 * 1024 * 1024;
+    /// Well under an LLM call and well over a healthy Redis round trip.
+    pub(crate) const STORE_TIMEOUT: Duration = Duration::from_millis(250);
+    /// Consecutive store failures that open the circuit breaker.
+    pub(crate) const BREAKER_FAILURES: u32 = 5;
+    /// How long an open breaker skips the store.
+    pub(crate) const BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
+}
+
+/// A namespace: the tenant keys and deps live in, and the policy version keys are scoped to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Namespace {
+    tenant: Arc<str>,
+    policy_version: Arc<str>,
+}
+
+impl Namespace {
+    /// A namespace for `tenant` at `policy_version`.
+    pub fn new(tenant: impl Into<Arc<str>>, policy_version: impl Into<Arc<str>>) -> Self {
+        Self {
+            tenant: tenant.into(),
+            policy_version: policy_version.into(),
+        }
+    }
+
+    /// The tenant.
+    pub fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    /// The policy version.
+    pub fn policy_version(&self) -> &str {
+        &self.policy_version
+    }
+}
+
+/// The parts of a request the layer decides on before reading the body.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestHead<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// URI.
+    pub uri: &'a Uri,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+    /// Extensions.
+    pub extensions: &'a Extensions,
+}
+
+impl<'a> RequestHead<'a> {
+    /// The head of `req`.
+    pub fn of<B>(req: &'a http::Request<B>) -> Self {
+        Self {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+}
+
+/// Resolves the namespace of a request; `None` makes the request a bypass.
+pub type NamespaceResolver = Arc<dyn Fn(&RequestHead<'_>) -> Option<Namespace> + Send + Sync>;
+
+/// Resolves the cache context of a request from its head (for example from trusted headers).
+/// Consulted after the extension and the task-local scope.
+pub type ContextResolver =
+    Arc<dyn Fn(&RequestHead<'_>) -> Result<Option<RequestContext>, String> + Send + Sync>;
+
+#[derive(Clone)]
+pub(crate) enum NamespaceSource {
+    Fixed(Namespace),
+    /// Tenant derived from a hash of the credentials header (DESIGN section 3).
+    Credentials {
+        policy_version: Arc<str>,
+    },
+    Resolver(NamespaceResolver),
+}
+
+/// Headers whose value identifies the caller, in the order they are looked for.
+const CREDENTIAL_HEADERS: [&str; 4] = [
+    "authorization",
+    "x-cachecore-token",
+    "x-api-key",
+    "api-key",
+];
+
+/// The tenant used for requests that carry no credentials at all.
+pub const ANONYMOUS_TENANT: &str = "anonymous";
+
+/// The tenant a request with credentials header `name: value` lands in when the layer derives
+/// tenants from credentials (the default).
+pub fn tenant_for_credentials(name: &str, value: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(name.to_ascii_lowercase().as_bytes());
+    h.update([0]);
+    h.update(value);
+    let digest: [u8; 32] = h.finalize().into();
+    format!("cred-{}", to_hex(&digest[..16]))
+}
+
+impl NamespaceSource {
+    fn resolve(&self, head: &RequestHead<'_>) -> Option<Namespace> {
+        match self {
+            Self::Fixed(ns) => Some(ns.clone()),
+            Self::Resolver(f) => f(head),
+            Self::Credentials { policy_version } => {
+                let tenant = CREDENTIAL_HEADERS
+                    .iter()
+                    .find_map(|name| {
+                        head.headers
+                            .get(*name)
+                            .map(|v| tenant_for_credentials(name, v.as_bytes()))
+                    })
+                    .unwrap_or_else(|| ANONYMOUS_TENANT.to_owned());
+                Some(Namespace::new(tenant, policy_version.clone()))
+            }
+        }
+    }
+
+    /// The tenant `invalidate` works on when none is named.
+    fn default_tenant(&self) -> Arc<str> {
+        match self {
+            Self::Fixed(ns) => ns.tenant.clone(),
+            _ => Arc::from(ANONYMOUS_TENANT),
+        }
+    }
+}
+
+/// Everything the layer is configured with.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) fresh_ttl: Duration,
+    pub(crate) stale_window: Duration,
+    pub(crate) max_body: usize,
+    pub(crate) max_response: usize,
+    pub(crate) vary: Vec<HeaderName>,
+    pub(crate) keying: BodyKeying,
+    pub(crate) namespace: NamespaceSource,
+    pub(crate) context_resolver: Option<ContextResolver>,
+    pub(crate) store_timeout: Duration,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) breaker_failures: u32,
+    pub(crate) breaker_cooldown: Duration,
+    pub(crate) similarity_header: bool,
+}
+
+impl Config {
+    pub(crate) fn policy_version(&self) -> Arc<str> {
+        match &self.namespace {
+            NamespaceSource::Fixed(ns) => ns.policy_version.clone(),
+            NamespaceSource::Credentials { policy_version } => policy_version.clone(),
+            NamespaceSource::Resolver(_) => Arc::from(DEFAULT_POLICY_VERSION),
+        }
+    }
+
+    pub(crate) fn namespace_of(&self, head: &RequestHead<'_>) -> Option<Namespace> {
+        self.namespace.resolve(head)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            fresh_ttl: defaults::FRESH_TTL,
+            stale_window: defaults::STALE_WINDOW,
+            max_body: defaults::MAX_BODY,
+            max_response: defaults::MAX_RESPONSE,
+            vary: Vec::new(),
+            keying: BodyKeying {
+                canonical_json: true,
+                ignored_fields: Vec::new(),
+            },
+            namespace: NamespaceSource::Credentials {
+                policy_version: Arc::from(DEFAULT_POLICY_VERSION),
+            },
+            context_resolver: None,
+            store_timeout: defaults::STORE_TIMEOUT,
+            methods: vec![Method::GET, Method::POST],
+            breaker_failures: defaults::BREAKER_FAILURES,
+            breaker_cooldown: defaults::BREAKER_COOLDOWN,
+            similarity_header: false,
+        }
+    }
+}
+
+/// The policy version used when none is configured.
+pub const DEFAULT_POLICY_VERSION: &str = "1";
+
+/// Why a request is not cached at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum BypassReason {
+    Requested,
+    Method,
+    NoNamespace,
+    BodyTooLarge,
+    InvalidDep(String),
+    BadContext(String),
+}
+
+impl BypassReason {
+    /// A problem with the caller's input, reported in `X-Cache-Error`.
+    pub(crate) fn error_message(&self) -> Option<&str> {
+        match self {
+            Self::InvalidDep(m) | Self::BadContext(m) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// What to do with a request that is cached.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) namespace: Namespace,
+    pub(crate) deps: Vec<Dep>,
+    pub(crate) refresh: bool,
+    pub(crate) fresh_ttl: Duration,
+}
+
+impl Plan {
+    /// The dep ids to check: the declared ones and the policy dep.
+    pub(crate) fn dep_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self.deps.iter().map(Dep::id).collect();
+        ids.push(POLICY_DEP);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// The result of looking a request up.
+pub(crate) enum Found {
+    Hit(Entry, CacheStatus),
+    /// Miss: the epochs to present at put time.
+    Miss(DepEpochs),
+    /// The store could not answer: forward, write nothing.
+    Unavailable,
+}
+
+/// The engine behind every adapter.
+pub(crate) struct Engine {
+    store: Arc<dyn CacheStore>,
+    pub(crate) config: Config,
+    flights: Mutex<HashMap<CacheKey, watch::Receiver<FlightState>>>,
+    refreshing: Mutex<HashSet<CacheKey>>,
+    breaker: Breaker,
+    pub(crate) metrics: Metrics,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("fresh_ttl", &self.config.fresh_ttl)
+            .field("stale_window", &self.config.stale_window)
+            .field("max_body", &self.config.max_body)
+            .field("metrics", &self.metrics.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps behind these locks stay consistent at every await-free step; a panic elsewhere
+    // must not turn every later request into a failure.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Engine {
+    pub(crate) fn new(store: Arc<dyn CacheStore>, config: Config) -> Self {
+        Self {
+            store,
+            config,
+            flights: Mutex::new(HashMap::new()),
+            refreshing: Mutex::new(HashSet::new()),
+            breaker: Breaker::default(),
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Decides, from the head alone, whether the request is cached and how.
+    pub(crate) fn plan(&self, head: &RequestHead<'_>) -> Result<Plan, BypassReason> {
+        let ctx = match head.extensions.get::<RequestContext>() {
+            Some(ctx) => Some(ctx.clone()),
+            None => current_scope(),
+        };
+        let ctx = match ctx {
+            Some(ctx) => ctx,
+            None => match &self.config.context_resolver {
+                Some(resolve) => match resolve(head) {
+                    Ok(ctx) => ctx.unwrap_or_default(),
+                    Err(why) => return Err(BypassReason::BadContext(why)),
+                },
+                None => RequestContext::default(),
+            },
+        };
+        if ctx.bypass {
+            return Err(BypassReason::Requested);
+        }
+        if !self.config.methods.contains(head.method) {
+            return Err(BypassReason::Method);
+        }
+        if let Some(len) = content_length(head.headers) {
+            if len > self.config.max_body as u64 {
+                return Err(BypassReason::BodyTooLarge);
+            }
+        }
+        for dep in &ctx.deps {
+            if let Err(e) = validate_dep_id(dep.id()) {
+                return Err(BypassReason::InvalidDep(format!("{e}: {:?}", dep.id())));
+            }
+        }
+        let namespace = self
+            .config
+            .namespace_of(head)
+            .ok_or(BypassReason::NoNamespace)?;
+        Ok(Plan {
+            namespace,
+            fresh_ttl: ctx.ttl.unwrap_or(self.config.fresh_ttl),
+            deps: ctx.deps,
+            refresh: ctx.refresh,
+        })
+    }
+
+    pub(crate) fn key(&self, plan: &Plan, head: &RequestHead<'_>, body: &[u8]) -> CacheKey {
+        let digest = compute_key(
+            &KeyParts {
+                tenant: plan.namespace.tenant(),
+                policy_version: plan.namespace.policy_version(),
+                method: head.method,
+                uri: head.uri,
+                headers: head.headers,
+                vary: &self.config.vary,
+                deps: &plan.deps,
+                body,
+            },
+            &self.config.keying,
+        );
+        CacheKey::new(plan.namespace.tenant.clone(), digest)
+    }
+
+    /// Looks the key up, failing open: a store error, a timeout or an open breaker is
+    /// `Unavailable`, never an error.
+    pub(crate) async fn lookup(&self, key: &CacheKey, deps: &[&str]) -> Found {
+        match self.guarded(self.store.lookup(key, deps)).await {
+            Some(Lookup::Fresh(entry)) => Found::Hit(entry, CacheStatus::Hit),
+            Some(Lookup::Stale(entry)) => Found::Hit(entry, CacheStatus::StaleHit),
+            Some(Lookup::Miss(epochs)) => Found::Miss(epochs),
+            None => Found::Unavailable,
+        }
+    }
+
+    /// Runs one store call under the timeout and the circuit breaker.
+    async fn guarded<T>(
+        &self,
+        call: crate::store::StoreFuture<'_, T>,
+    ) -> Option<T> {
+        if !self.breaker.allows() {
+            self.metrics.store_skipped.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let error = match tokio::time::timeout(self.config.store_timeout, call).await {
+            Ok(Ok(value)) => {
+                self.breaker.success();
+                return Some(value);
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.config.store_timeout),
+        };
+        self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+        if self.breaker.failure(self.config.breaker_failures, self.config.breaker_cooldown) {
+            tracing::warn!(target: "cachecore", %error, cooldown = ?self.config.breaker_cooldown,
+                "cache store failing; skipping it for a cool-down");
+        } else {
+            tracing::warn!(target: "cachecore", %error, "cache store call failed; request goes through uncached");
+        }
+        None
+    }
+
+    /// Writes an entry with the epochs observed at lookup; returns whether it was stored.
+    pub(crate) async fn put(&self, key: &CacheKey, entry: Entry) -> bool {
+        match self.guarded(self.store.put(key, entry)).await {
+            Some(PutOutcome::Stored) => {
+                self.metrics.stored.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Some(PutOutcome::Refused(reason)) => {
+                self.metrics.refused_writes.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(target: "cachecore", ?key, ?reason, "write refused");
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Joins the in-flight upstream call for `key`, or becomes its leader.
+    pub(crate) fn join_flight(self: &Arc<Self>, key: &CacheKey) -> Flight {
+        let mut flights = lock(&self.flights);
+        if let Some(rx) = flights.get(key) {
+            return Flight::Follower(rx.clone());
+        }
+        let (tx, rx) = watch::channel(FlightState::Pending);
+        flights.insert(key.clone(), rx);
+        Flight::Leader(FlightGuard {
+            engine: Arc::clone(self),
+            key: Some(key.clone()),
+            tx,
+        })
+    }
+
+    /// Marks `key` as being refreshed in the background; false when a refresh already runs.
+    pub(crate) fn begin_refresh(self: &Arc<Self>, key: &CacheKey) -> Option<RefreshGuard> {
+        if lock(&self.refreshing).insert(key.clone()) {
+            Some(RefreshGuard {
+                engine: Arc::clone(self),
+                key: key.clone(),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Whether a response may be stored (DESIGN section 6: 2xx only; no `no-store`/`private`;
+    /// nothing that sets cookies; not larger than the recording limit when its length is known).
+    pub(crate) fn admits(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        if !status.is_success() {
+            return false;
+        }
+        if headers.contains_key(header::SET_COOKIE) {
+            return false;
+        }
+        let forbidden = headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',').any(|d| {
+                    let d = d.trim();
+                    d.eq_ignore_ascii_case("no-store") || d.eq_ignore_ascii_case("private")
+                })
+            })
+        });
+        if forbidden {
+            return false;
+        }
+        !matches!(content_length(headers), Some(len) if len > self.config.max_response as u64)
+    }
+
+    /// Starts recording a response that will become an entry when its body ends cleanly.
+    pub(crate) fn recorder(
+        self: &Arc<Self>,
+        key: CacheKey,
+        observed: DepEpochs,
+        fresh_ttl: Duration,
+        status: StatusCode,
+        headers: &HeaderMap,
+        flight: Option<FlightGuard>,
+    ) -> Recorder {
+        Recorder {
+            engine: Arc::clone(self),
+            key,
+            observed,
+            status,
+            headers: storable_headers(headers),
+            fresh_ttl,
+            buf: BytesMut::with_capacity(
+                content_length(headers)
+                    .map_or(0, |n| usize::try_from(n).unwrap_or(0))
+                    .min(self.config.max_response),
+            ),
+            flight,
+        }
+    }
+
+    /// The response served from an entry.
+    pub(crate) fn hit_response<B>(
+        &self,
+        entry: &Entry,
+        status: CacheStatus,
+        body: impl FnOnce(Bytes) -> B,
+    ) -> Response<B> {
+        let mut res = Response::new(body(entry.body.clone()));
+        *res.status_mut() = entry.status;
+        *res.headers_mut() = entry.headers.clone();
+        let age = entry.age_ms(now_ms()) / 1000;
+        res.headers_mut().insert(X_CACHE_AGE, HeaderValue::from(age));
+        self.mark(&mut res, status);
+        res
+    }
+
+    /// Sets `X-Cache` (and the similarity header in wire mode) and the [`CacheStatus`]
+    /// extension, and counts the outcome.
+    pub(crate) fn mark<B>(&self, res: &mut Response<B>, status: CacheStatus) {
+        self.metrics.count(status);
+        res.headers_mut()
+            .insert(X_CACHE, HeaderValue::from_static(status.as_str()));
+        if self.config.similarity_header {
+            let similarity = match status {
+                CacheStatus::Hit | CacheStatus::StaleHit => "1.00",
+                _ => "0.00",
+            };
+            res.headers_mut()
+                .insert(X_CACHE_SIMILARITY, HeaderValue::from_static(similarity));
+        }
+        res.extensions_mut().insert(status);
+        tracing::debug!(target: "cachecore", status = status.as_str(), "request served");
+    }
+
+    pub(crate) fn default_tenant(&self) -> Arc<str> {
+        self.config.namespace.default_tenant()
+    }
+
+    pub(crate) async fn invalidate_many(
+        &self,
+        tenant: &str,
+        dep_ids: &[&str],
+        new_hash: Option<&str>,
+    ) -> Vec<InvalidationResult> {
+        let generated;
+        let new_hash = match new_hash {
+            Some(h) => h,
+            None => {
+                generated = random_hash();
+                &generated
+            }
+        };
+        let mut results: Vec<Option<InvalidationResult>> = vec![None; dep_ids.len()];
+        let mut valid: Vec<&str> = Vec::with_capacity(dep_ids.len());
+        for (slot, id) in results.iter_mut().zip(dep_ids) {
+            match validate_dep_id(id) {
+                Ok(()) => valid.push(id),
+                Err(e) => *slot = Some(InvalidationResult::failed(*id, e.to_string())),
+            }
+        }
+        // Invalidation must not be skipped by the breaker or cut by the lookup timeout: a
+        // caller told "ok" must be able to rely on it, so failures are reported, not hidden.
+        let mut done = if valid.is_empty() {
+            Vec::new()
+        } else {
+            match self.store.invalidate_many(tenant, &valid, new_hash).await {
+                Ok(r) => r,
+                Err(e) => valid
+                    .iter()
+                    .map(|id| InvalidationResult::failed(*id, e.to_string()))
+                    .collect(),
+            }
+        }
+        .into_iter();
+        let out: Vec<InvalidationResult> = results
+            .into_iter()
+            .map(|r| {
+                r.or_else(|| done.next())
+                    .unwrap_or_else(|| InvalidationResult::failed("", "store gave no result"))
+            })
+            .collect();
+        for r in &out {
+            self.metrics.invalidations.fetch_add(1, Ordering::Relaxed);
+            if r.ok {
+                tracing::info!(target: "cachecore", tenant, dep_id = %r.dep_id, deleted = r.deleted, "invalidated");
+            } else {
+                self.metrics
+                    .invalidation_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(target: "cachecore", tenant, dep_id = %r.dep_id, error = ?r.error, "invalidation failed");
+            }
+        }
+        out
+    }
+}
+
+/// A fresh random-enough version string for invalidations that give none.
+fn random_hash() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = Sha256::new();
+    h.update(now_ms().to_be_bytes());
+    h.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    h.update(std::process::id().to_be_bytes());
+    h.update(format!("{:?}", Instant::now()).as_bytes());
+    let digest: [u8; 32] = h.finalize().into();
+    to_hex(&digest[..8])
+}
+
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Hop-by-hop headers describe one connection, not the response: never replay them.
+fn storable_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = headers.clone();
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        X_CACHE,
+        X_CACHE_AGE,
+        X_CACHE_SIMILARITY,
+    ] {
+        out.remove(name);
+    }
+    out
+}
+
+/// What the leader of an in-flight call tells its followers.
+#[derive(Clone, Debug)]
+pub(crate) enum FlightState {
+    Pending,
+    /// The stored entry, or `None`: the followers call the inner service themselves.
+    Done(Option<Arc<Entry>>),
+}
+
+pub(crate) enum Flight {
+    Leader(FlightGuard),
+    Follower(watch::Receiver<FlightState>),
+}
+
+impl Flight {
+    /// Waits for the leader; `None` when it stored nothing.
+    pub(crate) async fn wait(mut rx: watch::Receiver<FlightState>) -> Option<Arc<Entry>> {
+        match rx
+            .wait_for(|s| matches!(s, FlightState::Done(_)))
+            .await
+        {
+            Ok(state) => match &*state {
+                FlightState::Done(entry) => entry.clone(),
+                FlightState::Pending => None,
+            },
+            Err(_) => None,
+        }
+    }
+}
+
+/// Held by the leader of an in-flight call; dropping it without [`finish`](Self::finish)
+/// releases the followers to call the inner service themselves.
+pub(crate) struct FlightGuard {
+    engine: Arc<Engine>,
+    key: Option<CacheKey>,
+    tx: watch::Sender<FlightState>,
+}
+
+impl FlightGuard {
+    pub(crate) fn finish(mut self, entry: Option<Arc<Entry>>) {
+        self.release(entry);
+    }
+
+    fn release(&mut self, entry: Option<Arc<Entry>>) {
+        if let Some(key) = self.key.take() {
+            lock(&self.engine.flights).remove(&key);
+            self.tx.send_replace(FlightState::Done(entry));
+        }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.release(None);
+    }
+}
+
+/// Held while a background refresh of a stale entry runs.
+pub(crate) struct RefreshGuard {
+    engine: Arc<Engine>,
+    key: CacheKey,
+}
+
+impl Drop for RefreshGuard {
+    fn drop(&mut self) {
+        lock(&self.engine.refreshing).remove(&self.key);
+    }
+}
+
+/// Collects a response body while it is forwarded; stores it when the body ends cleanly.
+/// Dropped before that (client gone, stream error, too large): nothing is stored.
+pub(crate) struct Recorder {
+    engine: Arc<Engine>,
+    key: CacheKey,
+    observed: DepEpochs,
+    status: StatusCode,
+    headers: HeaderMap,
+    fresh_ttl: Duration,
+    buf: BytesMut,
+    flight: Option<FlightGuard>,
+}
+
+impl Recorder {
+    /// Appends a chunk; false once the response is too large to store (drop the recorder then).
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> bool {
+        if self.buf.len() + chunk.len() > self.engine.config.max_response {
+            return false;
+        }
+        self.buf.extend_from_slice(chunk);
+        true
+    }
+
+    /// The body ended cleanly: write the entry in the background, then release followers.
+    pub(crate) fn finish(self) {
+        let Self {
+            engine,
+            key,
+            observed,
+            status,
+            headers,
+            fresh_ttl,
+            buf,
+            flight,
+        } = self;
+        let entry = Entry {
+            status,
+            headers,
+            body: buf.freeze(),
+            stored_at_ms: now_ms(),
+            fresh_ttl,
+            stale_window: engine.config.stale_window,
+            deps: observed,
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(target: "cachecore", "no tokio runtime to store the entry on; not cached");
+            return;
+        };
+        rt.spawn(async move {
+            let stored = engine.put(&key, entry.clone()).await;
+            if let Some(flight) = flight {
+                flight.finish(stored.then(|| Arc::new(entry)));
+            }
+        });
+    }
+}
+
+/// Skips the store for a cool-down after repeated consecutive failures.
+#[derive(Debug)]
+struct Breaker {
+    failures: AtomicU32,
+    open_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            failures: AtomicU32::new(0),
+            open_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Breaker {
+    fn now(&self) -> u64 {
+        duration_ms(self.epoch.elapsed())
+    }
+
+    fn allows(&self) -> bool {
+        // Past the cool-down the breaker is half-open: calls go through, and the next failure
+        // opens it again straight away (the failure count is still at the threshold).
+        self.open_until_ms.load(Ordering::Relaxed) <= self.now()
+    }
+
+    fn success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a failure; true when it opened the breaker.
+    fn failure(&self, threshold: u32, cooldown: Duration) -> bool {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < threshold.max(1) {
+            return false;
+        }
+        self.open_until_ms
+            .store(self.now() + duration_ms(cooldown), Ordering::Relaxed);
+        true
+    }
+}

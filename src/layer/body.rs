@@ -1,0 +1,267 @@
+//! The request and response bodies the layer hands on.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::engine::Recorder;
+
+pin_project! {
+    /// The request body the inner service receives: the buffered body of a cached request, or
+    /// the caller's body untouched (a bypassed, uncacheable or oversized request).
+    pub struct RequestBody<B: Body> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestKindProj]
+    enum RequestKind<B: Body> {
+        Full { data: Option<Bytes> },
+        Passthrough { #[pin] inner: B },
+        // The frames read while looking for the end of an oversized body, then the rest.
+        Replay { prefix: VecDeque<Frame<Bytes>>, error: Option<B::Error>, rest: Pin<Box<B>> },
+    }
+}
+
+impl<B: Body> RequestBody<B> {
+    pub(crate) fn full(data: Bytes) -> Self {
+        Self {
+            kind: RequestKind::Full {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            kind: RequestKind::Passthrough { inner },
+        }
+    }
+
+    pub(crate) fn replay(
+        prefix: VecDeque<Frame<Bytes>>,
+        error: Option<B::Error>,
+        rest: Pin<Box<B>>,
+    ) -> Self {
+        Self {
+            kind: RequestKind::Replay {
+                prefix,
+                error,
+                rest,
+            },
+        }
+    }
+}
+
+impl<B: Body> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            RequestKind::Full { .. } => "Full",
+            RequestKind::Passthrough { .. } => "Passthrough",
+            RequestKind::Replay { .. } => "Replay",
+        };
+        f.debug_tuple("RequestBody").field(&kind).finish()
+    }
+}
+
+pub(crate) fn into_bytes<D: Buf>(mut d: D) -> Bytes {
+    d.copy_to_bytes(d.remaining())
+}
+
+impl<B: Body> Body for RequestBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            RequestKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RequestKindProj::Passthrough { inner } => inner
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map(|f| f.map_data(into_bytes)))),
+            RequestKindProj::Replay {
+                prefix,
+                error,
+                rest,
+            } => {
+                if let Some(frame) = prefix.pop_front() {
+                    return Poll::Ready(Some(Ok(frame)));
+                }
+                if let Some(e) = error.take() {
+                    return Poll::Ready(Some(Err(e)));
+                }
+                rest.as_mut()
+                    .poll_frame(cx)
+                    .map(|f| f.map(|f| f.map(|f| f.map_data(into_bytes))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Full { data } => data.is_none(),
+            RequestKind::Passthrough { inner } => inner.is_end_stream(),
+            RequestKind::Replay {
+                prefix,
+                error,
+                rest,
+            } => prefix.is_empty() && error.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RequestKind::Passthrough { inner } => inner.size_hint(),
+            RequestKind::Replay { prefix, rest, .. } => {
+                let buffered: u64 = prefix
+                    .iter()
+                    .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+                    .sum();
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower() + buffered);
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + buffered);
+                }
+                hint
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// The response body the layer returns: an entry's bytes on a hit, or the inner service's
+    /// body forwarded frame by frame (and recorded on a cacheable miss).
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseKindProj]
+    enum ResponseKind<B> {
+        Cached { data: Option<Bytes> },
+        Passthrough { #[pin] inner: B },
+        Recording { #[pin] inner: B, recorder: Option<Recorder> },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn cached(data: Bytes) -> Self {
+        Self {
+            kind: ResponseKind::Cached {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self {
+            kind: ResponseKind::Passthrough { inner },
+        }
+    }
+
+    pub(crate) fn recording(inner: B, recorder: Recorder) -> Self {
+        Self {
+            kind: ResponseKind::Recording {
+                inner,
+                recorder: Some(recorder),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            ResponseKind::Cached { .. } => "Cached",
+            ResponseKind::Passthrough { .. } => "Passthrough",
+            ResponseKind::Recording { .. } => "Recording",
+        };
+        f.debug_tuple("ResponseBody").field(&kind).finish()
+    }
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            ResponseKindProj::Cached { data } => {
+                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+            }
+            ResponseKindProj::Passthrough { inner } => inner
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map(|f| f.map_data(into_bytes)))),
+            ResponseKindProj::Recording { mut inner, recorder } => {
+                let frame = ready!(inner.as_mut().poll_frame(cx));
+                let frame = match frame {
+                    None => {
+                        if let Some(r) = recorder.take() {
+                            r.finish();
+                        }
+                        return Poll::Ready(None);
+                    }
+                    Some(Err(e)) => {
+                        // A broken stream stores nothing.
+                        recorder.take();
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                    Some(Ok(frame)) => frame.map_data(into_bytes),
+                };
+                match frame.data_ref() {
+                    Some(data) => {
+                        if recorder.as_mut().is_some_and(|r| !r.push(data)) {
+                            recorder.take();
+                        }
+                    }
+                    // Trailers are not replayed, so a response that has them is not stored.
+                    None => drop(recorder.take()),
+                }
+                if inner.is_end_stream() {
+                    if let Some(r) = recorder.take() {
+                        r.finish();
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Cached { data } => data.is_none(),
+            ResponseKind::Passthrough { inner } | ResponseKind::Recording { inner, .. } => {
+                inner.is_end_stream()
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Cached { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ResponseKind::Passthrough { inner } | ResponseKind::Recording { inner, .. } => {
+                inner.size_hint()
+            }
+        }
+    }
+}

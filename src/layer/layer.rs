@@ -1,0 +1,287 @@
+//! The layer, its builder, and the invalidation entry points.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method};
+use tower_layer::Layer;
+
+use super::Cachecore;
+use crate::engine::{
+    Config, ContextResolver, Engine, Namespace, NamespaceResolver, NamespaceSource, RequestHead,
+};
+use crate::metrics::MetricsSnapshot;
+use crate::{CacheStore, InvalidationResult, MemoryStore, RequestContext};
+
+/// A tower [`Layer`] that caches responses and drops them when their deps are invalidated.
+///
+/// Clones share one engine (store, in-flight map, counters), and the layer is also the handle
+/// to invalidate from: keep a clone where your webhooks run.
+#[derive(Clone)]
+#[must_use]
+pub struct CachecoreLayer {
+    engine: Arc<Engine>,
+}
+
+impl fmt::Debug for CachecoreLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachecoreLayer")
+            .field("engine", &self.engine)
+            .finish()
+    }
+}
+
+impl Default for CachecoreLayer {
+    fn default() -> Self {
+        Self::builder().build()
+    }
+}
+
+impl<S> Layer<S> for CachecoreLayer {
+    type Service = Cachecore<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Cachecore::new(inner, Arc::clone(&self.engine))
+    }
+}
+
+impl CachecoreLayer {
+    /// A layer on an in-memory store with the default settings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A builder, starting from the defaults.
+    pub fn builder() -> CachecoreBuilder {
+        CachecoreBuilder {
+            store: None,
+            config: Config::default(),
+        }
+    }
+
+    /// Invalidates `dep_id` in the default tenant (the configured one, or the anonymous one
+    /// when tenants come from credentials): every entry derived from it stops being served at
+    /// once. With no `new_hash` a random one is recorded. Every call invalidates, even with
+    /// the same hash as last time.
+    pub async fn invalidate(&self, dep_id: &str, new_hash: Option<&str>) -> InvalidationResult {
+        let tenant = self.engine.default_tenant();
+        self.invalidate_in(&tenant, dep_id, new_hash).await
+    }
+
+    /// [`invalidate`](Self::invalidate) for several deps; one result per id, in order.
+    pub async fn invalidate_many(
+        &self,
+        dep_ids: &[&str],
+        new_hash: Option<&str>,
+    ) -> Vec<InvalidationResult> {
+        let tenant = self.engine.default_tenant();
+        self.invalidate_many_in(&tenant, dep_ids, new_hash).await
+    }
+
+    /// Invalidates `dep_id` in the named tenant.
+    pub async fn invalidate_in(
+        &self,
+        tenant: &str,
+        dep_id: &str,
+        new_hash: Option<&str>,
+    ) -> InvalidationResult {
+        let mut results = self
+            .engine
+            .invalidate_many(tenant, &[dep_id], new_hash)
+            .await;
+        results
+            .pop()
+            .unwrap_or_else(|| InvalidationResult::failed(dep_id, "store gave no result"))
+    }
+
+    /// Invalidates several deps in the named tenant; one result per id, in order.
+    pub async fn invalidate_many_in(
+        &self,
+        tenant: &str,
+        dep_ids: &[&str],
+        new_hash: Option<&str>,
+    ) -> Vec<InvalidationResult> {
+        self.engine.invalidate_many(tenant, dep_ids, new_hash).await
+    }
+
+    /// The namespace a request with this head would be cached in (`None`: it would bypass).
+    pub fn namespace_of<B>(&self, req: &http::Request<B>) -> Option<Namespace> {
+        self.engine.config.namespace_of(&RequestHead::of(req))
+    }
+
+    /// A snapshot of the counters.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.engine.metrics.snapshot()
+    }
+
+    #[allow(dead_code)] // used by the reqwest adapter and the invalidation service
+    pub(crate) fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+}
+
+/// Configures a [`CachecoreLayer`].
+#[must_use]
+pub struct CachecoreBuilder {
+    store: Option<Arc<dyn CacheStore>>,
+    config: Config,
+}
+
+impl fmt::Debug for CachecoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachecoreBuilder")
+            .field("fresh_ttl", &self.config.fresh_ttl)
+            .field("stale_window", &self.config.stale_window)
+            .field("max_body", &self.config.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CachecoreBuilder {
+    /// The store (default: a [`MemoryStore`] with default capacity).
+    pub fn store(mut self, store: impl CacheStore) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// The store, already shared.
+    pub fn shared_store(mut self, store: Arc<dyn CacheStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// How long entries are fresh (default one hour). A request can override it with
+    /// [`RequestContext::ttl`].
+    pub fn default_ttl(mut self, ttl: Duration) -> Self {
+        self.config.fresh_ttl = ttl;
+        self
+    }
+
+    /// How long past its fresh TTL an entry may be served stale while one background refresh
+    /// runs (default zero: off).
+    pub fn stale_window(mut self, window: Duration) -> Self {
+        self.config.stale_window = window;
+        self
+    }
+
+    /// The largest request body that is buffered and cached (default 2 MiB). Larger bodies
+    /// are forwarded untouched and their responses are not cached.
+    pub fn max_body_bytes(mut self, max: usize) -> Self {
+        self.config.max_body = max;
+        self
+    }
+
+    /// The largest response body that is recorded (default 8 MiB). Larger responses are
+    /// forwarded in full and not stored.
+    pub fn max_response_bytes(mut self, max: usize) -> Self {
+        self.config.max_response = max;
+        self
+    }
+
+    /// Adds a request header whose value is part of the key (none by default).
+    pub fn vary_header(mut self, name: HeaderName) -> Self {
+        self.config.vary.push(name);
+        self
+    }
+
+    /// Whether JSON bodies are keyed in canonical form (default true): key order and white
+    /// space then do not change the key.
+    pub fn canonical_json(mut self, on: bool) -> Self {
+        self.config.keying.canonical_json = on;
+        self
+    }
+
+    /// Leaves a top-level JSON field out of the key (for example `user`).
+    pub fn ignore_json_field(mut self, field: impl Into<String>) -> Self {
+        self.config.keying.ignored_fields.push(field.into());
+        self
+    }
+
+    /// Puts every request in one fixed tenant (instead of deriving it from credentials).
+    pub fn tenant(mut self, tenant: impl Into<Arc<str>>) -> Self {
+        let policy = self.config.policy_version();
+        self.config.namespace = NamespaceSource::Fixed(Namespace::new(tenant, policy));
+        self
+    }
+
+    /// The policy version every key is scoped to (default `"1"`). A new one changes every key.
+    pub fn policy_version(mut self, version: impl Into<Arc<str>>) -> Self {
+        let version = version.into();
+        self.config.namespace = match self.config.namespace {
+            NamespaceSource::Fixed(ns) => {
+                NamespaceSource::Fixed(Namespace::new(ns.tenant().to_owned(), version))
+            }
+            NamespaceSource::Credentials { .. } => NamespaceSource::Credentials {
+                policy_version: version,
+            },
+            r @ NamespaceSource::Resolver(_) => r,
+        };
+        self
+    }
+
+    /// Resolves tenant and policy version per request; a request it returns `None` for
+    /// bypasses the cache.
+    pub fn namespace_resolver(
+        mut self,
+        resolve: impl Fn(&RequestHead<'_>) -> Option<Namespace> + Send + Sync + 'static,
+    ) -> Self {
+        let resolve: NamespaceResolver = Arc::new(resolve);
+        self.config.namespace = NamespaceSource::Resolver(resolve);
+        self
+    }
+
+    /// Resolves a request's [`RequestContext`] from its head when it has neither an extension
+    /// nor a task-local scope. An `Err` makes the request a bypass, with the message in the
+    /// `X-Cache-Error` response header.
+    pub fn context_resolver(
+        mut self,
+        resolve: impl Fn(&RequestHead<'_>) -> Result<Option<RequestContext>, String>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Self {
+        let resolve: ContextResolver = Arc::new(resolve);
+        self.config.context_resolver = Some(resolve);
+        self
+    }
+
+    /// Adds `X-Cache-Similarity` to responses (1.00 on hits, 0.00 otherwise), as the hosted
+    /// product's gateway does.
+    pub fn similarity_header(mut self, on: bool) -> Self {
+        self.config.similarity_header = on;
+        self
+    }
+
+    /// The longest any store call may take before the request goes on without the cache
+    /// (default 250 ms).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config.store_timeout = timeout;
+        self
+    }
+
+    /// After `failures` consecutive store failures, skip the store for `cooldown`
+    /// (default 5 failures, 5 s).
+    pub fn circuit_breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.config.breaker_failures = failures;
+        self.config.breaker_cooldown = cooldown;
+        self
+    }
+
+    /// The methods whose requests are cached (default GET and POST). Others pass through
+    /// without their bodies being read.
+    pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.config.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Builds the layer.
+    pub fn build(self) -> CachecoreLayer {
+        let store = self
+            .store
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn CacheStore>);
+        CachecoreLayer {
+            engine: Arc::new(Engine::new(store, self.config)),
+        }
+    }
+}

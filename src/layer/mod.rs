@@ -1,0 +1,13 @@
+//! The tower adapter: [`CachecoreLayer`] builds [`Cachecore`] around any
+//! `Service<http::Request<B>>`.
+
+mod body;
+mod future;
+#[allow(clippy::module_inception)]
+mod layer;
+mod service;
+
+pub use body::{RequestBody, ResponseBody};
+pub use future::{ResponseFuture, X_CACHE_ERROR};
+pub use layer::{CachecoreBuilder, CachecoreLayer};
+pub use service::Cachecore;

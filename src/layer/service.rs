@@ -1,0 +1,330 @@
+//! The service the layer builds.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::request::Parts;
+use http::{HeaderValue, Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tower_service::Service;
+
+use super::body::{into_bytes, RequestBody, ResponseBody};
+use super::future::ResponseFuture;
+use crate::engine::{Engine, Flight, Found, Plan, RequestHead};
+use crate::store::{CacheKey, DepEpochs};
+use crate::CacheStatus;
+
+/// The caching service: wraps an inner HTTP service built by [`CachecoreLayer`].
+///
+/// The inner service receives the request with a [`RequestBody`], and the caller gets the
+/// response with a [`ResponseBody`]; the error type is the inner service's, untouched.
+///
+/// [`CachecoreLayer`]: crate::CachecoreLayer
+pub struct Cachecore<S> {
+    inner: S,
+    engine: Arc<Engine>,
+}
+
+impl<S> Cachecore<S> {
+    pub(crate) fn new(inner: S, engine: Arc<Engine>) -> Self {
+        Self { inner, engine }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the service, returning the inner one.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone> Clone for Cachecore<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            engine: Arc::clone(&self.engine),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Cachecore<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cachecore")
+            .field("inner", &self.inner)
+            .field("engine", &self.engine)
+            .finish()
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for Cachecore<S>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Body + Send + 'static,
+    ReqB::Error: Send,
+    ResB: Body + Send + 'static,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        match self.engine.plan(&RequestHead::of(&req)) {
+            Err(reason) => {
+                let error = reason
+                    .error_message()
+                    .and_then(|m| HeaderValue::from_str(m).ok());
+                let fut = self.inner.call(req.map(RequestBody::passthrough));
+                ResponseFuture::bypass(fut, Arc::clone(&self.engine), error)
+            }
+            Ok(plan) => {
+                // The instance that reported ready is the one that must be called; keep a
+                // clone behind for the next call (tower's readiness contract).
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::cached(Box::pin(cached(
+                    Arc::clone(&self.engine),
+                    inner,
+                    req,
+                    plan,
+                )))
+            }
+        }
+    }
+}
+
+/// The body of a request that did not fit the buffer: what was read, then the rest.
+struct Unbuffered<B: Body> {
+    prefix: VecDeque<Frame<Bytes>>,
+    error: Option<B::Error>,
+    rest: Pin<Box<B>>,
+}
+
+/// Reads the whole body if it fits in `max` bytes; otherwise hands back what it read and the
+/// rest, so the request can be forwarded byte for byte.
+async fn buffer<B: Body>(body: B, max: usize) -> Result<Bytes, Unbuffered<B>> {
+    let mut body = Box::pin(body);
+    let mut chunks: VecDeque<Bytes> = VecDeque::new();
+    let mut total = 0usize;
+    let unbuffered = |chunks: VecDeque<Bytes>, last: Option<Frame<Bytes>>, error, rest| {
+        let mut prefix: VecDeque<Frame<Bytes>> = chunks.into_iter().map(Frame::data).collect();
+        prefix.extend(last);
+        Unbuffered {
+            prefix,
+            error,
+            rest,
+        }
+    };
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Err(unbuffered(chunks, None, Some(e), body)),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let data = into_bytes(data);
+                    total += data.len();
+                    if total > max {
+                        return Err(unbuffered(chunks, Some(Frame::data(data)), None, body));
+                    }
+                    if !data.is_empty() {
+                        chunks.push_back(data);
+                    }
+                }
+                // Trailers cannot be part of the key; forward the request as it came.
+                Err(trailers) => {
+                    let last = trailers.map_data(into_bytes);
+                    return Err(unbuffered(chunks, Some(last), None, body));
+                }
+            },
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop_front().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(total);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    })
+}
+
+/// The cache path of one request: buffer, key, lookup, single-flight, upstream, record.
+async fn cached<S, ReqB, ResB>(
+    engine: Arc<Engine>,
+    mut inner: S,
+    req: Request<ReqB>,
+    plan: Plan,
+) -> Result<Response<ResponseBody<ResB>>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Body + Send + 'static,
+    ReqB::Error: Send,
+    ResB: Body + Send + 'static,
+{
+    let (parts, body) = req.into_parts();
+    let body = match buffer(body, engine.config.max_body).await {
+        Ok(body) => body,
+        Err(Unbuffered {
+            prefix,
+            error,
+            rest,
+        }) => {
+            let req = Request::from_parts(parts, RequestBody::replay(prefix, error, rest));
+            let mut res = inner.call(req).await?.map(ResponseBody::passthrough);
+            engine.mark(&mut res, CacheStatus::Bypass);
+            return Ok(res);
+        }
+    };
+
+    let head = RequestHead {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
+        extensions: &parts.extensions,
+    };
+    let key = engine.key(&plan, &head, &body);
+    let mut observed = match engine.lookup(&key, &plan.dep_ids()).await {
+        Found::Hit(entry, status) if !plan.refresh => {
+            if status == CacheStatus::StaleHit {
+                spawn_refresh(&engine, &inner, &parts, &body, key, &plan, entry.deps.clone());
+            }
+            return Ok(engine.hit_response(&entry, status, ResponseBody::cached));
+        }
+        // A refresh skips the read, but a valid entry's epochs are the current ones.
+        Found::Hit(entry, _) => Some(entry.deps),
+        Found::Miss(epochs) => Some(epochs),
+        Found::Unavailable => None,
+    };
+
+    let mut flight = None;
+    if observed.is_some() && !plan.refresh {
+        match engine.join_flight(&key) {
+            Flight::Leader(guard) => flight = Some(guard),
+            Flight::Follower(rx) => {
+                engine.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
+                if let Some(entry) = Flight::wait(rx).await {
+                    return Ok(engine.hit_response(&entry, CacheStatus::Hit, ResponseBody::cached));
+                }
+                // The leader stored nothing (error, not cacheable, refused): go upstream
+                // ourselves, and do not record, so a burst does not become a second stampede.
+                observed = None;
+            }
+        }
+    }
+
+    let res = inner
+        .call(Request::from_parts(parts, RequestBody::full(body)))
+        .await?;
+    let (res_parts, res_body) = res.into_parts();
+    let body = match observed {
+        Some(observed) if engine.admits(res_parts.status, &res_parts.headers) => {
+            let recorder = engine.recorder(
+                key,
+                observed,
+                plan.fresh_ttl,
+                res_parts.status,
+                &res_parts.headers,
+                flight,
+            );
+            if res_body.is_end_stream() {
+                // Servers may never poll a body that is already at its end.
+                recorder.finish();
+                ResponseBody::passthrough(res_body)
+            } else {
+                ResponseBody::recording(res_body, recorder)
+            }
+        }
+        // Dropping `flight` here releases the followers.
+        _ => ResponseBody::passthrough(res_body),
+    };
+    let mut res = Response::from_parts(res_parts, body);
+    engine.mark(&mut res, CacheStatus::Miss);
+    Ok(res)
+}
+
+/// Starts the one background refresh of a stale entry, unless one is running.
+fn spawn_refresh<S, ReqB, ResB>(
+    engine: &Arc<Engine>,
+    inner: &S,
+    parts: &Parts,
+    body: &Bytes,
+    key: CacheKey,
+    plan: &Plan,
+    observed: DepEpochs,
+) where
+    S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Body + Send + 'static,
+    ReqB::Error: Send,
+    ResB: Body + Send + 'static,
+{
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Some(guard) = engine.begin_refresh(&key) else {
+        return;
+    };
+    engine
+        .metrics
+        .background_refreshes
+        .fetch_add(1, Ordering::Relaxed);
+    let mut req = Request::new(RequestBody::full(body.clone()));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    *req.extensions_mut() = parts.extensions.clone();
+    let mut svc = inner.clone();
+    let engine = Arc::clone(engine);
+    let fresh_ttl = plan.fresh_ttl;
+    rt.spawn(async move {
+        let _guard = guard;
+        if poll_fn(|cx| svc.poll_ready(cx)).await.is_err() {
+            return;
+        }
+        let Ok(res) = svc.call(req).await else {
+            return;
+        };
+        if !engine.admits(res.status(), res.headers()) {
+            return;
+        }
+        let (parts, body) = res.into_parts();
+        let mut recorder =
+            engine.recorder(key, observed, fresh_ttl, parts.status, &parts.headers, None);
+        let mut body = std::pin::pin!(body);
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return };
+            let Ok(data) = frame.into_data() else { return };
+            if !recorder.push(&into_bytes(data)) {
+                return;
+            }
+        }
+        recorder.finish();
+    });
+}
