@@ -1,1 +1,621 @@
-//! Redis and Redis Cluster store (work in progress).
+//! The production store on Redis or Redis Cluster (feature `redis`).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use cachecore::store::redis::RedisStore;
+//!
+//! # async fn run() -> Result<(), cachecore::StoreError> {
+//! // A single Redis (or a proxy in front of one).
+//! let store = RedisStore::builder()
+//!     .url("redis://127.0.0.1:6379/")
+//!     .timeout(Duration::from_millis(250))
+//!     .build()
+//!     .await?;
+//!
+//! // Redis Cluster: any of its nodes as seeds; the same code and the same behaviour.
+//! let clustered = RedisStore::builder()
+//!     .cluster(["redis://10.0.0.1:6379/", "redis://10.0.0.2:6379/"])
+//!     .build()
+//!     .await?;
+//! # let _ = (store, clustered);
+//! # Ok(()) }
+//! ```
+//!
+//! # How it keeps DESIGN section 4
+//!
+//! - **One round trip per lookup.** One script reads the entry and the current epoch of every
+//!   declared dep (the policy dep included). The entry records the epoch of each of its deps; it
+//!   is served only when all of them are current. On a miss the same reply gives the epochs the
+//!   following put must present.
+//! - **One round trip per put.** One script checks the observed epochs and, only if none moved,
+//!   writes the entry with `PX` = fresh TTL + stale window, adds its key to each dep's tag set and
+//!   extends that set's expiry so it never expires before an entry it names. Otherwise the put is
+//!   refused with the dep that moved.
+//! - **Invalidation is one atomic round trip**: `HINCRBY` of the epoch, the new hash stored, and
+//!   the tag set detached (renamed). From that moment no reader is served an entry of the old
+//!   epoch and no put that observed it is accepted. Reclaiming the detached entries follows in
+//!   batches of at most [`DEFAULT_RECLAIM_BATCH`] keys (`SPOP` then `UNLINK`), so a dep tagged on
+//!   100,000 entries never blocks Redis.
+//!
+//! # Keys
+//!
+//! ```text
+//! cc:{<tenant>}:l1:<key hex>        an entry
+//! cc:{<tenant>}:dep:ver:<dep id>    hash {epoch, hash}: never expires
+//! cc:{<tenant>}:dep:keys:<dep id>   set of entry keys tagged with the dep
+//! cc:{<tenant>}:gc:<nonce>          a tag set detached by an invalidation, being reclaimed
+//! ```
+//!
+//! The braces are the Redis Cluster hash tag, so all keys of a tenant share a slot and every
+//! script touches one slot. A tenant made only of `[A-Za-z0-9._:-]`, 1 to 64 bytes long and not
+//! starting with `h-`, appears verbatim; any other tenant (braces, spaces, other bytes, longer,
+//! empty, or starting with `h-`) appears as `h-` followed by the hex of the first 16 bytes of
+//! its SHA-256.
+//!
+//! # Entries
+//!
+//! Values are a compact, length-prefixed binary encoding that starts with a magic and a format
+//! version. A value that does not decode (written by something else, or by another format
+//! version) is a miss, logged with `tracing::warn!`, and is overwritten by the next put.
+//!
+//! # Failures
+//!
+//! Every call is bounded by [`RedisStoreBuilder::timeout`] (default [`DEFAULT_TIMEOUT`]) and
+//! fails with a [`StoreError`] of kind [`Timeout`](StoreErrorKind::Timeout) or
+//! [`Backend`](StoreErrorKind::Backend); the layer then fails open. Connections are re-established
+//! on their own after Redis restarts or a cluster node moves.
+//!
+//! Epochs must outlive every in-flight request. Run Redis with persistence (AOF or RDB) if a
+//! restart must not forget them: after a restart that lost its data the entries are gone too, but
+//! an upstream call that started before an invalidation and completes after the restart could
+//! still be stored.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, RedisError, ScriptInvocation, Value};
+
+use super::{
+    duration_ms, now_ms, CacheKey, CacheStore, DepEpochs, Entry, Freshness, InvalidationResult,
+    Lookup, PutOutcome, RefusedReason, StoreError, StoreErrorKind, StoreFuture,
+};
+use crate::dep::validate_dep_id;
+
+mod codec;
+mod keys;
+mod scripts;
+
+use keys::TenantKeys;
+use scripts::Scripts;
+
+/// Default bound on every store call. Far below an LLM call (seconds), above a Redis round
+/// trip on a loaded network (single-digit milliseconds).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Default bound on establishing one connection.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Default number of entry keys reclaimed per `SPOP` + `UNLINK`: a few hundred keys keep each
+/// command well under a millisecond on the Redis main thread.
+pub const DEFAULT_RECLAIM_BATCH: usize = 256;
+
+/// Default largest encoded entry accepted; larger puts are refused with
+/// [`RefusedReason::TooLarge`].
+pub const DEFAULT_MAX_ENTRY_BYTES: usize = 8 * 1024 * 1024;
+
+/// Most deps bumped by one invalidation script; `invalidate_many` splits longer lists.
+const BUMP_CHUNK: usize = 128;
+
+/// A [`CacheStore`] on Redis or Redis Cluster. See the [module docs](self).
+///
+/// Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    scripts: std::sync::Arc<Scripts>,
+    timeout: Duration,
+    reclaim_batch: usize,
+    max_entry_bytes: usize,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn invoke<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> redis::RedisResult<T> {
+        match self {
+            Self::Single(c) => inv.invoke_async(&mut c.clone()).await,
+            Self::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
+        match self {
+            Self::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Self::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
+
+    async fn load(&self, script: &redis::Script) -> redis::RedisResult<String> {
+        match self {
+            Self::Single(c) => script.load_async(&mut c.clone()).await,
+            Self::Cluster(c) => script.load_async(&mut c.clone()).await,
+        }
+    }
+}
+
+/// Where a [`RedisStoreBuilder`] connects.
+#[derive(Clone, Debug)]
+enum Target {
+    Unset,
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+/// Builds a [`RedisStore`]: [`url`](Self::url) for a single Redis or
+/// [`cluster`](Self::cluster) for Redis Cluster, then [`build`](Self::build).
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct RedisStoreBuilder {
+    target: Target,
+    timeout: Duration,
+    connect_timeout: Duration,
+    reclaim_batch: usize,
+    max_entry_bytes: usize,
+}
+
+impl RedisStoreBuilder {
+    /// A single Redis, as a `redis://` (or `rediss://`, `redis+unix://`) URL.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.target = Target::Single(url.into());
+        self
+    }
+
+    /// Redis Cluster, from one or more seed node URLs; the rest of the topology is discovered.
+    pub fn cluster<I>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        self.target = Target::Cluster(nodes.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Bound on every store call, reconnection included (default [`DEFAULT_TIMEOUT`]). A slower
+    /// call fails with [`StoreErrorKind::Timeout`]. Each reclamation batch of an invalidation has
+    /// the same bound.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Bound on establishing one connection, at build time and when reconnecting (default
+    /// [`DEFAULT_CONNECT_TIMEOUT`]).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Entry keys reclaimed per batch after an invalidation (default [`DEFAULT_RECLAIM_BATCH`];
+    /// at least 1).
+    pub fn reclaim_batch(mut self, keys: usize) -> Self {
+        self.reclaim_batch = keys.max(1);
+        self
+    }
+
+    /// Largest encoded entry accepted (default [`DEFAULT_MAX_ENTRY_BYTES`]).
+    pub fn max_entry_bytes(mut self, bytes: usize) -> Self {
+        self.max_entry_bytes = bytes;
+        self
+    }
+
+    /// Connects, loads the scripts, and returns the store. Fails when Redis cannot be reached
+    /// within the connect timeout, so a misconfiguration shows at start-up; use
+    /// [`build_lazy`](Self::build_lazy) to start while Redis is down.
+    pub async fn build(self) -> Result<RedisStore, StoreError> {
+        let connect_timeout = self.connect_timeout;
+        let store = match &self.target {
+            Target::Unset => return Err(no_target()),
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(store_error)?;
+                let manager =
+                    ConnectionManager::new_with_config(client, self.manager_config());
+                let manager = tokio::time::timeout(connect_timeout, manager)
+                    .await
+                    .map_err(|_| timeout_error("connecting"))?
+                    .map_err(store_error)?;
+                self.finish(Conn::Single(manager))
+            }
+            Target::Cluster(nodes) => {
+                let client = self.cluster_client(nodes)?;
+                let conn = tokio::time::timeout(connect_timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| timeout_error("connecting"))?
+                    .map_err(store_error)?;
+                self.finish(Conn::Cluster(conn))
+            }
+        };
+        for script in store.scripts.all() {
+            store.timed(store.conn.load(script)).await?;
+        }
+        Ok(store)
+    }
+
+    /// Returns the store at once; connections are made on first use. Must be called inside a
+    /// Tokio runtime. Fails only on an invalid URL.
+    pub fn build_lazy(self) -> Result<RedisStore, StoreError> {
+        match &self.target {
+            Target::Unset => Err(no_target()),
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(store_error)?;
+                let manager =
+                    ConnectionManager::new_lazy_with_config(client, self.manager_config())
+                        .map_err(store_error)?;
+                Ok(self.finish(Conn::Single(manager)))
+            }
+            Target::Cluster(nodes) => {
+                let client = self.cluster_client(nodes)?;
+                let conn = client.get_pending_async_connection_with_config(
+                    redis::cluster::ClusterConfig::new()
+                        .set_connection_timeout(self.connect_timeout)
+                        .set_response_timeout(self.timeout),
+                );
+                Ok(self.finish(Conn::Cluster(conn)))
+            }
+        }
+    }
+
+    fn manager_config(&self) -> redis::aio::ConnectionManagerConfig {
+        // No retry loop inside the manager: while Redis is down each call fails at once (or at
+        // the timeout) instead of queueing behind a backoff, and the next call after Redis is
+        // back reconnects. The engine's circuit breaker keeps the attempts rare.
+        redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.timeout))
+    }
+
+    fn cluster_client(&self, nodes: &[String]) -> Result<redis::cluster::ClusterClient, StoreError> {
+        redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
+            .connection_timeout(self.connect_timeout)
+            .response_timeout(self.timeout)
+            // Retries (MOVED, a node restarting) must fit in one call's timeout.
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
+            .max_retry_wait(CLUSTER_MAX_RETRY_WAIT_MS)
+            .build()
+            .map_err(store_error)
+    }
+
+    fn finish(&self, conn: Conn) -> RedisStore {
+        RedisStore {
+            conn,
+            scripts: std::sync::Arc::new(Scripts::new()),
+            timeout: self.timeout,
+            reclaim_batch: self.reclaim_batch,
+            max_entry_bytes: self.max_entry_bytes,
+        }
+    }
+}
+
+/// Cluster request retries: enough to follow a MOVED and ride out a failover blip within one
+/// call's timeout.
+const CLUSTER_RETRIES: u32 = 3;
+const CLUSTER_MIN_RETRY_WAIT_MS: u64 = 10;
+const CLUSTER_MAX_RETRY_WAIT_MS: u64 = 100;
+
+impl RedisStore {
+    /// A builder with the defaults; set [`url`](RedisStoreBuilder::url) or
+    /// [`cluster`](RedisStoreBuilder::cluster).
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            target: Target::Unset,
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            reclaim_batch: DEFAULT_RECLAIM_BATCH,
+            max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+        }
+    }
+
+    /// A store on the single Redis at `url`, with the defaults.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder().url(url).build().await
+    }
+
+    /// A store on the Redis Cluster reached through `nodes`, with the defaults.
+    pub async fn connect_cluster<I>(nodes: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self::builder().cluster(nodes).build().await
+    }
+
+    async fn timed<T>(
+        &self,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result.map_err(store_error),
+            Err(_) => Err(timeout_error("waiting for Redis")),
+        }
+    }
+
+    async fn lookup_inner(&self, key: &CacheKey, deps: &[&str]) -> Result<Lookup, StoreError> {
+        let keys = TenantKeys::new(key.tenant());
+        let entry_key = keys.entry(key);
+        let mut inv = self.scripts.lookup.prepare_invoke();
+        inv.key(&entry_key);
+        for dep in deps {
+            inv.key(keys.dep_ver(dep));
+        }
+        let reply: Value = self.timed(self.conn.invoke(&inv)).await?;
+        let (raw, epochs) = parse_lookup_reply(reply, deps)?;
+        let Some(raw) = raw else {
+            return Ok(Lookup::Miss(epochs));
+        };
+        let entry = match codec::decode(raw) {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::warn!(key = %entry_key, error = %e, "cachecore: undecodable value under an entry key, treated as a miss");
+                return Ok(Lookup::Miss(epochs));
+            }
+        };
+        // Rule 3: every recorded epoch must still be current. A recorded dep that was not
+        // declared cannot be checked in this round trip, so the entry is not served.
+        let current = entry
+            .deps
+            .iter()
+            .all(|(id, epoch)| epochs.get(id) == Some(epoch));
+        if !current {
+            return Ok(Lookup::Miss(epochs));
+        }
+        Ok(match entry.freshness(now_ms()) {
+            Freshness::Fresh => Lookup::Fresh(entry),
+            Freshness::Stale => Lookup::Stale(entry),
+            Freshness::Expired => Lookup::Miss(epochs),
+        })
+    }
+
+    async fn put_inner(&self, key: &CacheKey, entry: Entry) -> Result<PutOutcome, StoreError> {
+        let value = codec::encode(&entry);
+        if value.len() > self.max_entry_bytes {
+            return Ok(PutOutcome::Refused(RefusedReason::TooLarge));
+        }
+        // Redis rejects PX 0; an entry already past its lifetime still goes through the epoch
+        // check, and expires at once.
+        let ttl_ms = duration_ms(entry.lifetime())
+            .saturating_sub(entry.age_ms(now_ms()))
+            .max(1);
+        let keys = TenantKeys::new(key.tenant());
+        let mut inv = self.scripts.put.prepare_invoke();
+        inv.key(keys.entry(key));
+        for (id, _) in entry.deps.iter() {
+            inv.key(keys.dep_ver(id));
+        }
+        for (id, _) in entry.deps.iter() {
+            inv.key(keys.dep_keys(id));
+        }
+        inv.arg(value).arg(ttl_ms);
+        for (_, epoch) in entry.deps.iter() {
+            inv.arg(epoch.to_string());
+        }
+        let moved: i64 = self.timed(self.conn.invoke(&inv)).await?;
+        if moved == 0 {
+            return Ok(PutOutcome::Stored);
+        }
+        let dep = usize::try_from(moved - 1)
+            .ok()
+            .and_then(|i| entry.deps.iter().nth(i))
+            .map(|(id, _)| id.to_owned())
+            .ok_or_else(|| {
+                StoreError::new(
+                    StoreErrorKind::Backend,
+                    format!("put script answered {moved}"),
+                )
+            })?;
+        Ok(PutOutcome::Refused(RefusedReason::DepChanged(dep)))
+    }
+
+    /// Invalidates `dep_ids`: every valid id's epoch is raised in one round trip per
+    /// [`BUMP_CHUNK`] ids, then each id's detached entries are reclaimed. Errors are per id.
+    async fn invalidate_ids(
+        &self,
+        tenant: &str,
+        dep_ids: &[&str],
+        new_hash: &str,
+    ) -> Vec<Result<InvalidationResult, StoreError>> {
+        let keys = TenantKeys::new(tenant);
+        let mut out: Vec<Option<Result<InvalidationResult, StoreError>>> =
+            Vec::with_capacity(dep_ids.len());
+        let mut valid = Vec::new();
+        for (i, id) in dep_ids.iter().enumerate() {
+            match validate_dep_id(id) {
+                Ok(()) => {
+                    out.push(None);
+                    valid.push(i);
+                }
+                Err(e) => out.push(Some(Ok(InvalidationResult::failed(*id, e.to_string())))),
+            }
+        }
+        for chunk in valid.chunks(BUMP_CHUNK) {
+            let gcs: Vec<String> = chunk.iter().map(|_| keys.gc()).collect();
+            let mut inv = self.scripts.bump.prepare_invoke();
+            for (&i, gc) in chunk.iter().zip(&gcs) {
+                inv.key(keys.dep_ver(dep_ids[i]))
+                    .key(keys.dep_keys(dep_ids[i]))
+                    .key(gc);
+            }
+            inv.arg(new_hash);
+            match self.timed(self.conn.invoke::<Vec<u64>>(&inv)).await {
+                Ok(_) => {
+                    for (&i, gc) in chunk.iter().zip(&gcs) {
+                        let deleted = self.reclaim(dep_ids[i], gc).await;
+                        out[i] = Some(Ok(InvalidationResult::ok(dep_ids[i], deleted)));
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for &i in chunk {
+                        out[i] = Some(Err(StoreError::new(e.kind(), message.clone())));
+                    }
+                }
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every id was answered"))
+            .collect()
+    }
+
+    /// Deletes the entries named in the detached set `gc`, a bounded batch at a time. The
+    /// invalidation is already in effect; a failure here only leaves space to be reclaimed by the
+    /// entries' own expiry, so it is logged, not returned.
+    async fn reclaim(&self, dep_id: &str, gc: &str) -> u64 {
+        let mut deleted = 0u64;
+        loop {
+            let batch: Result<Vec<Vec<u8>>, _> = self
+                .timed(
+                    self.conn
+                        .query(redis::cmd("SPOP").arg(gc).arg(self.reclaim_batch)),
+                )
+                .await;
+            let popped = match batch {
+                Ok(popped) if popped.is_empty() => return deleted,
+                Ok(popped) => popped,
+                Err(e) => {
+                    tracing::warn!(dep_id, error = %e, deleted, "cachecore: reclamation stopped; the rest expires with its TTL");
+                    return deleted;
+                }
+            };
+            match self
+                .timed(self.conn.query::<u64>(redis::cmd("UNLINK").arg(&popped)))
+                .await
+            {
+                Ok(n) => deleted += n,
+                Err(e) => {
+                    tracing::warn!(dep_id, error = %e, deleted, "cachecore: reclamation stopped; the rest expires with its TTL");
+                    return deleted;
+                }
+            }
+            if popped.len() < self.reclaim_batch {
+                return deleted;
+            }
+        }
+    }
+}
+
+/// Splits the lookup script's reply into the raw entry and the epochs of `deps`.
+fn parse_lookup_reply(
+    reply: Value,
+    deps: &[&str],
+) -> Result<(Option<Bytes>, DepEpochs), StoreError> {
+    let bad = |what: &str| StoreError::new(StoreErrorKind::Backend, format!("lookup script: {what}"));
+    let Value::Array(items) = reply else {
+        return Err(bad("not an array"));
+    };
+    if items.len() != deps.len() + 1 {
+        return Err(bad("wrong length"));
+    }
+    let mut items = items.into_iter();
+    let raw = match items.next() {
+        Some(Value::BulkString(b)) => Some(Bytes::from(b)),
+        Some(Value::Nil) | None => None,
+        Some(_) => return Err(bad("entry is not a string")),
+    };
+    let mut pairs = Vec::with_capacity(deps.len());
+    for (id, v) in deps.iter().zip(items) {
+        let epoch = match v {
+            Value::BulkString(b) => std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok()),
+            Value::Int(n) => u64::try_from(n).ok(),
+            _ => None,
+        }
+        .ok_or_else(|| bad("epoch is not a number"))?;
+        pairs.push(((*id).to_owned(), epoch));
+    }
+    Ok((raw, DepEpochs::new(pairs)))
+}
+
+fn store_error(e: RedisError) -> StoreError {
+    let kind = if e.is_timeout() {
+        StoreErrorKind::Timeout
+    } else {
+        StoreErrorKind::Backend
+    };
+    StoreError::new(kind, e.to_string())
+}
+
+fn timeout_error(doing: &str) -> StoreError {
+    StoreError::new(StoreErrorKind::Timeout, format!("timed out {doing}"))
+}
+
+fn no_target() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::InvalidInput,
+        "RedisStoreBuilder needs a url(..) or cluster(..)",
+    )
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.conn {
+            Conn::Single(_) => "single",
+            Conn::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisStore")
+            .field("kind", &kind)
+            .field("timeout", &self.timeout)
+            .field("reclaim_batch", &self.reclaim_batch)
+            .field("max_entry_bytes", &self.max_entry_bytes)
+            .finish()
+    }
+}
+
+impl CacheStore for RedisStore {
+    fn lookup<'a>(&'a self, key: &'a CacheKey, deps: &'a [&'a str]) -> StoreFuture<'a, Lookup> {
+        Box::pin(self.lookup_inner(key, deps))
+    }
+
+    fn put<'a>(&'a self, key: &'a CacheKey, entry: Entry) -> StoreFuture<'a, PutOutcome> {
+        Box::pin(self.put_inner(key, entry))
+    }
+
+    fn invalidate<'a>(
+        &'a self,
+        tenant: &'a str,
+        dep_id: &'a str,
+        new_hash: &'a str,
+    ) -> StoreFuture<'a, InvalidationResult> {
+        Box::pin(async move {
+            self.invalidate_ids(tenant, &[dep_id], new_hash)
+                .await
+                .pop()
+                .expect("one id, one result")
+        })
+    }
+
+    fn invalidate_many<'a>(
+        &'a self,
+        tenant: &'a str,
+        dep_ids: &'a [&'a str],
+        new_hash: &'a str,
+    ) -> StoreFuture<'a, Vec<InvalidationResult>> {
+        Box::pin(async move {
+            Ok(self
+                .invalidate_ids(tenant, dep_ids, new_hash)
+                .await
+                .into_iter()
+                .zip(dep_ids)
+                .map(|(r, id)| r.unwrap_or_else(|e| InvalidationResult::failed(*id, e.to_string())))
+                .collect())
+        })
+    }
+}
