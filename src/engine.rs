@@ -5,8 +5,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -120,12 +123,8 @@ pub(crate) enum NamespaceSource {
 }
 
 /// Headers whose value identifies the caller, in the order they are looked for.
-const CREDENTIAL_HEADERS: [&str; 4] = [
-    "authorization",
-    "x-cachecore-token",
-    "x-api-key",
-    "api-key",
-];
+const CREDENTIAL_HEADERS: [&str; 4] =
+    ["authorization", "x-cachecore-token", "x-api-key", "api-key"];
 
 /// The tenant used for requests that carry no credentials at all.
 pub const ANONYMOUS_TENANT: &str = "anonymous";
@@ -391,13 +390,22 @@ impl Engine {
     }
 
     /// Runs one store call under the timeout and the circuit breaker.
-    async fn guarded<T>(
-        &self,
-        call: crate::store::StoreFuture<'_, T>,
-    ) -> Option<T> {
+    async fn guarded<T>(&self, call: crate::store::StoreFuture<'_, T>) -> Option<T> {
         if !self.breaker.allows() {
             self.metrics.store_skipped.fetch_add(1, Ordering::Relaxed);
             return None;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            // No timer without a Tokio runtime: the store call runs unbounded rather than
+            // panicking in a caller's executor.
+            return match call.await {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target: "cachecore", error = %e, "cache store call failed");
+                    None
+                }
+            };
         }
         let error = match tokio::time::timeout(self.config.store_timeout, call).await {
             Ok(Ok(value)) => {
@@ -408,7 +416,10 @@ impl Engine {
             Err(_) => format!("no answer within {:?}", self.config.store_timeout),
         };
         self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-        if self.breaker.failure(self.config.breaker_failures, self.config.breaker_cooldown) {
+        if self
+            .breaker
+            .failure(self.config.breaker_failures, self.config.breaker_cooldown)
+        {
             tracing::warn!(target: "cachecore", %error, cooldown = ?self.config.breaker_cooldown,
                 "cache store failing; skipping it for a cool-down");
         } else {
@@ -520,7 +531,8 @@ impl Engine {
         *res.status_mut() = entry.status;
         *res.headers_mut() = entry.headers.clone();
         let age = entry.age_ms(now_ms()) / 1000;
-        res.headers_mut().insert(X_CACHE_AGE, HeaderValue::from(age));
+        res.headers_mut()
+            .insert(X_CACHE_AGE, HeaderValue::from(age));
         self.mark(&mut res, status);
         res
     }
@@ -660,10 +672,7 @@ pub(crate) enum Flight {
 impl Flight {
     /// Waits for the leader; `None` when it stored nothing.
     pub(crate) async fn wait(mut rx: watch::Receiver<FlightState>) -> Option<Arc<Entry>> {
-        match rx
-            .wait_for(|s| matches!(s, FlightState::Done(_)))
-            .await
-        {
+        match rx.wait_for(|s| matches!(s, FlightState::Done(_))).await {
             Ok(state) => match &*state {
                 FlightState::Done(entry) => entry.clone(),
                 FlightState::Pending => None,
@@ -735,8 +744,11 @@ impl Recorder {
         true
     }
 
-    /// The body ended cleanly: write the entry in the background, then release followers.
-    pub(crate) fn finish(self) {
+    /// The body ended cleanly: returns the write of the entry (then the release of the
+    /// followers). Poll it to completion before reporting the end of the body, so a caller
+    /// that has seen the whole response finds the entry on its next request; dropped before
+    /// completion, it finishes in the background.
+    pub(crate) fn finish(self) -> PendingStore {
         let Self {
             engine,
             key,
@@ -756,16 +768,61 @@ impl Recorder {
             stale_window: engine.config.stale_window,
             deps: observed,
         };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            tracing::warn!(target: "cachecore", "no tokio runtime to store the entry on; not cached");
-            return;
-        };
-        rt.spawn(async move {
-            let stored = engine.put(&key, entry.clone()).await;
+        PendingStore(Some(Box::pin(async move {
+            let for_followers = flight.as_ref().map(|_| entry.clone());
+            let stored = engine.put(&key, entry).await;
             if let Some(flight) = flight {
-                flight.finish(stored.then(|| Arc::new(entry)));
+                flight.finish(for_followers.filter(|_| stored).map(Arc::new));
             }
-        });
+        })))
+    }
+}
+
+/// The write of a finished recording. Polled by the response body before it reports its end;
+/// if the body is dropped first, the write goes on in the background.
+#[derive(Default)]
+pub(crate) struct PendingStore(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl PendingStore {
+    pub(crate) fn is_pending(&self) -> bool {
+        self.0.is_some()
+    }
+
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(fut) = &mut self.0 {
+            ready!(fut.as_mut().poll(cx));
+            self.0 = None;
+        }
+        Poll::Ready(())
+    }
+
+    /// Runs the write to completion.
+    pub(crate) async fn wait(mut self) {
+        std::future::poll_fn(|cx| self.poll(cx)).await;
+    }
+
+    /// Lets the write finish in the background.
+    pub(crate) fn detach(mut self) {
+        self.spawn_rest();
+    }
+
+    fn spawn_rest(&mut self) {
+        if let Some(fut) = self.0.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(fut);
+                }
+                Err(_) => {
+                    tracing::warn!(target: "cachecore", "no tokio runtime to finish a cache write on; not cached");
+                }
+            }
+        }
+    }
+}
+
+impl Drop for PendingStore {
+    fn drop(&mut self) {
+        self.spawn_rest();
     }
 }
 

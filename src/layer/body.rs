@@ -9,7 +9,7 @@ use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::engine::Recorder;
+use crate::engine::{PendingStore, Recorder};
 
 pin_project! {
     /// The request body the inner service receives: the buffered body of a cached request, or
@@ -155,7 +155,12 @@ pin_project! {
     enum ResponseKind<B> {
         Cached { data: Option<Bytes> },
         Passthrough { #[pin] inner: B },
-        Recording { #[pin] inner: B, recorder: Option<Recorder> },
+        Recording {
+            #[pin] inner: B,
+            recorder: Option<Recorder>,
+            storing: PendingStore,
+            ended: bool,
+        },
     }
 }
 
@@ -179,6 +184,8 @@ impl<B> ResponseBody<B> {
             kind: ResponseKind::Recording {
                 inner,
                 recorder: Some(recorder),
+                storing: PendingStore::default(),
+                ended: false,
             },
         }
     }
@@ -210,12 +217,28 @@ impl<B: Body> Body for ResponseBody<B> {
             ResponseKindProj::Passthrough { inner } => inner
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map(|f| f.map_data(into_bytes)))),
-            ResponseKindProj::Recording { mut inner, recorder } => {
-                let frame = ready!(inner.as_mut().poll_frame(cx));
-                let frame = match frame {
+            ResponseKindProj::Recording {
+                mut inner,
+                recorder,
+                storing,
+                ended,
+            } => {
+                // The entry is written before the end of the body is reported, so whoever
+                // has read the whole response finds it cached on the next request.
+                if storing.is_pending() {
+                    ready!(storing.poll(cx));
+                    *ended = true;
+                    return Poll::Ready(None);
+                }
+                if *ended {
+                    return Poll::Ready(None);
+                }
+                let frame = match ready!(inner.as_mut().poll_frame(cx)) {
                     None => {
+                        *ended = true;
                         if let Some(r) = recorder.take() {
-                            r.finish();
+                            *storing = r.finish();
+                            ready!(storing.poll(cx));
                         }
                         return Poll::Ready(None);
                     }
@@ -237,7 +260,7 @@ impl<B: Body> Body for ResponseBody<B> {
                 }
                 if inner.is_end_stream() {
                     if let Some(r) = recorder.take() {
-                        r.finish();
+                        *storing = r.finish();
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -248,9 +271,13 @@ impl<B: Body> Body for ResponseBody<B> {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             ResponseKind::Cached { data } => data.is_none(),
-            ResponseKind::Passthrough { inner } | ResponseKind::Recording { inner, .. } => {
-                inner.is_end_stream()
-            }
+            ResponseKind::Passthrough { inner } => inner.is_end_stream(),
+            ResponseKind::Recording {
+                inner,
+                storing,
+                ended,
+                ..
+            } => !storing.is_pending() && (*ended || inner.is_end_stream()),
         }
     }
 

@@ -102,12 +102,7 @@ where
                 // clone behind for the next call (tower's readiness contract).
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::cached(Box::pin(cached(
-                    Arc::clone(&self.engine),
-                    inner,
-                    req,
-                    plan,
-                )))
+                ResponseFuture::cached(Box::pin(cached(Arc::clone(&self.engine), inner, req, plan)))
             }
         }
     }
@@ -211,7 +206,15 @@ where
     let mut observed = match engine.lookup(&key, &plan.dep_ids()).await {
         Found::Hit(entry, status) if !plan.refresh => {
             if status == CacheStatus::StaleHit {
-                spawn_refresh(&engine, &inner, &parts, &body, key, &plan, entry.deps.clone());
+                spawn_refresh(
+                    &engine,
+                    &inner,
+                    &parts,
+                    &body,
+                    key,
+                    &plan,
+                    entry.deps.clone(),
+                );
             }
             return Ok(engine.hit_response(&entry, status, ResponseBody::cached));
         }
@@ -253,7 +256,7 @@ where
             );
             if res_body.is_end_stream() {
                 // Servers may never poll a body that is already at its end.
-                recorder.finish();
+                recorder.finish().detach();
                 ResponseBody::passthrough(res_body)
             } else {
                 ResponseBody::recording(res_body, recorder)
@@ -325,6 +328,6 @@ fn spawn_refresh<S, ReqB, ResB>(
                 return;
             }
         }
-        recorder.finish();
+        recorder.finish().wait().await;
     });
 }
