@@ -295,14 +295,14 @@ fn stack_any(
     layer: &CachecoreLayer,
     upstream: &Upstream,
 ) -> cachecore::Cachecore<
-    tower::util::BoxCloneService<
+    tower::util::BoxCloneSyncService<
         Request<cachecore::RequestBody<ChannelBody>>,
         Res,
         std::convert::Infallible,
     >,
 > {
     let up = upstream.clone();
-    let inner = tower::util::BoxCloneService::new(tower::service_fn(
+    let inner = tower::util::BoxCloneSyncService::new(tower::service_fn(
         move |req: Request<cachecore::RequestBody<ChannelBody>>| up.clone().handle(req),
     ));
     tower::Layer::layer(layer, inner)

@@ -107,12 +107,12 @@ impl Upstream {
     }
 }
 
-pub type Stack = cachecore::Cachecore<tower::util::BoxCloneService<Req, Res, Infallible>>;
+pub type Stack = cachecore::Cachecore<tower::util::BoxCloneSyncService<Req, Res, Infallible>>;
 
 /// The layer around the upstream.
 pub fn stack(layer: &CachecoreLayer, upstream: &Upstream) -> Stack {
     let up = upstream.clone();
-    let inner = tower::util::BoxCloneService::new(tower::service_fn(move |req: Req| {
+    let inner = tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: Req| {
         up.clone().handle(req)
     }));
     tower::Layer::layer(layer, inner)
