@@ -278,6 +278,22 @@ pub(crate) enum Found {
     Unavailable,
 }
 
+/// What to do with a cached request once its key is known (shared by every adapter).
+pub(crate) enum Route {
+    /// Serve this entry. A [`CacheStatus::StaleHit`] asks the adapter for one background refresh.
+    Serve(Entry, CacheStatus),
+    /// Call upstream, then hand the response head to [`Engine::start_recording`].
+    Forward(Forward),
+}
+
+/// A forwarded request's right to store its response: the epochs observed at lookup (none when
+/// the store could not answer, or when a coalesced follower goes upstream itself), and the
+/// single-flight it leads. Dropping it releases the followers.
+pub(crate) struct Forward {
+    observed: Option<DepEpochs>,
+    flight: Option<FlightGuard>,
+}
+
 /// The engine behind every adapter.
 pub(crate) struct Engine {
     store: Arc<dyn CacheStore>,
@@ -387,6 +403,63 @@ impl Engine {
             Some(Lookup::Miss(epochs)) => Found::Miss(epochs),
             None => Found::Unavailable,
         }
+    }
+
+    /// Looks the key up and joins the single-flight: serve an entry, or forward.
+    ///
+    /// `serve_stale`: whether the adapter can run a background refresh. When it cannot (the
+    /// reqwest adapter: `Next` borrows the client), a stale entry is revalidated in line instead.
+    pub(crate) async fn route(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        plan: &Plan,
+        serve_stale: bool,
+    ) -> Route {
+        let mut observed = match self.lookup(key, &plan.dep_ids()).await {
+            Found::Hit(entry, status)
+                if !plan.refresh && (serve_stale || status != CacheStatus::StaleHit) =>
+            {
+                return Route::Serve(entry, status);
+            }
+            // A refresh skips the read, but a valid entry's epochs are the current ones.
+            Found::Hit(entry, _) => Some(entry.deps),
+            Found::Miss(epochs) => Some(epochs),
+            Found::Unavailable => None,
+        };
+        let mut flight = None;
+        if observed.is_some() && !plan.refresh {
+            match self.join_flight(key) {
+                Flight::Leader(guard) => flight = Some(guard),
+                Flight::Follower(rx) => {
+                    self.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
+                    if let Some(entry) = Flight::wait(rx).await {
+                        return Route::Serve((*entry).clone(), CacheStatus::Hit);
+                    }
+                    // The leader stored nothing (error, not cacheable, refused): go upstream
+                    // ourselves, and do not record, so a burst does not become a second stampede.
+                    observed = None;
+                }
+            }
+        }
+        Route::Forward(Forward { observed, flight })
+    }
+
+    /// The recorder for a forwarded request's response, when it may be stored; `None` (and the
+    /// followers released) otherwise.
+    pub(crate) fn start_recording(
+        self: &Arc<Self>,
+        key: CacheKey,
+        plan: &Plan,
+        forward: Forward,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Option<Recorder> {
+        let Forward { observed, flight } = forward;
+        let observed = observed?;
+        if !self.admits(status, headers) {
+            return None;
+        }
+        Some(self.recorder(key, observed, plan.fresh_ttl, status, headers, flight))
     }
 
     /// Runs one store call under the timeout and the circuit breaker.

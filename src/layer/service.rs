@@ -17,7 +17,7 @@ use tower_service::Service;
 
 use super::body::{into_bytes, RequestBody, ResponseBody};
 use super::future::ResponseFuture;
-use crate::engine::{Engine, Flight, Found, Plan, RequestHead};
+use crate::engine::{Engine, Plan, RequestHead, Route};
 use crate::store::{CacheKey, DepEpochs};
 use crate::CacheStatus;
 
@@ -203,8 +203,8 @@ where
         extensions: &parts.extensions,
     };
     let key = engine.key(&plan, &head, &body);
-    let mut observed = match engine.lookup(&key, &plan.dep_ids()).await {
-        Found::Hit(entry, status) if !plan.refresh => {
+    let forward = match engine.route(&key, &plan, true).await {
+        Route::Serve(entry, status) => {
             if status == CacheStatus::StaleHit {
                 spawn_refresh(
                     &engine,
@@ -218,52 +218,23 @@ where
             }
             return Ok(engine.hit_response(&entry, status, ResponseBody::cached));
         }
-        // A refresh skips the read, but a valid entry's epochs are the current ones.
-        Found::Hit(entry, _) => Some(entry.deps),
-        Found::Miss(epochs) => Some(epochs),
-        Found::Unavailable => None,
+        Route::Forward(forward) => forward,
     };
-
-    let mut flight = None;
-    if observed.is_some() && !plan.refresh {
-        match engine.join_flight(&key) {
-            Flight::Leader(guard) => flight = Some(guard),
-            Flight::Follower(rx) => {
-                engine.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
-                if let Some(entry) = Flight::wait(rx).await {
-                    return Ok(engine.hit_response(&entry, CacheStatus::Hit, ResponseBody::cached));
-                }
-                // The leader stored nothing (error, not cacheable, refused): go upstream
-                // ourselves, and do not record, so a burst does not become a second stampede.
-                observed = None;
-            }
-        }
-    }
 
     let res = inner
         .call(Request::from_parts(parts, RequestBody::full(body)))
         .await?;
     let (res_parts, res_body) = res.into_parts();
-    let body = match observed {
-        Some(observed) if engine.admits(res_parts.status, &res_parts.headers) => {
-            let recorder = engine.recorder(
-                key,
-                observed,
-                plan.fresh_ttl,
-                res_parts.status,
-                &res_parts.headers,
-                flight,
-            );
-            if res_body.is_end_stream() {
-                // Servers may never poll a body that is already at its end.
-                recorder.finish().detach();
-                ResponseBody::passthrough(res_body)
-            } else {
-                ResponseBody::recording(res_body, recorder)
-            }
+    let recorder =
+        engine.start_recording(key, &plan, forward, res_parts.status, &res_parts.headers);
+    let body = match recorder {
+        // Servers may never poll a body that is already at its end.
+        Some(recorder) if res_body.is_end_stream() => {
+            recorder.finish().detach();
+            ResponseBody::passthrough(res_body)
         }
-        // Dropping `flight` here releases the followers.
-        _ => ResponseBody::passthrough(res_body),
+        Some(recorder) => ResponseBody::recording(res_body, recorder),
+        None => ResponseBody::passthrough(res_body),
     };
     let mut res = Response::from_parts(res_parts, body);
     engine.mark(&mut res, CacheStatus::Miss);
