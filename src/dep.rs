@@ -79,7 +79,9 @@ impl fmt::Display for InvalidDepId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Empty => f.write_str("dep id is empty"),
-            Self::TooLong(n) => write!(f, "dep id is {n} bytes long; the limit is {MAX_DEP_ID_LEN}"),
+            Self::TooLong(n) => {
+                write!(f, "dep id is {n} bytes long; the limit is {MAX_DEP_ID_LEN}")
+            }
             Self::ControlCharacter => f.write_str("dep id contains a control character"),
         }
     }

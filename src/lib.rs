@@ -16,7 +16,9 @@ pub use engine::{
     tenant_for_credentials, ContextResolver, Namespace, NamespaceResolver, RequestHead,
     ANONYMOUS_TENANT, DEFAULT_POLICY_VERSION, X_CACHE, X_CACHE_AGE, X_CACHE_SIMILARITY,
 };
-pub use layer::{Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, ResponseBody, X_CACHE_ERROR};
+pub use layer::{
+    Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, ResponseBody, X_CACHE_ERROR,
+};
 pub use metrics::MetricsSnapshot;
 pub use status::CacheStatus;
 pub use store::{

@@ -84,22 +84,68 @@ impl MetricsSnapshot {
     /// Renders the counters in the Prometheus text exposition format.
     pub fn to_prometheus(&self) -> String {
         let rows: [(&str, &str, u64); 12] = [
-            ("cachecore_hits_total", "Requests served from a fresh entry.", self.hits),
-            ("cachecore_stale_hits_total", "Requests served from a stale entry.", self.stale_hits),
-            ("cachecore_misses_total", "Requests sent upstream through the cache.", self.misses),
-            ("cachecore_bypasses_total", "Requests that bypassed the cache.", self.bypasses),
+            (
+                "cachecore_hits_total",
+                "Requests served from a fresh entry.",
+                self.hits,
+            ),
+            (
+                "cachecore_stale_hits_total",
+                "Requests served from a stale entry.",
+                self.stale_hits,
+            ),
+            (
+                "cachecore_misses_total",
+                "Requests sent upstream through the cache.",
+                self.misses,
+            ),
+            (
+                "cachecore_bypasses_total",
+                "Requests that bypassed the cache.",
+                self.bypasses,
+            ),
             ("cachecore_stored_total", "Entries written.", self.stored),
-            ("cachecore_refused_writes_total", "Writes refused by the store.", self.refused_writes),
-            ("cachecore_store_errors_total", "Store calls that failed or timed out.", self.store_errors),
-            ("cachecore_store_skipped_total", "Store calls skipped by the circuit breaker.", self.store_skipped),
-            ("cachecore_coalesced_total", "Requests that joined an in-flight identical request.", self.coalesced),
-            ("cachecore_background_refreshes_total", "Background refreshes of stale entries.", self.background_refreshes),
-            ("cachecore_invalidations_total", "Dep invalidations attempted.", self.invalidations),
-            ("cachecore_invalidation_errors_total", "Dep invalidations that failed.", self.invalidation_errors),
+            (
+                "cachecore_refused_writes_total",
+                "Writes refused by the store.",
+                self.refused_writes,
+            ),
+            (
+                "cachecore_store_errors_total",
+                "Store calls that failed or timed out.",
+                self.store_errors,
+            ),
+            (
+                "cachecore_store_skipped_total",
+                "Store calls skipped by the circuit breaker.",
+                self.store_skipped,
+            ),
+            (
+                "cachecore_coalesced_total",
+                "Requests that joined an in-flight identical request.",
+                self.coalesced,
+            ),
+            (
+                "cachecore_background_refreshes_total",
+                "Background refreshes of stale entries.",
+                self.background_refreshes,
+            ),
+            (
+                "cachecore_invalidations_total",
+                "Dep invalidations attempted.",
+                self.invalidations,
+            ),
+            (
+                "cachecore_invalidation_errors_total",
+                "Dep invalidations that failed.",
+                self.invalidation_errors,
+            ),
         ];
         let mut out = String::new();
         for (name, help, value) in rows {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"));
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+            ));
         }
         out
     }

@@ -15,7 +15,10 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 async fn works_under_axum_router_layer() {
     let layer = CachecoreLayer::builder().store(MemoryStore::new()).build();
     let app: Router = Router::new()
-        .route("/v1/chat", post(|body: String| async move { format!("echo {body}") }))
+        .route(
+            "/v1/chat",
+            post(|body: String| async move { format!("echo {body}") }),
+        )
         .layer(layer);
     for expected in [CacheStatus::Miss, CacheStatus::Hit] {
         let res = app
@@ -57,10 +60,14 @@ async fn works_in_front_of_a_hyper_util_client() {
 
 #[tokio::test]
 async fn keeps_an_infallible_error_type() {
-    let svc = tower::service_fn(|_req: http::Request<cachecore::RequestBody<Full<Bytes>>>| async {
-        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"x"))))
-    });
-    let svc = ServiceBuilder::new().layer(CachecoreLayer::new()).service(svc);
+    let svc = tower::service_fn(
+        |_req: http::Request<cachecore::RequestBody<Full<Bytes>>>| async {
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"x"))))
+        },
+    );
+    let svc = ServiceBuilder::new()
+        .layer(CachecoreLayer::new())
+        .service(svc);
     fn infallible<S: Service<http::Request<Full<Bytes>>, Error = Infallible>>(_: &S) {}
     infallible(&svc);
 }

@@ -84,8 +84,11 @@ pub fn compute_key(parts: &KeyParts<'_>, keying: &BodyKeying) -> [u8; 32] {
         }
     }
 
-    let mut deps: Vec<(&str, Option<&str>)> =
-        parts.deps.iter().map(|d| (d.id(), d.expected_hash())).collect();
+    let mut deps: Vec<(&str, Option<&str>)> = parts
+        .deps
+        .iter()
+        .map(|d| (d.id(), d.expected_hash()))
+        .collect();
     deps.sort_unstable();
     deps.dedup();
     count(&mut h, deps.len());

@@ -352,4 +352,3 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         self.expire_after_create(key, entry, updated_at)
     }
 }
-
