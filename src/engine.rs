@@ -52,11 +52,13 @@ pub(crate) mod defaults {
     pub(crate) const BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
 }
 
-/// A namespace: the tenant keys and deps live in, and the policy version keys are scoped to.
+/// A namespace: the tenant keys and deps live in, the policy version keys are scoped to, and
+/// an optional partition of the keys (by default, a hash of the caller's credentials).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Namespace {
     tenant: Arc<str>,
     policy_version: Arc<str>,
+    partition: Option<Arc<str>>,
 }
 
 impl Namespace {
@@ -65,7 +67,21 @@ impl Namespace {
         Self {
             tenant: tenant.into(),
             policy_version: policy_version.into(),
+            partition: None,
         }
+    }
+
+    /// Splits the tenant's keys by `partition`: requests in different partitions never share
+    /// an entry, while deps (and so invalidation) stay the tenant's.
+    #[must_use]
+    pub fn with_partition(mut self, partition: impl Into<Arc<str>>) -> Self {
+        self.partition = Some(partition.into());
+        self
+    }
+
+    /// The key partition, if any.
+    pub fn partition(&self) -> Option<&str> {
+        self.partition.as_deref()
     }
 
     /// The tenant.
@@ -115,7 +131,8 @@ pub type ContextResolver =
 #[derive(Clone)]
 pub(crate) enum NamespaceSource {
     Fixed(Namespace),
-    /// Tenant derived from a hash of the credentials header (DESIGN section 3).
+    /// Keys partitioned by a hash of the credentials header (DESIGN section 3), deps in the
+    /// default tenant.
     Credentials {
         policy_version: Arc<str>,
     },
@@ -126,12 +143,18 @@ pub(crate) enum NamespaceSource {
 const CREDENTIAL_HEADERS: [&str; 4] =
     ["authorization", "x-cachecore-token", "x-api-key", "api-key"];
 
-/// The tenant used for requests that carry no credentials at all.
-pub const ANONYMOUS_TENANT: &str = "anonymous";
+/// The tenant of a layer that is given none (and the one [`CachecoreLayer::invalidate`]
+/// works on).
+///
+/// [`CachecoreLayer::invalidate`]: crate::CachecoreLayer::invalidate
+pub const DEFAULT_TENANT: &str = "default";
 
-/// The tenant a request with credentials header `name: value` lands in when the layer derives
-/// tenants from credentials (the default).
-pub fn tenant_for_credentials(name: &str, value: &[u8]) -> String {
+/// The key partition of requests that carry no credentials at all.
+pub const ANONYMOUS_PARTITION: &str = "anonymous";
+
+/// The key partition a request with credentials header `name: value` lands in when the layer
+/// is given no tenant (the default): a hash, so the credentials themselves are never stored.
+pub fn credentials_partition(name: &str, value: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(name.to_ascii_lowercase().as_bytes());
     h.update([0]);
@@ -146,15 +169,18 @@ impl NamespaceSource {
             Self::Fixed(ns) => Some(ns.clone()),
             Self::Resolver(f) => f(head),
             Self::Credentials { policy_version } => {
-                let tenant = CREDENTIAL_HEADERS
+                let partition = CREDENTIAL_HEADERS
                     .iter()
                     .find_map(|name| {
                         head.headers
                             .get(*name)
-                            .map(|v| tenant_for_credentials(name, v.as_bytes()))
+                            .map(|v| credentials_partition(name, v.as_bytes()))
                     })
-                    .unwrap_or_else(|| ANONYMOUS_TENANT.to_owned());
-                Some(Namespace::new(tenant, policy_version.clone()))
+                    .unwrap_or_else(|| ANONYMOUS_PARTITION.to_owned());
+                Some(
+                    Namespace::new(DEFAULT_TENANT, policy_version.clone())
+                        .with_partition(partition),
+                )
             }
         }
     }
@@ -163,7 +189,7 @@ impl NamespaceSource {
     fn default_tenant(&self) -> Arc<str> {
         match self {
             Self::Fixed(ns) => ns.tenant.clone(),
-            _ => Arc::from(ANONYMOUS_TENANT),
+            _ => Arc::from(DEFAULT_TENANT),
         }
     }
 }
@@ -382,6 +408,7 @@ impl Engine {
             &KeyParts {
                 tenant: plan.namespace.tenant(),
                 policy_version: plan.namespace.policy_version(),
+                partition: plan.namespace.partition(),
                 method: head.method,
                 uri: head.uri,
                 headers: head.headers,
@@ -613,18 +640,29 @@ impl Engine {
     /// Sets `X-Cache` (and the similarity header in wire mode) and the [`CacheStatus`]
     /// extension, and counts the outcome.
     pub(crate) fn mark<B>(&self, res: &mut Response<B>, status: CacheStatus) {
+        // `http::Response` lends one part at a time; an empty `Extensions` does not allocate.
+        let mut extensions = std::mem::take(res.extensions_mut());
+        self.mark_head(res.headers_mut(), &mut extensions, status);
+        *res.extensions_mut() = extensions;
+    }
+
+    /// [`mark`](Self::mark) on the head of a response that is not an `http::Response`.
+    pub(crate) fn mark_head(
+        &self,
+        headers: &mut HeaderMap,
+        extensions: &mut Extensions,
+        status: CacheStatus,
+    ) {
         self.metrics.count(status);
-        res.headers_mut()
-            .insert(X_CACHE, HeaderValue::from_static(status.as_str()));
+        headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
         if self.config.similarity_header {
             let similarity = match status {
                 CacheStatus::Hit | CacheStatus::StaleHit => "1.00",
                 _ => "0.00",
             };
-            res.headers_mut()
-                .insert(X_CACHE_SIMILARITY, HeaderValue::from_static(similarity));
+            headers.insert(X_CACHE_SIMILARITY, HeaderValue::from_static(similarity));
         }
-        res.extensions_mut().insert(status);
+        extensions.insert(status);
         tracing::debug!(target: "cachecore", status = status.as_str(), "request served");
     }
 

@@ -13,8 +13,9 @@ pub mod store;
 pub use context::{current_scope, scope, RequestContext};
 pub use dep::{validate_dep_id, Dep, InvalidDepId, MAX_DEP_ID_LEN, POLICY_DEP};
 pub use engine::{
-    tenant_for_credentials, ContextResolver, Namespace, NamespaceResolver, RequestHead,
-    ANONYMOUS_TENANT, DEFAULT_POLICY_VERSION, X_CACHE, X_CACHE_AGE, X_CACHE_SIMILARITY,
+    credentials_partition, ContextResolver, Namespace, NamespaceResolver, RequestHead,
+    ANONYMOUS_PARTITION, DEFAULT_POLICY_VERSION, DEFAULT_TENANT, X_CACHE, X_CACHE_AGE,
+    X_CACHE_SIMILARITY,
 };
 pub use layer::{
     Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, ResponseBody, X_CACHE_ERROR,

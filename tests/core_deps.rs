@@ -33,8 +33,16 @@ async fn rule_1_record_at_lookup_time() {
     let entries = store.entries();
     assert_eq!(entries.len(), 1);
     let deps = &entries[0].1.deps;
-    assert_eq!(deps.get("doc:1"), Some(2), "the epoch current when the request was looked up");
-    assert_eq!(deps.get(POLICY_DEP), Some(0), "the policy dep is recorded on every entry");
+    assert_eq!(
+        deps.get("doc:1"),
+        Some(2),
+        "the epoch current when the request was looked up"
+    );
+    assert_eq!(
+        deps.get(POLICY_DEP),
+        Some(0),
+        "the policy dep is recorded on every entry"
+    );
     assert_eq!(deps.len(), 2);
 }
 
@@ -62,11 +70,22 @@ async fn rule_2_invalidate_turns_the_next_request_into_a_miss_and_spares_other_e
     let r = layer.invalidate("doc:contract-123", Some("v2")).await;
     assert!(r.ok, "{r:?}");
     assert_eq!(r.deleted, 2, "both entries tagged with the dep are deleted");
-    assert_eq!(store.dep_hash("acme", "doc:contract-123").as_deref(), Some("v2"));
+    assert_eq!(
+        store.dep_hash("acme", "doc:contract-123").as_deref(),
+        Some("v2")
+    );
 
     assert_eq!(send(&svc, contract()).await.x_cache, "MISS");
-    assert_eq!(send(&svc, both()).await.x_cache, "MISS", "any one dep invalidates");
-    assert_eq!(send(&svc, other()).await.x_cache, "HIT_L1", "untagged entries stay");
+    assert_eq!(
+        send(&svc, both()).await.x_cache,
+        "MISS",
+        "any one dep invalidates"
+    );
+    assert_eq!(
+        send(&svc, other()).await.x_cache,
+        "HIT_L1",
+        "untagged entries stay"
+    );
 }
 
 #[tokio::test]
@@ -80,7 +99,12 @@ async fn rule_2_every_call_invalidates_even_with_the_same_hash() {
         send(&svc, req()).await;
         assert_eq!(send(&svc, req()).await.x_cache, "HIT_L1");
         // Two ETL runs on the same day give the same hash; both must take effect.
-        assert!(layer.invalidate("table:products", Some("batch-2026-11-23")).await.ok);
+        assert!(
+            layer
+                .invalidate("table:products", Some("batch-2026-11-23"))
+                .await
+                .ok
+        );
         assert_eq!(send(&svc, req()).await.x_cache, "MISS");
     }
 }
@@ -96,7 +120,10 @@ async fn rule_2_invalidate_many_reports_per_id() {
     send(&svc, with_deps("r", &[Dep::new("table:other")])).await;
 
     let results = layer
-        .invalidate_many(&["table:products", "", "table:prices", "bad\nid"], Some("2024-03-15"))
+        .invalidate_many(
+            &["table:products", "", "table:prices", "bad\nid"],
+            Some("2024-03-15"),
+        )
         .await;
     let summary: Vec<(&str, bool, u64)> = results
         .iter()
@@ -113,8 +140,18 @@ async fn rule_2_invalidate_many_reports_per_id() {
     );
     assert!(results[1].error.as_deref().unwrap().contains("empty"));
     assert!(results[3].error.as_deref().unwrap().contains("control"));
-    assert_eq!(send(&svc, with_deps("p", &[Dep::new("table:products")])).await.x_cache, "MISS");
-    assert_eq!(send(&svc, with_deps("r", &[Dep::new("table:other")])).await.x_cache, "HIT_L1");
+    assert_eq!(
+        send(&svc, with_deps("p", &[Dep::new("table:products")]))
+            .await
+            .x_cache,
+        "MISS"
+    );
+    assert_eq!(
+        send(&svc, with_deps("r", &[Dep::new("table:other")]))
+            .await
+            .x_cache,
+        "HIT_L1"
+    );
 }
 
 #[tokio::test]
@@ -133,7 +170,9 @@ async fn rule_3_validate_on_read_rejects_entries_whose_dep_moved() {
     entry.deps = cachecore::DepEpochs::new(vec![("doc:9".into(), 0), (POLICY_DEP.into(), 0)]);
     let lookup = cachecore::CacheStore::lookup(&store, &key, &["doc:9", POLICY_DEP]).await;
     assert!(matches!(lookup, Ok(cachecore::Lookup::Miss(_))));
-    let refused = cachecore::CacheStore::put(&store, &key, entry).await.unwrap();
+    let refused = cachecore::CacheStore::put(&store, &key, entry)
+        .await
+        .unwrap();
     assert!(matches!(refused, cachecore::PutOutcome::Refused(_)));
     assert_eq!(send(&svc, req()).await.x_cache, "MISS");
 }
@@ -165,7 +204,11 @@ async fn rule_4_invalidation_is_a_barrier() {
     assert_eq!(next.x_cache, "MISS");
     assert!(next.text().starts_with("call 2"));
     assert_eq!(layer.metrics().refused_writes, 1);
-    assert_eq!(store.entry_count(), 1, "only the post-invalidation answer is stored");
+    assert_eq!(
+        store.entry_count(),
+        1,
+        "only the post-invalidation answer is stored"
+    );
 }
 
 #[tokio::test]
@@ -177,7 +220,11 @@ async fn rule_5_cost_does_not_grow_with_the_number_of_entries() {
     let svc = stack(&layer, &up);
     const N: usize = 2_000;
     for i in 0..N {
-        send(&svc, with_deps(&format!("q{i}"), &[Dep::new("table:products")])).await;
+        send(
+            &svc,
+            with_deps(&format!("q{i}"), &[Dep::new("table:products")]),
+        )
+        .await;
     }
     assert_eq!(store.tagged_count("acme", "table:products"), N);
     let r = layer.invalidate("table:products", None).await;
@@ -185,7 +232,11 @@ async fn rule_5_cost_does_not_grow_with_the_number_of_entries() {
     assert_eq!(r.deleted, N as u64);
     assert_eq!(store.tagged_count("acme", "table:products"), 0);
     for i in (0..N).step_by(97) {
-        let seen = send(&svc, with_deps(&format!("q{i}"), &[Dep::new("table:products")])).await;
+        let seen = send(
+            &svc,
+            with_deps(&format!("q{i}"), &[Dep::new("table:products")]),
+        )
+        .await;
         assert_eq!(seen.x_cache, "MISS");
     }
 }
@@ -193,31 +244,69 @@ async fn rule_5_cost_does_not_grow_with_the_number_of_entries() {
 #[tokio::test]
 async fn rule_6_invalidating_the_policy_version_retires_one_tenant_only() {
     let store = MemoryStore::new();
+    let layer = CachecoreLayer::builder()
+        .store(store.clone())
+        .namespace_resolver(|head| {
+            let tenant = head.headers.get("x-tenant")?.to_str().ok()?;
+            Some(cachecore::Namespace::new(tenant, "v1"))
+        })
+        .build();
+    let up = Upstream::new();
+    let svc = stack(&layer, &up);
+    let as_tenant = |t: &str, body: &str, deps: &[Dep]| {
+        let mut req = with_deps(body, deps);
+        req.headers_mut().insert("x-tenant", t.parse().unwrap());
+        req
+    };
+    for t in ["tenant-a", "tenant-b"] {
+        send(&svc, as_tenant(t, "x", &[])).await;
+        send(&svc, as_tenant(t, "y", &[Dep::new("doc:1")])).await;
+    }
+    let r = layer
+        .invalidate_in("tenant-a", POLICY_DEP, Some("v2"))
+        .await;
+    assert!(r.ok);
+    assert_eq!(r.deleted, 2, "every entry of the tenant");
+    assert_eq!(
+        send(&svc, as_tenant("tenant-a", "x", &[])).await.x_cache,
+        "MISS"
+    );
+    let a_doc = send(&svc, as_tenant("tenant-a", "y", &[Dep::new("doc:1")])).await;
+    assert_eq!(a_doc.x_cache, "MISS");
+    assert_eq!(
+        send(&svc, as_tenant("tenant-b", "x", &[])).await.x_cache,
+        "HIT_L1"
+    );
+    let b_doc = send(&svc, as_tenant("tenant-b", "y", &[Dep::new("doc:1")])).await;
+    assert_eq!(b_doc.x_cache, "HIT_L1");
+    // A request the resolver places nowhere is not cached at all.
+    assert_eq!(send(&svc, chat("x")).await.x_cache, "BYPASS");
+}
+
+#[tokio::test]
+async fn invalidation_reaches_every_credentials_partition() {
+    // With no tenant configured, keys are split by credentials but deps are the
+    // application's: one invalidation drops the entries of every API key.
+    let store = MemoryStore::new();
     let layer = CachecoreLayer::builder().store(store.clone()).build();
     let up = Upstream::new();
     let svc = stack(&layer, &up);
-    let as_key = |k: &str, body: &str, deps: &[Dep]| {
-        let mut req = with_deps(body, deps);
+    let as_key = |k: &str| {
+        let mut req = with_deps("summarise", &[Dep::new("doc:1")]);
         req.headers_mut()
             .insert("authorization", format!("Bearer {k}").parse().unwrap());
         req
     };
     for k in ["sk-a", "sk-b"] {
-        send(&svc, as_key(k, "x", &[])).await;
-        send(&svc, as_key(k, "y", &[Dep::new("doc:1")])).await;
+        send(&svc, as_key(k)).await;
+        assert_eq!(send(&svc, as_key(k)).await.x_cache, "HIT_L1");
     }
-    let tenant_a = layer
-        .namespace_of(&as_key("sk-a", "", &[]))
-        .unwrap()
-        .tenant()
-        .to_owned();
-    let r = layer.invalidate_in(&tenant_a, POLICY_DEP, Some("v2")).await;
-    assert!(r.ok);
-    assert_eq!(r.deleted, 2, "every entry of the tenant");
-    assert_eq!(send(&svc, as_key("sk-a", "x", &[])).await.x_cache, "MISS");
-    assert_eq!(send(&svc, as_key("sk-a", "y", &[Dep::new("doc:1")])).await.x_cache, "MISS");
-    assert_eq!(send(&svc, as_key("sk-b", "x", &[])).await.x_cache, "HIT_L1");
-    assert_eq!(send(&svc, as_key("sk-b", "y", &[Dep::new("doc:1")])).await.x_cache, "HIT_L1");
+    assert_eq!(store.entry_count(), 2, "one entry per API key");
+    let r = layer.invalidate("doc:1", None).await;
+    assert_eq!(r.deleted, 2);
+    for k in ["sk-a", "sk-b"] {
+        assert_eq!(send(&svc, as_key(k)).await.x_cache, "MISS");
+    }
 }
 
 #[tokio::test]
@@ -245,10 +334,22 @@ async fn pinned_versions_of_the_same_dep_never_share_an_entry() {
     let up = Upstream::new();
     let layer = layer_on(&MemoryStore::new());
     let svc = stack(&layer, &up);
-    send(&svc, with_deps("classify", &[Dep::new("classifier-prompt").hash("v3")])).await;
-    let v4 = send(&svc, with_deps("classify", &[Dep::new("classifier-prompt").hash("v4")])).await;
+    send(
+        &svc,
+        with_deps("classify", &[Dep::new("classifier-prompt").hash("v3")]),
+    )
+    .await;
+    let v4 = send(
+        &svc,
+        with_deps("classify", &[Dep::new("classifier-prompt").hash("v4")]),
+    )
+    .await;
     assert_eq!(v4.x_cache, "MISS");
-    let v3 = send(&svc, with_deps("classify", &[Dep::new("classifier-prompt").hash("v3")])).await;
+    let v3 = send(
+        &svc,
+        with_deps("classify", &[Dep::new("classifier-prompt").hash("v3")]),
+    )
+    .await;
     assert_eq!(v3.x_cache, "HIT_L1");
 }
 
@@ -336,6 +437,9 @@ async fn rule_7_stale_is_only_old_never_invalidated() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(layer.invalidate("doc:1", None).await.ok);
     let seen = send(&svc, req()).await;
-    assert_eq!(seen.x_cache, "MISS", "an invalidated entry is never served stale");
+    assert_eq!(
+        seen.x_cache, "MISS",
+        "an invalidated entry is never served stale"
+    );
     assert!(seen.text().starts_with("call 2"));
 }

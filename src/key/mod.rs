@@ -27,6 +27,8 @@ pub struct KeyParts<'a> {
     pub tenant: &'a str,
     /// Policy version of the namespace.
     pub policy_version: &'a str,
+    /// Key partition of the namespace (for example a hash of the caller's credentials).
+    pub partition: Option<&'a str>,
     /// Request method.
     pub method: &'a Method,
     /// Request URI (only path and query are used).
@@ -50,7 +52,7 @@ pub struct KeyParts<'a> {
 /// use cachecore::key::{compute_key, BodyKeying, KeyParts};
 /// let (method, uri, headers) = (http::Method::POST, "/v1/chat".parse().unwrap(), http::HeaderMap::new());
 /// let parts = |body: &'static [u8]| KeyParts {
-///     tenant: "t", policy_version: "1", method: &method, uri: &uri, headers: &headers,
+///     tenant: "t", policy_version: "1", partition: None, method: &method, uri: &uri, headers: &headers,
 ///     vary: &[], deps: &[], body,
 /// };
 /// let keying = BodyKeying { canonical_json: true, ignored_fields: vec![] };
@@ -64,6 +66,13 @@ pub fn compute_key(parts: &KeyParts<'_>, keying: &BodyKeying) -> [u8; 32] {
     h.update([KEY_FORMAT_VERSION]);
     field(&mut h, parts.tenant.as_bytes());
     field(&mut h, parts.policy_version.as_bytes());
+    match parts.partition {
+        None => h.update([0u8]),
+        Some(p) => {
+            h.update([1u8]);
+            field(&mut h, p.as_bytes());
+        }
+    }
     field(&mut h, parts.method.as_str().as_bytes());
     field(
         &mut h,

@@ -60,9 +60,10 @@ impl CachecoreLayer {
         }
     }
 
-    /// Invalidates `dep_id` in the default tenant (the configured one, or the anonymous one
-    /// when tenants come from credentials): every entry derived from it stops being served at
-    /// once. With no `new_hash` a random one is recorded. Every call invalidates, even with
+    /// Invalidates `dep_id` in the layer's tenant (the one given to
+    /// [`CachecoreBuilder::tenant`], else [`DEFAULT_TENANT`](crate::DEFAULT_TENANT), which
+    /// holds the entries of every credentials partition): every entry derived from it stops
+    /// being served at once. With no `new_hash` a random one is recorded. Every call invalidates, even with
     /// the same hash as last time.
     pub async fn invalidate(&self, dep_id: &str, new_hash: Option<&str>) -> InvalidationResult {
         let tenant = self.engine.default_tenant();
@@ -198,7 +199,11 @@ impl CachecoreBuilder {
         self
     }
 
-    /// Puts every request in one fixed tenant (instead of deriving it from credentials).
+    /// Puts every request in one fixed tenant. By default requests are in
+    /// [`DEFAULT_TENANT`](crate::DEFAULT_TENANT) with their keys partitioned by a hash of
+    /// their credentials header; a fixed tenant drops that partition (use
+    /// [`vary_header`](Self::vary_header) or a [`namespace_resolver`](Self::namespace_resolver)
+    /// when callers with different credentials must not share entries).
     pub fn tenant(mut self, tenant: impl Into<Arc<str>>) -> Self {
         let policy = self.config.policy_version();
         self.config.namespace = NamespaceSource::Fixed(Namespace::new(tenant, policy));
