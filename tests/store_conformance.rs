@@ -81,11 +81,13 @@ impl Fixture {
     }
 
     async fn raw_query<T: ::redis::FromRedisValue>(&self, cmd: &::redis::Cmd) -> Option<T> {
-        Some(match self.raw.as_ref()? {
-            Raw::Single(c) => cmd.query_async(&mut c.clone()).await,
-            Raw::Cluster(c) => cmd.query_async(&mut c.clone()).await,
-        }
-        .expect("raw redis command"))
+        Some(
+            match self.raw.as_ref()? {
+                Raw::Single(c) => cmd.query_async(&mut c.clone()).await,
+                Raw::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            }
+            .expect("raw redis command"),
+        )
     }
 
     async fn lookup(&self, key: &CacheKey, deps: &[&str]) -> Lookup {
@@ -102,7 +104,15 @@ impl Fixture {
             panic!("expected a miss before filling {key:?}");
         };
         let outcome = self
-            .put(key, entry(observed.clone(), body, Duration::from_secs(60), Duration::ZERO))
+            .put(
+                key,
+                entry(
+                    observed.clone(),
+                    body,
+                    Duration::from_secs(60),
+                    Duration::ZERO,
+                ),
+            )
             .await;
         assert_eq!(outcome, PutOutcome::Stored);
         observed
@@ -210,15 +220,29 @@ async fn validate_on_read_rejects_entries_of_an_old_epoch(fx: Fixture) {
 
     if let Some(saved) = saved {
         let _: Option<()> = fx
-            .raw_query(::redis::cmd("SET").arg(&entry_key).arg(saved).arg("PX").arg(60_000))
+            .raw_query(
+                ::redis::cmd("SET")
+                    .arg(&entry_key)
+                    .arg(saved)
+                    .arg("PX")
+                    .arg(60_000),
+            )
             .await;
         let still_there: Option<i64> = fx.raw_query(::redis::cmd("EXISTS").arg(&entry_key)).await;
         assert_eq!(still_there, Some(1));
         let miss = fx.lookup(&k, &deps).await;
         assert_eq!(epochs(&miss).get(DOC), Some(1));
         // The next put replaces the dead entry.
-        fx.put(&k, entry(miss_epochs(miss), "new", Duration::from_secs(60), Duration::ZERO))
-            .await;
+        fx.put(
+            &k,
+            entry(
+                miss_epochs(miss),
+                "new",
+                Duration::from_secs(60),
+                Duration::ZERO,
+            ),
+        )
+        .await;
         assert_eq!(body_of(&fx.lookup(&k, &deps).await), Some(&b"new"[..]));
     }
 }
@@ -240,7 +264,15 @@ async fn invalidation_is_a_barrier(fx: Fixture) {
     // The upstream call is in flight when the webhook fires.
     assert!(fx.store.invalidate(&t, DOC, "v2").await.unwrap().ok);
     let outcome = fx
-        .put(&k, entry(observed, "stale answer", Duration::from_secs(60), Duration::ZERO))
+        .put(
+            &k,
+            entry(
+                observed,
+                "stale answer",
+                Duration::from_secs(60),
+                Duration::ZERO,
+            ),
+        )
         .await;
     assert_eq!(
         outcome,
@@ -252,7 +284,15 @@ async fn invalidation_is_a_barrier(fx: Fixture) {
     let observed = epochs(&fx.lookup(&k, &deps).await).clone();
     assert!(fx.store.invalidate(&t, POLICY_DEP, "p2").await.unwrap().ok);
     let outcome = fx
-        .put(&k, entry(observed, "stale answer", Duration::from_secs(60), Duration::ZERO))
+        .put(
+            &k,
+            entry(
+                observed,
+                "stale answer",
+                Duration::from_secs(60),
+                Duration::ZERO,
+            ),
+        )
         .await;
     assert_eq!(
         outcome,
@@ -268,14 +308,22 @@ async fn cost_does_not_grow_with_the_number_of_entries(fx: Fixture) {
     let deps = [POLICY_DEP, DOC];
     let observed = epochs(&fx.lookup(&key(&t, 0), &deps).await).clone();
     for n in 0..N {
-        let e = entry(observed.clone(), "x", Duration::from_secs(60), Duration::ZERO);
+        let e = entry(
+            observed.clone(),
+            "x",
+            Duration::from_secs(60),
+            Duration::ZERO,
+        );
         assert_eq!(fx.put(&key(&t, n), e).await, PutOutcome::Stored);
     }
     let result = fx.store.invalidate(&t, DOC, "v2").await.unwrap();
     assert!(result.ok);
     assert_eq!(result.deleted, u64::from(N));
     for n in (0..N).step_by(97) {
-        assert!(matches!(fx.lookup(&key(&t, n), &deps).await, Lookup::Miss(_)));
+        assert!(matches!(
+            fx.lookup(&key(&t, n), &deps).await,
+            Lookup::Miss(_)
+        ));
     }
 }
 
@@ -287,11 +335,21 @@ async fn policy_version_dep_retires_one_tenant_only(fx: Fixture) {
     fx.fill(&key(&a, 2), &deps_b, "a2").await;
     fx.fill(&key(&b, 1), &deps_a, "b1").await;
 
-    let result = fx.store.invalidate(&a, POLICY_DEP, "policy-2").await.unwrap();
+    let result = fx
+        .store
+        .invalidate(&a, POLICY_DEP, "policy-2")
+        .await
+        .unwrap();
     assert!(result.ok);
     assert_eq!(result.deleted, 2);
-    assert!(matches!(fx.lookup(&key(&a, 1), &deps_a).await, Lookup::Miss(_)));
-    assert!(matches!(fx.lookup(&key(&a, 2), &deps_b).await, Lookup::Miss(_)));
+    assert!(matches!(
+        fx.lookup(&key(&a, 1), &deps_a).await,
+        Lookup::Miss(_)
+    ));
+    assert!(matches!(
+        fx.lookup(&key(&a, 2), &deps_b).await,
+        Lookup::Miss(_)
+    ));
     assert_eq!(
         body_of(&fx.lookup(&key(&b, 1), &deps_a).await),
         Some(&b"b1"[..])
@@ -305,7 +363,12 @@ async fn stale_is_only_old_never_invalidated(fx: Fixture) {
     let deps = [POLICY_DEP, DOC];
     let k = key(&t, 1);
     let observed = epochs(&fx.lookup(&k, &deps).await).clone();
-    let mut e = entry(observed, "old", Duration::from_secs(1), Duration::from_secs(60));
+    let mut e = entry(
+        observed,
+        "old",
+        Duration::from_secs(1),
+        Duration::from_secs(60),
+    );
     e.stored_at_ms -= 5_000;
     fx.put(&k, e).await;
     assert!(matches!(fx.lookup(&k, &deps).await, Lookup::Stale(_)));
@@ -322,8 +385,16 @@ async fn ttl_expiry(fx: Fixture) {
     let deps = [POLICY_DEP];
     let k = key(&t, 1);
     let observed = epochs(&fx.lookup(&k, &deps).await).clone();
-    fx.put(&k, entry(observed, "short", Duration::from_millis(300), Duration::ZERO))
-        .await;
+    fx.put(
+        &k,
+        entry(
+            observed,
+            "short",
+            Duration::from_millis(300),
+            Duration::ZERO,
+        ),
+    )
+    .await;
     assert!(matches!(fx.lookup(&k, &deps).await, Lookup::Fresh(_)));
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert!(matches!(fx.lookup(&k, &deps).await, Lookup::Miss(_)));
@@ -335,7 +406,12 @@ async fn stale_window_fresh_then_stale_then_miss(fx: Fixture) {
     let deps = [POLICY_DEP];
     let k = key(&t, 1);
     let observed = epochs(&fx.lookup(&k, &deps).await).clone();
-    let e = entry(observed, "w", Duration::from_millis(500), Duration::from_millis(500));
+    let e = entry(
+        observed,
+        "w",
+        Duration::from_millis(500),
+        Duration::from_millis(500),
+    );
     let stored_at = e.stored_at_ms;
     fx.put(&k, e).await;
     assert!(matches!(fx.lookup(&k, &deps).await, Lookup::Fresh(_)));
@@ -348,7 +424,12 @@ async fn stale_window_fresh_then_stale_then_miss(fx: Fixture) {
     let observed = epochs(&fx.lookup(&k, &deps).await).clone();
     for (n, age, want) in [(2, 0, "fresh"), (3, 15_000, "stale"), (4, 25_000, "miss")] {
         let kn = key(&t, n);
-        let mut e = entry(observed.clone(), "w", Duration::from_secs(10), Duration::from_secs(10));
+        let mut e = entry(
+            observed.clone(),
+            "w",
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+        );
         e.stored_at_ms -= age;
         fx.put(&kn, e).await;
         let got = match fx.lookup(&kn, &deps).await {
@@ -374,7 +455,10 @@ async fn sleep_until(ms: u64) {
 async fn tenant_isolation_same_digest_two_tenants(fx: Fixture) {
     let (a, b) = (tenant(), tenant());
     let deps = [POLICY_DEP, DOC];
-    let (ka, kb) = (CacheKey::new(a.as_str(), [7; 32]), CacheKey::new(b.as_str(), [7; 32]));
+    let (ka, kb) = (
+        CacheKey::new(a.as_str(), [7; 32]),
+        CacheKey::new(b.as_str(), [7; 32]),
+    );
     fx.fill(&ka, &deps, "for a").await;
     assert!(matches!(fx.lookup(&kb, &deps).await, Lookup::Miss(_)));
     fx.fill(&kb, &deps, "for b").await;
@@ -411,9 +495,17 @@ async fn odd_tenants_work_and_stay_apart(fx: Fixture) {
         let k = CacheKey::new(t.as_str(), [9; 32]);
         assert_eq!(body_of(&fx.lookup(&k, &deps).await), Some(t.as_bytes()));
     }
-    assert_eq!(fx.store.invalidate(&odd[0], DOC, "v").await.unwrap().deleted, 1);
+    assert_eq!(
+        fx.store
+            .invalidate(&odd[0], DOC, "v")
+            .await
+            .unwrap()
+            .deleted,
+        1
+    );
     assert!(matches!(
-        fx.lookup(&CacheKey::new(odd[0].as_str(), [9; 32]), &deps).await,
+        fx.lookup(&CacheKey::new(odd[0].as_str(), [9; 32]), &deps)
+            .await,
         Lookup::Miss(_)
     ));
     let k1 = CacheKey::new(odd[1].as_str(), [9; 32]);
@@ -426,10 +518,20 @@ async fn every_call_invalidates_even_with_the_same_new_hash(fx: Fixture) {
     let deps = [POLICY_DEP, DOC];
     let k = key(&t, 1);
     fx.fill(&k, &deps, "monday").await;
-    assert!(fx.store.invalidate(&t, DOC, "etl-2026-11-23").await.unwrap().ok);
+    assert!(
+        fx.store
+            .invalidate(&t, DOC, "etl-2026-11-23")
+            .await
+            .unwrap()
+            .ok
+    );
     let observed = fx.fill(&k, &deps, "monday, first run").await;
     assert_eq!(observed.get(DOC), Some(1));
-    let result = fx.store.invalidate(&t, DOC, "etl-2026-11-23").await.unwrap();
+    let result = fx
+        .store
+        .invalidate(&t, DOC, "etl-2026-11-23")
+        .await
+        .unwrap();
     assert!(result.ok);
     assert_eq!(result.deleted, 1);
     assert_eq!(epochs(&fx.lookup(&k, &deps).await).get(DOC), Some(2));
@@ -453,7 +555,12 @@ async fn invalidate_many_reports_per_id(fx: Fixture) {
         .collect();
     assert_eq!(
         summary,
-        [(a, true, 2), ("", false, 0), (b, true, 1), ("doc:never-used", true, 0)]
+        [
+            (a, true, 2),
+            ("", false, 0),
+            (b, true, 1),
+            ("doc:never-used", true, 0)
+        ]
     );
     assert!(results[1].error.is_some());
     assert!(results[0].error.is_none());
@@ -506,12 +613,24 @@ async fn put_replaces_and_unknown_keys_miss_at_epoch_zero(fx: Fixture) {
         [(POLICY_DEP, 0), (DOC, 0), ("doc:two", 0)]
     );
     for body in ["first", "second"] {
-        let e = entry(observed.clone(), body, Duration::from_secs(60), Duration::ZERO);
+        let e = entry(
+            observed.clone(),
+            body,
+            Duration::from_secs(60),
+            Duration::ZERO,
+        );
         assert_eq!(fx.put(&k, e).await, PutOutcome::Stored);
     }
     assert_eq!(body_of(&fx.lookup(&k, &deps).await), Some(&b"second"[..]));
     // Tagged under every dep: invalidating the last one drops it.
-    assert_eq!(fx.store.invalidate(&t, "doc:two", "h").await.unwrap().deleted, 1);
+    assert_eq!(
+        fx.store
+            .invalidate(&t, "doc:two", "h")
+            .await
+            .unwrap()
+            .deleted,
+        1
+    );
 }
 
 macro_rules! conformance {

@@ -129,7 +129,9 @@ impl RedisServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        let child = cmd.spawn().map_err(|e| format!("spawn redis-server: {e}"))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn redis-server: {e}"))?;
         let watchdog = Command::new("sh")
             .arg("-c")
             .arg(format!(

@@ -90,8 +90,7 @@ pub(super) fn decode(raw: Bytes) -> Result<Entry, DecodeError> {
         return Err(DecodeError::Version(version));
     }
     let status = u16::from_be_bytes([r.byte()?, r.byte()?]);
-    let status =
-        StatusCode::from_u16(status).map_err(|_| DecodeError::Malformed("status code"))?;
+    let status = StatusCode::from_u16(status).map_err(|_| DecodeError::Malformed("status code"))?;
     let stored_at_ms = r.varint()?;
     let fresh_ttl = Duration::from_millis(r.varint()?);
     let stale_window = Duration::from_millis(r.varint()?);
@@ -242,7 +241,10 @@ mod tests {
     #[test]
     fn rejects_foreign_other_version_and_every_truncation() {
         let raw = encode(&sample());
-        assert_eq!(decode(Bytes::from_static(b"hello")).unwrap_err(), DecodeError::Foreign);
+        assert_eq!(
+            decode(Bytes::from_static(b"hello")).unwrap_err(),
+            DecodeError::Foreign
+        );
         assert_eq!(decode(Bytes::new()).unwrap_err(), DecodeError::Foreign);
         let mut other = raw.clone();
         other[3] = FORMAT_VERSION + 1;
@@ -251,7 +253,10 @@ mod tests {
             DecodeError::Version(FORMAT_VERSION + 1)
         );
         for cut in 0..raw.len() {
-            assert!(decode(Bytes::copy_from_slice(&raw[..cut])).is_err(), "cut at {cut}");
+            assert!(
+                decode(Bytes::copy_from_slice(&raw[..cut])).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut longer = raw;
         longer.push(0);

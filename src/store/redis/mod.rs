@@ -225,8 +225,7 @@ impl RedisStoreBuilder {
             Target::Unset => return Err(no_target()),
             Target::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(store_error)?;
-                let manager =
-                    ConnectionManager::new_with_config(client, self.manager_config());
+                let manager = ConnectionManager::new_with_config(client, self.manager_config());
                 let manager = tokio::time::timeout(connect_timeout, manager)
                     .await
                     .map_err(|_| timeout_error("connecting"))?
@@ -282,7 +281,10 @@ impl RedisStoreBuilder {
             .set_response_timeout(Some(self.timeout))
     }
 
-    fn cluster_client(&self, nodes: &[String]) -> Result<redis::cluster::ClusterClient, StoreError> {
+    fn cluster_client(
+        &self,
+        nodes: &[String],
+    ) -> Result<redis::cluster::ClusterClient, StoreError> {
         redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
             .connection_timeout(self.connect_timeout)
             .response_timeout(self.timeout)
@@ -516,7 +518,8 @@ fn parse_lookup_reply(
     reply: Value,
     deps: &[&str],
 ) -> Result<(Option<Bytes>, DepEpochs), StoreError> {
-    let bad = |what: &str| StoreError::new(StoreErrorKind::Backend, format!("lookup script: {what}"));
+    let bad =
+        |what: &str| StoreError::new(StoreErrorKind::Backend, format!("lookup script: {what}"));
     let Value::Array(items) = reply else {
         return Err(bad("not an array"));
     };
