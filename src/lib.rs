@@ -26,3 +26,6 @@ pub use store::{
     CacheKey, CacheStore, DepEpochs, Entry, InvalidationResult, Lookup, MemoryStore, PutOutcome,
     StoreError, StoreErrorKind,
 };
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::redis::{RedisStore, RedisStoreBuilder};
