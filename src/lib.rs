@@ -8,7 +8,11 @@ pub mod key;
 pub mod layer;
 mod metrics;
 mod status;
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub mod reqwest;
 pub mod store;
+pub mod testing;
 
 pub use context::{current_scope, scope, RequestContext};
 pub use dep::{validate_dep_id, Dep, InvalidDepId, MAX_DEP_ID_LEN, POLICY_DEP};

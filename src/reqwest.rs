@@ -1,0 +1,251 @@
+//! The reqwest adapter: [`CachecoreMiddleware`], a [`reqwest_middleware::Middleware`] over the
+//! same engine as [`CachecoreLayer`].
+//!
+//! Per-request control comes, as everywhere, from a [`RequestContext`](crate::RequestContext): put it on the request
+//! with [`RequestBuilder::with_extension`](reqwest_middleware::RequestBuilder::with_extension),
+//! or send the request inside [`scope`](crate::scope). The response carries `X-Cache` and the
+//! [`CacheStatus`] in [`Response::extensions`].
+//!
+//! ```no_run
+//! use cachecore::{CacheStatus, CachecoreLayer, Dep, MemoryStore, RequestContext};
+//!
+//! # async fn run() -> Result<(), reqwest_middleware::Error> {
+//! let layer = CachecoreLayer::builder().store(MemoryStore::new()).build();
+//! let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+//!     .with(layer.reqwest_middleware())
+//!     .build();
+//!
+//! let res = client
+//!     .post("http://127.0.0.1:8080/v1/chat/completions")
+//!     .header("content-type", "application/json")
+//!     .body(r#"{"model":"m","messages":[{"role":"user","content":"Summarise doc 123"}]}"#)
+//!     .with_extension(RequestContext::new().dep(Dep::new("doc:123").hash("v7")))
+//!     .send()
+//!     .await?;
+//! println!("{:?}", res.extensions().get::<CacheStatus>());
+//!
+//! // Later, when doc 123 changes (same layer, so same store):
+//! layer.invalidate("doc:123", Some("v8")).await;
+//! # Ok(()) }
+//! ```
+//!
+//! # What differs from the tower layer
+//!
+//! - A request whose body is a stream ([`reqwest::Body::as_bytes`] is `None`) cannot be keyed
+//!   without consuming it: it is forwarded untouched and marked `BYPASS`.
+//! - Stale-while-revalidate needs a background upstream call, and [`Next`] only lends the rest of
+//!   the chain for the duration of one request. So a stale entry is not served here: it is
+//!   revalidated in line (one upstream call, coalesced with concurrent callers of the same key).
+//! - Hits are built as `http::Response`s and converted; the response URL is the request's.
+
+use std::fmt;
+use std::future::Future;
+use std::mem;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use ::reqwest::{Body, Request, Response, ResponseBuilderExt, Url};
+use http::{Extensions, HeaderValue, Uri};
+use http_body::{Frame, SizeHint};
+use reqwest_middleware::{Middleware, Next, Result};
+
+use crate::engine::{Engine, RequestHead, Route};
+use crate::layer::{ResponseBody, X_CACHE_ERROR};
+use crate::{CacheStatus, CachecoreLayer};
+
+/// A [`reqwest_middleware::Middleware`] that caches responses with the engine of a
+/// [`CachecoreLayer`]: same store, same keys, same single-flight and counters, and the layer
+/// stays the handle to invalidate from.
+///
+/// Build it with [`CachecoreLayer::reqwest_middleware`] (or `From<CachecoreLayer>`).
+#[derive(Clone)]
+pub struct CachecoreMiddleware {
+    engine: Arc<Engine>,
+}
+
+impl CachecoreMiddleware {
+    /// A middleware sharing `layer`'s engine.
+    pub fn new(layer: &CachecoreLayer) -> Self {
+        Self {
+            engine: Arc::clone(layer.engine()),
+        }
+    }
+}
+
+impl From<CachecoreLayer> for CachecoreMiddleware {
+    fn from(layer: CachecoreLayer) -> Self {
+        Self::new(&layer)
+    }
+}
+
+impl CachecoreLayer {
+    /// The reqwest-middleware adapter over this layer's engine.
+    #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+    pub fn reqwest_middleware(&self) -> CachecoreMiddleware {
+        CachecoreMiddleware::new(self)
+    }
+}
+
+impl fmt::Debug for CachecoreMiddleware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachecoreMiddleware")
+            .field("engine", &self.engine)
+            .finish()
+    }
+}
+
+// Written out rather than with `#[async_trait]`, which would be a dependency for one impl; this
+// is the signature that macro produces for the trait.
+impl Middleware for CachecoreMiddleware {
+    fn handle<'life0, 'life1, 'life2, 'async_trait>(
+        &'life0 self,
+        req: Request,
+        extensions: &'life1 mut Extensions,
+        next: Next<'life2>,
+    ) -> Pin<Box<dyn Future<Output = Result<Response>> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        'life1: 'async_trait,
+        'life2: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(handle(&self.engine, req, extensions, next))
+    }
+}
+
+/// The cache path of one reqwest request; the same steps as the tower service's, on the same
+/// engine functions.
+async fn handle(
+    engine: &Arc<Engine>,
+    req: Request,
+    extensions: &mut Extensions,
+    next: Next<'_>,
+) -> Result<Response> {
+    // Every `Url` reqwest sends is a valid `Uri`; if one is not, it is simply not cached.
+    let Ok(uri) = Uri::try_from(req.url().as_str()) else {
+        return bypass(engine, req, extensions, next, None).await;
+    };
+    let head = RequestHead {
+        method: req.method(),
+        uri: &uri,
+        headers: req.headers(),
+        extensions,
+    };
+    let plan = match engine.plan(&head) {
+        Ok(plan) => plan,
+        Err(reason) => {
+            let error = reason
+                .error_message()
+                .and_then(|m| HeaderValue::from_str(m).ok());
+            return bypass(engine, req, extensions, next, error).await;
+        }
+    };
+    let body: &[u8] = match req.body() {
+        None => &[],
+        Some(body) => match body.as_bytes() {
+            Some(bytes) if bytes.len() <= engine.config.max_body => bytes,
+            // A stream would have to be consumed to be keyed; an oversized body is not cached
+            // by the tower layer either. Both go out untouched.
+            _ => return bypass(engine, req, extensions, next, None).await,
+        },
+    };
+    let key = engine.key(&plan, &head, body);
+
+    let forward = match engine.route(&key, &plan, false).await {
+        Route::Serve(entry, status) => {
+            let res = engine.hit_response(&entry, status, Body::from);
+            return Ok(into_reqwest(res, req.url().clone()));
+        }
+        Route::Forward(forward) => forward,
+    };
+
+    let mut res = next.run(req, extensions).await?;
+    let Some(recorder) = engine.start_recording(key, &plan, forward, res.status(), res.headers())
+    else {
+        mark(engine, &mut res, CacheStatus::Miss);
+        return Ok(res);
+    };
+    let url = res.url().clone();
+    let (parts, body) = http::Response::<Body>::from(res).into_parts();
+    let body = if http_body::Body::is_end_stream(&body) {
+        // Nothing will poll a body that is already at its end: store now.
+        recorder.finish().wait().await;
+        body
+    } else {
+        Body::wrap(SyncBody::new(ResponseBody::recording(body, recorder)))
+    };
+    let mut res = http::Response::from_parts(parts, body);
+    engine.mark(&mut res, CacheStatus::Miss);
+    Ok(into_reqwest(res, url))
+}
+
+async fn bypass(
+    engine: &Engine,
+    req: Request,
+    extensions: &mut Extensions,
+    next: Next<'_>,
+    error: Option<HeaderValue>,
+) -> Result<Response> {
+    let mut res = next.run(req, extensions).await?;
+    mark(engine, &mut res, CacheStatus::Bypass);
+    if let Some(error) = error {
+        res.headers_mut().insert(X_CACHE_ERROR, error);
+    }
+    Ok(res)
+}
+
+fn mark(engine: &Engine, res: &mut Response, status: CacheStatus) {
+    let mut extensions = mem::take(res.extensions_mut());
+    engine.mark_head(res.headers_mut(), &mut extensions, status);
+    *res.extensions_mut() = extensions;
+}
+
+/// Converts, keeping `url` as the response URL (reqwest's conversion would otherwise put a
+/// placeholder there).
+fn into_reqwest(res: http::Response<Body>, url: Url) -> Response {
+    let (mut parts, body) = res.into_parts();
+    if let Ok(with_url) = http::Response::builder().url(url).body(()) {
+        parts.extensions.extend(with_url.into_parts().0.extensions);
+    }
+    Response::from(http::Response::from_parts(parts, body))
+}
+
+/// [`Body::wrap`] wants a `Sync` body; the recording body holds the pending store write, which is
+/// only `Send`. Polling goes through [`Mutex::get_mut`], which does not lock.
+struct SyncBody<B>(Mutex<B>);
+
+impl<B> SyncBody<B> {
+    fn new(inner: B) -> Self {
+        Self(Mutex::new(inner))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&B) -> T) -> T {
+        f(&self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for SyncBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<B::Data>, B::Error>>> {
+        let inner = self
+            .get_mut()
+            .0
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        Pin::new(inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.with(B::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.with(B::size_hint)
+    }
+}
