@@ -82,11 +82,19 @@ async fn each_chunk_reaches_the_client_as_soon_as_the_inner_service_produces_it(
         events.send(Ok(Bytes::from(event))).await.unwrap();
         // The client reads this event before the upstream has produced the next one.
         assert_eq!(next_data(&mut body).await.unwrap(), event);
-        assert_eq!(store.entry_count(), 0, "nothing stored before the stream ends");
+        assert_eq!(
+            store.entry_count(),
+            0,
+            "nothing stored before the stream ends"
+        );
     }
     drop(events);
     assert!(next_data(&mut body).await.is_none());
-    assert_eq!(store.entry_count(), 1, "stored once the stream ended cleanly");
+    assert_eq!(
+        store.entry_count(),
+        1,
+        "stored once the stream ended cleanly"
+    );
 
     // A hit replays the exact bytes with the original headers.
     let hit = svc.clone().oneshot(chat("stream please")).await.unwrap();
@@ -197,7 +205,10 @@ async fn concurrent_identical_misses_call_the_inner_service_once() {
         bodies.push(seen.body);
     }
     assert_eq!(up.calls(), 1);
-    assert!(bodies.iter().all(|b| b == &bodies[0]), "all get the same response");
+    assert!(
+        bodies.iter().all(|b| b == &bodies[0]),
+        "all get the same response"
+    );
 }
 
 /// An upstream whose first call fails in the given way (after the gate), later calls succeed.
