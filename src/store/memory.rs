@@ -352,3 +352,96 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
         self.expire_after_create(key, entry, updated_at)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::POLICY_DEP;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    fn entry(body_len: usize, ttl: Duration, deps: &[(&str, u64)]) -> Entry {
+        Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![b'x'; body_len]),
+            stored_at_ms: now_ms(),
+            fresh_ttl: ttl,
+            stale_window: Duration::ZERO,
+            deps: DepEpochs::new(deps.iter().map(|(d, e)| ((*d).to_owned(), *e)).collect()),
+        }
+    }
+
+    fn key(i: u32) -> CacheKey {
+        let mut digest = [0u8; 32];
+        digest[..4].copy_from_slice(&i.to_be_bytes());
+        CacheKey::new("t", digest)
+    }
+
+    #[test]
+    fn the_store_is_bounded_by_bytes_and_eviction_cleans_the_dep_index() {
+        let store = MemoryStore::builder().max_bytes(64 * 1024).build();
+        let deps = [("doc:1", 0), (POLICY_DEP, 0)];
+        for i in 0..200 {
+            let out = store.put_now(&key(i), entry(1024, Duration::from_secs(60), &deps));
+            assert_eq!(out, PutOutcome::Stored);
+        }
+        let held = store.entry_count();
+        assert!(
+            held < 64,
+            "bounded by bytes: {held} entries of ~1 KiB in 64 KiB"
+        );
+        store.entries.run_pending_tasks();
+        assert_eq!(
+            store.tagged_count("t", "doc:1") as u64,
+            held,
+            "evicted entries are untagged"
+        );
+    }
+
+    #[test]
+    fn expired_entries_are_misses_and_leave_the_dep_index() {
+        let store = MemoryStore::new();
+        let deps = [("doc:1", 0), (POLICY_DEP, 0)];
+        store.put_now(&key(1), entry(10, Duration::from_millis(30), &deps));
+        assert!(matches!(
+            store.lookup_now(&key(1), &["doc:1", POLICY_DEP]),
+            Lookup::Fresh(_)
+        ));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(matches!(
+            store.lookup_now(&key(1), &["doc:1", POLICY_DEP]),
+            Lookup::Miss(_)
+        ));
+        // moka reaps expired entries on its timer wheel (about one-second ticks).
+        for _ in 0..40 {
+            store.entries.run_pending_tasks();
+            if store.tagged_count("t", "doc:1") == 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the expired entry is still tagged");
+    }
+
+    #[test]
+    fn a_single_huge_entry_is_refused_rather_than_flushing_the_store() {
+        let store = MemoryStore::builder().max_bytes(8 * 1024).build();
+        let out = store.put_now(&key(1), entry(4096, Duration::from_secs(60), &[]));
+        assert_eq!(out, PutOutcome::Refused(RefusedReason::TooLarge));
+    }
+
+    #[test]
+    fn raised_epochs_outlive_their_entries() {
+        let store = MemoryStore::new();
+        let r = store.invalidate_now("t", "doc:1", "v2");
+        assert!(r.ok);
+        store.clear();
+        // A put that observed epoch 0 before the invalidation is still refused.
+        let out = store.put_now(&key(1), entry(10, Duration::from_secs(60), &[("doc:1", 0)]));
+        assert!(matches!(
+            out,
+            PutOutcome::Refused(RefusedReason::DepChanged(_))
+        ));
+    }
+}
