@@ -1,9 +1,11 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod auth;
 mod context;
 mod dep;
 mod engine;
+pub mod invalidate;
 pub mod key;
 pub mod layer;
 mod metrics;
@@ -13,6 +15,7 @@ mod status;
 pub mod reqwest;
 pub mod store;
 pub mod testing;
+pub mod wire;
 
 pub use context::{current_scope, scope, RequestContext};
 pub use dep::{validate_dep_id, Dep, InvalidDepId, MAX_DEP_ID_LEN, POLICY_DEP};

@@ -1,0 +1,410 @@
+//! HS256 JWT tenants, as the hosted product issues them.
+//!
+//! A token is read from `X-CacheCore-Token: [cc_live_<id>.]<jwt>` or
+//! `Authorization: Bearer [cc_live_<id>.]<jwt>` (see [`bearer_token`]). It must be signed with
+//! HS256 under the shared secret (any other `alg`, `none` included, is rejected) and carry:
+//!
+//! | claim | meaning |
+//! |---|---|
+//! | `tenant_id` | the tenant: every key and dep the token touches lives in it (required) |
+//! | `policy_version` | the policy version keys are scoped to (optional, default `"1"`) |
+//! | `exp` | expiry, seconds since the Unix epoch (required; [`CLOCK_LEEWAY`] allowed) |
+//! | `nbf` | not before (optional) |
+//!
+//! ```
+//! use cachecore::auth::jwt::{Claims, JwtAuth};
+//! use cachecore::auth::Authenticator;
+//! use std::time::Duration;
+//!
+//! let auth = JwtAuth::new("a secret of at least 32 bytes, please!!");
+//! let token = auth.mint(&Claims::new("acme", Duration::from_secs(3600)).policy_version("v2"));
+//!
+//! let mut headers = http::HeaderMap::new();
+//! headers.insert("authorization", format!("Bearer cc_live_k1.{token}").parse().unwrap());
+//! let ns = auth.authenticate(&headers).unwrap();
+//! assert_eq!((ns.tenant(), ns.policy_version()), ("acme", "v2"));
+//! ```
+//!
+//! [`bearer_token`]: super::bearer_token
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use hmac::{Hmac, KeyInit, Mac};
+use http::HeaderMap;
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::Sha256;
+
+use super::{bearer_token, strip_key_prefix, AuthError, Authenticator};
+use crate::wire::{B64URL, B64URL_LENIENT};
+use crate::Namespace;
+
+/// How far past `exp` (and before `nbf`) a token is still accepted: covers the clock drift
+/// between the issuer and this process on NTP-synced hosts, and no more.
+pub const CLOCK_LEEWAY: Duration = Duration::from_secs(30);
+
+/// Longest token verified, in bytes. Real tokens are a few hundred bytes; the bound keeps a
+/// hostile header from costing more than a few microseconds.
+pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+
+/// Longest `tenant_id` accepted, in bytes.
+pub const MAX_TENANT_LEN: usize = 256;
+
+/// The only algorithm accepted.
+const ALG: &str = "HS256";
+
+/// The claims a tenant token carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Claims {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The policy version keys are scoped to; [`DEFAULT_POLICY_VERSION`] when absent.
+    ///
+    /// [`DEFAULT_POLICY_VERSION`]: crate::DEFAULT_POLICY_VERSION
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "string_or_number"
+    )]
+    pub policy_version: Option<String>,
+    /// Expiry, in seconds since the Unix epoch.
+    #[serde(deserialize_with = "seconds")]
+    pub exp: u64,
+    /// Not valid before, in seconds since the Unix epoch.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "opt_seconds"
+    )]
+    pub nbf: Option<u64>,
+    /// Issued at, in seconds since the Unix epoch (informational).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "opt_seconds"
+    )]
+    pub iat: Option<u64>,
+}
+
+impl Claims {
+    /// Claims for `tenant_id`, issued now and expiring after `ttl`.
+    pub fn new(tenant_id: impl Into<String>, ttl: Duration) -> Self {
+        let now = unix_now();
+        Self {
+            tenant_id: tenant_id.into(),
+            policy_version: None,
+            exp: now.saturating_add(ttl.as_secs()),
+            nbf: None,
+            iat: Some(now),
+        }
+    }
+
+    /// Sets the policy version.
+    #[must_use]
+    pub fn policy_version(mut self, version: impl Into<String>) -> Self {
+        self.policy_version = Some(version.into());
+        self
+    }
+
+    /// Sets the expiry, in seconds since the Unix epoch.
+    #[must_use]
+    pub fn expires_at(mut self, exp: u64) -> Self {
+        self.exp = exp;
+        self
+    }
+
+    /// Sets the not-before time, in seconds since the Unix epoch.
+    #[must_use]
+    pub fn not_before(mut self, nbf: u64) -> Self {
+        self.nbf = Some(nbf);
+        self
+    }
+
+    /// The namespace these claims grant.
+    pub fn namespace(&self) -> Namespace {
+        Namespace::new(
+            self.tenant_id.as_str(),
+            self.policy_version
+                .as_deref()
+                .unwrap_or(crate::DEFAULT_POLICY_VERSION),
+        )
+    }
+}
+
+/// Why a token was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JwtError {
+    /// Not a compact JWS: wrong number of segments, bad base64url, bad JSON header, too long.
+    Malformed(String),
+    /// The header names an algorithm other than HS256 (`none` included).
+    UnsupportedAlgorithm(String),
+    /// The signature does not match the secret.
+    BadSignature,
+    /// `exp` is past (beyond [`CLOCK_LEEWAY`]).
+    Expired {
+        /// The token's `exp`.
+        exp: u64,
+        /// The time of the check.
+        now: u64,
+    },
+    /// `nbf` is in the future (beyond [`CLOCK_LEEWAY`]).
+    NotYetValid {
+        /// The token's `nbf`.
+        nbf: u64,
+        /// The time of the check.
+        now: u64,
+    },
+    /// The signature is good but the claims are missing, of the wrong type, or out of range.
+    InvalidClaims(String),
+}
+
+impl fmt::Display for JwtError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed(why) => write!(f, "malformed token: {why}"),
+            Self::UnsupportedAlgorithm(alg) => {
+                write!(f, "token algorithm {alg:?} is not accepted; only HS256 is")
+            }
+            Self::BadSignature => f.write_str("token signature does not verify"),
+            Self::Expired { exp, now } => {
+                write!(f, "token expired {}s ago", now.saturating_sub(*exp))
+            }
+            Self::NotYetValid { nbf, now } => {
+                write!(
+                    f,
+                    "token is not valid for another {}s",
+                    nbf.saturating_sub(*now)
+                )
+            }
+            Self::InvalidClaims(why) => write!(f, "invalid token claims: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for JwtError {}
+
+/// Verifies (and mints) HS256 tenant tokens under one shared secret.
+///
+/// As an [`Authenticator`] it maps a valid token to the [`Namespace`] of its claims; see the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct JwtAuth {
+    key: Hmac<Sha256>,
+}
+
+impl fmt::Debug for JwtAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtAuth").finish_non_exhaustive()
+    }
+}
+
+impl JwtAuth {
+    /// A verifier for tokens signed with `secret`.
+    ///
+    /// RFC 7518 section 3.2 asks for a secret of at least 32 bytes; a shorter one is accepted
+    /// but logged as a warning.
+    ///
+    /// # Panics
+    ///
+    /// If `secret` is empty: every token would then be forgeable.
+    pub fn new(secret: impl AsRef<[u8]>) -> Self {
+        let secret = secret.as_ref();
+        assert!(!secret.is_empty(), "JwtAuth: the HS256 secret is empty");
+        if secret.len() < 32 {
+            tracing::warn!(target: "cachecore", len = secret.len(),
+                "JWT secret shorter than 32 bytes; HS256 wants at least 32 (RFC 7518 section 3.2)");
+        }
+        Self {
+            key: Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts keys of any length"),
+        }
+    }
+
+    /// Verifies `token` (with or without a `cc_live_<id>.` prefix) and returns its claims.
+    pub fn verify(&self, token: &str) -> Result<Claims, JwtError> {
+        self.verify_at(token, unix_now())
+    }
+
+    /// [`verify`](Self::verify) as if the time were `now` (seconds since the Unix epoch).
+    pub fn verify_at(&self, token: &str, now: u64) -> Result<Claims, JwtError> {
+        let token = strip_key_prefix(token.trim());
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(JwtError::Malformed(format!(
+                "{} bytes long; the limit is {MAX_TOKEN_LEN}",
+                token.len()
+            )));
+        }
+        let mut parts = token.split('.');
+        let (Some(header), Some(payload), Some(signature), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(JwtError::Malformed(
+                "a JWT has three dot-separated segments".into(),
+            ));
+        };
+
+        let header: JoseHeader = serde_json::from_slice(&decode(header, "header")?)
+            .map_err(|e| JwtError::Malformed(format!("header: {e}")))?;
+        if header.alg != ALG {
+            return Err(JwtError::UnsupportedAlgorithm(header.alg));
+        }
+        if header.crit.is_some() {
+            return Err(JwtError::Malformed(
+                "critical header extensions are not supported".into(),
+            ));
+        }
+
+        let signature = decode(signature, "signature")?;
+        let signed_len = token.len() - signature_len(token);
+        let mut mac = self.key.clone();
+        mac.update(&token.as_bytes()[..signed_len]);
+        // Constant-time comparison (the `Mac` trait's verify).
+        mac.verify_slice(&signature)
+            .map_err(|_| JwtError::BadSignature)?;
+
+        let claims: Claims = serde_json::from_slice(&decode(payload, "payload")?)
+            .map_err(|e| JwtError::InvalidClaims(e.to_string()))?;
+        let leeway = CLOCK_LEEWAY.as_secs();
+        if now > claims.exp.saturating_add(leeway) {
+            return Err(JwtError::Expired {
+                exp: claims.exp,
+                now,
+            });
+        }
+        if let Some(nbf) = claims.nbf {
+            if now.saturating_add(leeway) < nbf {
+                return Err(JwtError::NotYetValid { nbf, now });
+            }
+        }
+        check_tenant(&claims.tenant_id)?;
+        Ok(claims)
+    }
+
+    /// Signs `claims` into a compact JWT (no key prefix). For issuing tokens to tenants, and
+    /// for tests.
+    pub fn mint(&self, claims: &Claims) -> String {
+        let header = B64URL.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+        let payload = B64URL.encode(serde_json::to_vec(claims).expect("claims serialize"));
+        let signing_input = format!("{header}.{payload}");
+        let mut mac = self.key.clone();
+        mac.update(signing_input.as_bytes());
+        let signature = B64URL.encode(mac.finalize().into_bytes());
+        format!("{signing_input}.{signature}")
+    }
+}
+
+impl Authenticator for JwtAuth {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Namespace, AuthError> {
+        let token = bearer_token(headers).ok_or(AuthError::Missing)?;
+        self.verify(token)
+            .map(|claims| claims.namespace())
+            .map_err(|e| AuthError::Invalid(e.to_string()))
+    }
+}
+
+#[derive(Deserialize)]
+struct JoseHeader {
+    alg: String,
+    #[serde(default)]
+    crit: Option<serde_json::Value>,
+}
+
+fn decode(segment: &str, what: &str) -> Result<Vec<u8>, JwtError> {
+    B64URL_LENIENT
+        .decode(segment)
+        .map_err(|e| JwtError::Malformed(format!("{what} is not base64url: {e}")))
+}
+
+/// Length of the signature segment and the dot before it.
+fn signature_len(token: &str) -> usize {
+    token.rfind('.').map_or(0, |i| token.len() - i)
+}
+
+fn check_tenant(tenant: &str) -> Result<(), JwtError> {
+    if tenant.is_empty() {
+        return Err(JwtError::InvalidClaims("tenant_id is empty".into()));
+    }
+    if tenant.len() > MAX_TENANT_LEN {
+        return Err(JwtError::InvalidClaims(format!(
+            "tenant_id is {} bytes long; the limit is {MAX_TENANT_LEN}",
+            tenant.len()
+        )));
+    }
+    if tenant.chars().any(char::is_control) {
+        return Err(JwtError::InvalidClaims(
+            "tenant_id contains a control character".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Issuers differ: `policy_version` may be a string or a number.
+fn string_or_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    match Option::<serde_json::Value>::deserialize(d)? {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(serde_json::Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(other) => Err(D::Error::custom(format!(
+            "policy_version must be a string or a number, got {other}"
+        ))),
+    }
+}
+
+/// NumericDate (RFC 7519 section 2) may be fractional; whole seconds are enough here.
+fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    use serde::de::Error;
+    let n = serde_json::Number::deserialize(d)?;
+    n.as_u64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+        })
+        .ok_or_else(|| D::Error::custom(format!("{n} is not a time in seconds")))
+}
+
+fn opt_seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    struct Wrap(#[serde(deserialize_with = "seconds")] u64);
+    Ok(Option::<Wrap>::deserialize(d)?.map(|Wrap(s)| s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn round_trip_and_tamper() {
+        let auth = JwtAuth::new(SECRET);
+        let token = auth.mint(&Claims::new("t1", Duration::from_secs(60)));
+        assert_eq!(auth.verify(&token).unwrap().tenant_id, "t1");
+        let mut bad = token.clone();
+        bad.pop();
+        bad.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(auth.verify(&bad), Err(JwtError::BadSignature));
+    }
+
+    #[test]
+    fn leeway_applies_to_exp() {
+        let auth = JwtAuth::new(SECRET);
+        let token = auth.mint(&Claims::new("t", Duration::ZERO).expires_at(1000));
+        assert!(auth
+            .verify_at(&token, 1000 + CLOCK_LEEWAY.as_secs())
+            .is_ok());
+        assert!(matches!(
+            auth.verify_at(&token, 1001 + CLOCK_LEEWAY.as_secs()),
+            Err(JwtError::Expired { .. })
+        ));
+    }
+}

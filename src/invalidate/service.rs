@@ -1,0 +1,251 @@
+//! The `POST /v1/invalidate` service.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use tower_service::Service;
+
+use super::payload::{BatchBody, InvalidateRequest, SingleBody, WireResult};
+use super::{ApiError, Invalidator, MAX_BODY_BYTES};
+use crate::auth::Authenticator;
+use crate::InvalidationResult;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The tower service behind `POST /v1/invalidate` (see the [module docs](super)).
+///
+/// Generic over the request body, infallible, and cheap to clone: mount it in axum with
+/// `Router::route_service("/v1/invalidate", service)`, or call it from any tower stack.
+#[derive(Clone)]
+pub struct InvalidateService {
+    target: Arc<dyn Invalidator>,
+    auth: Arc<dyn Authenticator>,
+    max_body: usize,
+}
+
+impl fmt::Debug for InvalidateService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InvalidateService")
+            .field("max_body", &self.max_body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InvalidateService {
+    /// A service that invalidates through `target` (a [`CachecoreLayer`], usually) in the
+    /// tenant `auth` resolves for each call.
+    ///
+    /// [`CachecoreLayer`]: crate::CachecoreLayer
+    pub fn new(target: impl Invalidator, auth: impl Authenticator) -> Self {
+        Self {
+            target: Arc::new(target),
+            auth: Arc::new(auth),
+            max_body: MAX_BODY_BYTES,
+        }
+    }
+
+    /// [`new`](Self::new) with shared parts.
+    pub fn from_shared(target: Arc<dyn Invalidator>, auth: Arc<dyn Authenticator>) -> Self {
+        Self {
+            target,
+            auth,
+            max_body: MAX_BODY_BYTES,
+        }
+    }
+
+    /// The largest body read (default [`MAX_BODY_BYTES`], 64 KiB); larger bodies get `413`
+    /// and are never buffered beyond the limit.
+    #[must_use]
+    pub fn max_body_bytes(mut self, max: usize) -> Self {
+        self.max_body = max;
+        self
+    }
+
+    /// Handles one request; every rejection is an [`ApiError`] and nothing was invalidated.
+    async fn handle<B>(&self, req: Request<B>) -> Result<Response<Full<Bytes>>, ApiError>
+    where
+        B: Body,
+        B::Error: Into<BoxError>,
+    {
+        if req.method() != Method::POST {
+            return Err(ApiError::method_not_allowed(req.method()));
+        }
+        let namespace = self
+            .auth
+            .authenticate(req.headers())
+            .map_err(ApiError::unauthorized)?;
+        check_content_type(req.headers())?;
+        let body = read_limited(req.into_body(), self.max_body).await?;
+        let request = InvalidateRequest::parse(&body)?;
+        let tenant = namespace.tenant();
+        Ok(match request {
+            InvalidateRequest::Single { dep_id, new_hash } => {
+                let result = self
+                    .target
+                    .invalidate_many(tenant, &[dep_id.as_str()], new_hash.as_deref())
+                    .await
+                    .pop()
+                    .unwrap_or_else(|| InvalidationResult::failed(&dep_id, "no result"));
+                single_response(&result)
+            }
+            InvalidateRequest::Batch { dep_ids, new_hash } => {
+                let ids: Vec<&str> = dep_ids.iter().map(String::as_str).collect();
+                let results = self
+                    .target
+                    .invalidate_many(tenant, &ids, new_hash.as_deref())
+                    .await;
+                batch_response(results)
+            }
+        })
+    }
+}
+
+/// `200` when the dep was invalidated; `503` (same body shape, `ok: false`) when the store
+/// failed, so that clients retry.
+fn single_response(r: &InvalidationResult) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(&SingleBody {
+        ok: r.ok,
+        dep_id: &r.dep_id,
+        keys_deleted: r.deleted,
+        error: r.error.as_deref(),
+    })
+    .expect("result serializes");
+    let status = if r.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, body)
+}
+
+/// `200` with one result per id, in order, when any succeeded (check each `ok`); `503` when
+/// none did.
+fn batch_response(results: Vec<InvalidationResult>) -> Response<Full<Bytes>> {
+    let status = if results.iter().any(|r| r.ok) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::to_vec(&BatchBody {
+        results: results.into_iter().map(WireResult::from).collect(),
+    })
+    .expect("results serialize");
+    json_response(status, body)
+}
+
+pub(super) fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// JSON, or no content type at all, or `application/x-www-form-urlencoded`: what `curl -d`
+/// sends when not told otherwise, and the hosted product's own curl recipes are written that
+/// way. The body is parsed as JSON in every case.
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let raw = String::from_utf8_lossy(value.as_bytes());
+    let essence = raw
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    let json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    if json || essence == "application/x-www-form-urlencoded" {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(&raw))
+    }
+}
+
+/// Reads at most `limit` bytes of `body`: a larger declared length is refused before reading,
+/// and reading stops at the first frame that goes over.
+async fn read_limited<B>(body: B, limit: usize) -> Result<Bytes, ApiError>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ApiError::too_large(limit));
+    }
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::unreadable_body(e.into()))?;
+        if let Ok(mut data) = frame.into_data() {
+            if buf.len() + data.remaining() > limit {
+                return Err(ApiError::too_large(limit));
+            }
+            buf.put(&mut data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+impl<B> Service<Request<B>> for InvalidateService
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let this = self.clone();
+        ResponseFuture(Box::pin(async move {
+            Ok(match this.handle(req).await {
+                Ok(res) => res,
+                Err(e) => {
+                    tracing::info!(target: "cachecore::invalidate", status = e.status().as_u16(),
+                        code = e.code(), message = e.message(), "invalidation request rejected");
+                    e.into_response()
+                }
+            })
+        }))
+    }
+}
+
+/// Response future of [`InvalidateService`] (boxed: an invalidation is a store round trip, not
+/// a hot path).
+pub struct ResponseFuture(
+    Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>,
+);
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<Full<Bytes>>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
