@@ -620,19 +620,18 @@ impl Engine {
         }
     }
 
-    /// The response served from an entry.
+    /// The response served from an entry (consumed: its headers move into the response).
     pub(crate) fn hit_response<B>(
         &self,
-        entry: &Entry,
+        entry: Entry,
         status: CacheStatus,
         body: impl FnOnce(Bytes) -> B,
     ) -> Response<B> {
-        let mut res = Response::new(body(entry.body.clone()));
-        *res.status_mut() = entry.status;
-        *res.headers_mut() = entry.headers.clone();
         let age = entry.age_ms(now_ms()) / 1000;
-        res.headers_mut()
-            .insert(X_CACHE_AGE, HeaderValue::from(age));
+        let mut res = Response::new(body(entry.body));
+        *res.status_mut() = entry.status;
+        *res.headers_mut() = entry.headers;
+        res.headers_mut().insert(X_CACHE_AGE, HeaderValue::from(age));
         self.mark(&mut res, status);
         res
     }

@@ -154,7 +154,7 @@ async fn handle(
 
     let forward = match engine.route(&key, &plan, false).await {
         Route::Serve(entry, status) => {
-            let res = engine.hit_response(&entry, status, Body::from);
+            let res = engine.hit_response(entry, status, Body::from);
             return Ok(into_reqwest(res, req.url().clone()));
         }
         Route::Forward(forward) => forward,

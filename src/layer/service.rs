@@ -216,7 +216,7 @@ where
                     entry.deps.clone(),
                 );
             }
-            return Ok(engine.hit_response(&entry, status, ResponseBody::cached));
+            return Ok(engine.hit_response(entry, status, ResponseBody::cached));
         }
         Route::Forward(forward) => forward,
     };
