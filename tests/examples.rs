@@ -25,5 +25,8 @@ async fn async_openai_example() {
     let report = async_openai_example::run().await.unwrap();
     assert_eq!(report.statuses, [Miss, Hit, Miss]);
     assert_eq!(report.upstream_calls, 2);
-    assert!(report.answers.iter().all(|a| a.ends_with("Summarise contract 123")));
+    assert!(report
+        .answers
+        .iter()
+        .all(|a| a.ends_with("Summarise contract 123")));
 }
