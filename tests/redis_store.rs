@@ -104,21 +104,20 @@ async fn one_round_trip_per_hit_lookup_and_per_put() {
             PutOutcome::Stored
         );
     }
-    // Redis counts the commands a script runs as well: the only command sent by the client is
-    // EVALSHA, once per call; the rest is each script's own work (GET + one HGET per dep for
-    // the miss; one HGET, SADD and PTTL per dep, one SET, and PEXPIRE only when a tag set's
-    // expiry must grow, per put).
+    // Redis counts the commands a script runs as well: the client sends one MGET for the miss
+    // and one EVALSHA per put; the rest is the script's own work (one GET, SADD and PTTL per
+    // dep, one SET, and PEXPIRE only when a tag set's expiry must grow).
     let calls = calls_since_reset(&server);
-    assert_eq!(calls["evalsha"], N + 1);
-    assert_eq!(calls["get"], 1);
-    assert_eq!(calls["hget"], 3 * N + 3);
+    assert_eq!(calls["mget"], 1);
+    assert_eq!(calls["evalsha"], N);
+    assert_eq!(calls["get"], 3 * N);
     assert_eq!(calls["set"], N);
     assert_eq!(calls["sadd"], 3 * N);
     assert_eq!(calls["pttl"], 3 * N);
     assert!(calls["pexpire"] <= 3 * N);
     assert_eq!(calls.len(), 7, "{calls:?}");
 
-    // Hits: each is one EVALSHA and nothing else.
+    // Hits: each is one MGET (the entry and the three epochs) and nothing else.
     reset_stats(&server);
     for n in 0..N {
         assert!(matches!(
@@ -128,32 +127,31 @@ async fn one_round_trip_per_hit_lookup_and_per_put() {
     }
     assert_eq!(
         calls_since_reset(&server),
-        BTreeMap::from([
-            ("evalsha".to_owned(), N),
-            ("get".to_owned(), N),
-            ("hget".to_owned(), 3 * N),
-        ])
+        BTreeMap::from([("mget".to_owned(), N)])
     );
 
-    // After Redis forgot the scripts (a restart, SCRIPT FLUSH), the first call reloads them
-    // and succeeds; the next is one round trip again.
+    // After Redis forgot the scripts (a restart, SCRIPT FLUSH), the first put reloads its
+    // script and succeeds; the next is one round trip again.
     assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
-    assert!(matches!(
-        store.lookup(&key("t", 0), &deps).await.unwrap(),
-        Lookup::Fresh(_)
-    ));
-    reset_stats(&server);
-    assert!(matches!(
-        store.lookup(&key("t", 1), &deps).await.unwrap(),
-        Lookup::Fresh(_)
-    ));
+    let e = entry(observed.clone(), b"again", Duration::from_secs(60));
     assert_eq!(
-        calls_since_reset(&server),
-        BTreeMap::from([
-            ("evalsha".to_owned(), 1),
-            ("get".to_owned(), 1),
-            ("hget".to_owned(), 3),
-        ])
+        store.put(&key("t", 0), e).await.unwrap(),
+        PutOutcome::Stored
+    );
+    reset_stats(&server);
+    let e = entry(observed.clone(), b"again", Duration::from_secs(60));
+    assert_eq!(
+        store.put(&key("t", 1), e).await.unwrap(),
+        PutOutcome::Stored
+    );
+    let calls = calls_since_reset(&server);
+    assert_eq!(
+        (
+            calls["evalsha"],
+            calls.get("eval"),
+            calls.get("script|load")
+        ),
+        (1, None, None)
     );
 }
 
@@ -188,8 +186,8 @@ async fn keys_follow_the_schema() {
         ]
     );
     assert_eq!(
-        server.cli(&["--raw", "HGETALL", "cc:{acme-prod}:dep:ver:doc:other"]),
-        "epoch\n1\nhash\nh1\n"
+        server.cli(&["--raw", "GET", "cc:{acme-prod}:dep:ver:doc:other"]),
+        "1:h1\n"
     );
     // Epochs never expire.
     assert_eq!(
@@ -341,11 +339,11 @@ async fn reclamation_runs_in_bounded_batches() {
     assert_eq!(
         calls_since_reset(&server),
         BTreeMap::from([
-            // One round trip bumps the epoch (HINCRBY, HSET) and detaches the tag set
-            // (EXISTS, RENAME) ...
+            // One round trip bumps the epoch (GET, SET) and detaches the tag set (EXISTS,
+            // RENAME) ...
             ("evalsha".to_owned(), 1),
-            ("hincrby".to_owned(), 1),
-            ("hset".to_owned(), 1),
+            ("get".to_owned(), 1),
+            ("set".to_owned(), 1),
             ("exists".to_owned(), 1),
             ("rename".to_owned(), 1),
             // ... then bounded batches reclaim the entries.

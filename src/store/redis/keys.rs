@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cc:{<tenant>}:l1:<key hex>        an entry (string, PX = fresh TTL + stale window)
-//! cc:{<tenant>}:dep:ver:<dep id>    a dep's epoch and last hash (hash: epoch, hash; never expires)
+//! cc:{<tenant>}:dep:ver:<dep id>    a dep's epoch and last hash (`<epoch>:<hash>`; never expires)
 //! cc:{<tenant>}:dep:keys:<dep id>   the entry keys tagged with a dep (set; expires with its
 //!                                   longest-lived entry)
 //! cc:{<tenant>}:gc:<nonce>          a tag set detached by an invalidation, being reclaimed

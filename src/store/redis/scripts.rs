@@ -1,34 +1,26 @@
 //! The Lua scripts. Each declares every key it touches in `KEYS`, and all of them belong to one
 //! tenant, hence one cluster slot.
+//!
+//! A dep ver key is a string `<epoch>:<last new_hash>`: one `MGET` reads an entry and the epochs
+//! of all its deps, atomically, without a script (see `RedisStore::lookup_inner`). A missing ver
+//! key is epoch 0.
 
 use redis::Script;
-
-/// Reads an entry and the current epoch of each declared dep, in one round trip.
-///
-/// `KEYS[1]` entry, `KEYS[2..]` dep ver keys. Returns `{entry or nil, epoch, ...}`. A key of
-/// another type under the entry name comes back as a value that fails to decode (a miss).
-const LOOKUP: &str = r"
-local out = {}
-local v = redis.pcall('GET', KEYS[1])
-if type(v) == 'table' then v = '!not-a-string' end
-out[1] = v
-for i = 2, #KEYS do
-  out[i] = redis.call('HGET', KEYS[i], 'epoch') or '0'
-end
-return out
-";
 
 /// Writes an entry if every observed epoch is still current, tags it, extends the tag sets.
 ///
 /// `KEYS[1]` entry, `KEYS[2..=n+1]` dep ver keys, `KEYS[n+2..=2n+1]` dep tag sets.
 /// `ARGV[1]` encoded entry, `ARGV[2]` lifetime in ms, `ARGV[3..]` observed epochs (decimal).
 /// Returns 0 when stored, else the 1-based index of the first dep whose epoch moved.
-/// Epochs are compared as the decimal strings HINCRBY writes, so no precision is lost to Lua's
-/// doubles. A tag set's expiry is only ever extended, never shortened.
+/// Epochs are compared as decimal strings, so no precision is lost to Lua's doubles; a ver
+/// value that does not parse never matches. A tag set's expiry is only ever extended, never
+/// shortened.
 const PUT: &str = r"
 local n = (#KEYS - 1) / 2
 for i = 1, n do
-  local cur = redis.call('HGET', KEYS[1 + i], 'epoch') or '0'
+  local ver = redis.call('GET', KEYS[1 + i])
+  local cur = '0'
+  if ver then cur = string.match(ver, '^(%d+):') end
   if cur ~= ARGV[2 + i] then return i end
 end
 local ttl = tonumber(ARGV[2])
@@ -46,7 +38,8 @@ return 0
 /// Raises the epoch of each dep, records its new hash, and detaches its tag set for reclamation.
 ///
 /// Per dep `i`: `KEYS[3i-2]` ver key, `KEYS[3i-1]` tag set, `KEYS[3i]` fresh gc name.
-/// `ARGV[1]` new hash. Returns the new epochs. The detached set keeps its expiry, so a
+/// `ARGV[1]` new hash. Returns the new epochs. The increment is done in Lua on a double, exact
+/// up to 2^53 invalidations of one dep. The detached set keeps its expiry, so a
 /// reclamation that never finishes leaves nothing behind for longer than the entries it names.
 /// Entries tagged after this point (with the new epoch) go into a new tag set and are not
 /// reclaimed by this invalidation.
@@ -54,8 +47,10 @@ const BUMP: &str = r"
 local out = {}
 for i = 1, #KEYS / 3 do
   local ver, tags, gc = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  out[i] = redis.call('HINCRBY', ver, 'epoch', 1)
-  redis.call('HSET', ver, 'hash', ARGV[1])
+  local old = redis.call('GET', ver)
+  local epoch = (old and tonumber(string.match(old, '^(%d+):')) or 0) + 1
+  out[i] = epoch
+  redis.call('SET', ver, string.format('%.0f', epoch) .. ':' .. ARGV[1])
   if redis.call('EXISTS', tags) == 1 then
     redis.call('RENAME', tags, gc)
   end
@@ -63,10 +58,9 @@ end
 return out
 ";
 
-/// The three scripts, hashed once.
+/// The scripts, hashed once.
 #[derive(Debug)]
 pub(super) struct Scripts {
-    pub(super) lookup: Script,
     pub(super) put: Script,
     pub(super) bump: Script,
 }
@@ -74,13 +68,12 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Self {
-            lookup: Script::new(LOOKUP),
             put: Script::new(PUT),
             bump: Script::new(BUMP),
         }
     }
 
-    pub(super) fn all(&self) -> [&Script; 3] {
-        [&self.lookup, &self.put, &self.bump]
+    pub(super) fn all(&self) -> [&Script; 2] {
+        [&self.put, &self.bump]
     }
 }
