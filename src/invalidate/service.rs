@@ -232,12 +232,12 @@ where
 
 /// Response future of [`InvalidateService`] (boxed: an invalidation is a store round trip, not
 /// a hot path).
-pub struct ResponseFuture(
-    Pin<Box<dyn Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>>,
-);
+pub struct ResponseFuture(Pin<Box<dyn Future<Output = Result<JsonResponse, Infallible>> + Send>>);
+
+type JsonResponse = Response<Full<Bytes>>;
 
 impl Future for ResponseFuture {
-    type Output = Result<Response<Full<Bytes>>, Infallible>;
+    type Output = Result<JsonResponse, Infallible>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         self.0.as_mut().poll(cx)

@@ -1,0 +1,521 @@
+//! `CachecoreClient`: invalidate on a remote gateway (feature `client`).
+//!
+//! For Rust services that share a cache through a gateway (`examples/gateway.rs`, or any
+//! server mounting [`InvalidateService`]): webhooks, ETL jobs, deploy hooks.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), cachecore::client::ClientError> {
+//! use cachecore::client::CachecoreClient;
+//!
+//! let cc = CachecoreClient::new("http://127.0.0.1:8080", "cc_live_k1.eyJ...")?;
+//!
+//! // A record changed (the webhook pattern).
+//! let result = cc.invalidate("doc:contract-123", Some("v2")).await?;
+//! assert!(result.ok);
+//!
+//! // A nightly ETL run (the batch pattern).
+//! for r in cc.invalidate_many(&["table:products", "table:prices"], Some("batch-2026-11-23")).await? {
+//!     if !r.ok {
+//!         eprintln!("{} failed: {:?}", r.dep_id, r.error);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Calls are retried, with exponential backoff and jitter, on connection errors, timeouts,
+//! `5xx` and `429` (waiting at least the `Retry-After` seconds the server asks for); other `4xx`
+//! are returned at once. Retrying is safe: invalidating twice has the effect of invalidating
+//! once.
+//!
+//! The client speaks plain HTTP/1.1 through hyper-util's connection pool and carries no TLS
+//! stack. For `https://` gateways, pass a TLS connector (for example `hyper-rustls`'s
+//! `HttpsConnector`) to [`CachecoreClientBuilder::build_with_connector`].
+//!
+//! [`InvalidateService`]: crate::invalidate::InvalidateService
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::invalidate::payload::{BatchBody, RequestBody, WireResult};
+use crate::invalidate::ApiError;
+use crate::InvalidationResult;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Attempts per call, the first included.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+/// Backoff before the first retry; doubles each time.
+pub const DEFAULT_BASE_DELAY: Duration = Duration::from_millis(100);
+/// Longest backoff between two attempts.
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(5);
+/// Longest `Retry-After` honoured; a server asking for more ends the retries.
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Per attempt, from sending the request to the end of the response body.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response body read: a thousand results fit in a tenth of it.
+const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+/// The path of the invalidation API under the gateway URL.
+const INVALIDATE_PATH: &str = "/v1/invalidate";
+
+/// Why a call failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The URL or token given to the builder cannot be used.
+    InvalidConfig(String),
+    /// The gateway answered with an error status. For `4xx` this is returned at once; `5xx`
+    /// and `429` end up inside [`RetriesExhausted`](Self::RetriesExhausted).
+    Http {
+        /// The status.
+        status: StatusCode,
+        /// The error code from the body (`invalid_dep_id`, `unauthorized`, ...), when it was
+        /// the API's JSON error.
+        code: Option<String>,
+        /// The message from the body, or the body itself.
+        message: String,
+    },
+    /// The request could not be sent or its response not read (connection refused, reset).
+    Transport(BoxError),
+    /// No complete response within the per-attempt timeout.
+    Timeout(Duration),
+    /// A success status with a body that is not the expected JSON.
+    Decode(String),
+    /// Every attempt failed with a retryable error; `last` is the last one.
+    RetriesExhausted {
+        /// Attempts made.
+        attempts: u32,
+        /// The error of the last attempt.
+        last: Box<ClientError>,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status of the (last) error response, if the gateway answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Self::Http { status, .. } => Some(*status),
+            Self::RetriesExhausted { last, .. } => last.status(),
+            _ => None,
+        }
+    }
+
+    /// The API error code of the (last) error response, if any.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Http { code, .. } => code.as_deref(),
+            Self::RetriesExhausted { last, .. } => last.code(),
+            _ => None,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        match self {
+            Self::Transport(_) | Self::Timeout(_) => true,
+            Self::Http { status, .. } => {
+                status.is_server_error() || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::InvalidConfig(why) => write!(f, "invalid client configuration: {why}"),
+            Self::Http {
+                status,
+                code: Some(code),
+                message,
+            } => write!(f, "gateway answered {status} ({code}): {message}"),
+            Self::Http {
+                status, message, ..
+            } => write!(f, "gateway answered {status}: {message}"),
+            Self::Transport(e) => write!(f, "could not reach the gateway: {e}"),
+            Self::Timeout(d) => write!(f, "no answer from the gateway within {d:?}"),
+            Self::Decode(why) => write!(f, "unexpected answer from the gateway: {why}"),
+            Self::RetriesExhausted { attempts, last } => {
+                write!(f, "gave up after {attempts} attempts: {last}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ClientError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Transport(e) => Some(&**e),
+            Self::RetriesExhausted { last, .. } => Some(&**last),
+            _ => None,
+        }
+    }
+}
+
+/// Configures a [`CachecoreClient`].
+#[derive(Clone)]
+#[must_use]
+pub struct CachecoreClientBuilder {
+    gateway_url: String,
+    token: String,
+    max_attempts: u32,
+    base_delay: Duration,
+    max_delay: Duration,
+    max_retry_after: Duration,
+    timeout: Duration,
+}
+
+impl fmt::Debug for CachecoreClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachecoreClientBuilder")
+            .field("gateway_url", &self.gateway_url)
+            .field("max_attempts", &self.max_attempts)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CachecoreClientBuilder {
+    /// Attempts per call, the first included (default 4; at least 1).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Backoff before the first retry (default 100 ms), doubling up to `max` (default 5 s).
+    /// Each wait is drawn between half and all of the current backoff.
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.base_delay = base;
+        self.max_delay = max.max(base);
+        self
+    }
+
+    /// Longest `Retry-After` honoured (default 30 s). A `429`/`503` asking for longer is
+    /// returned instead of retried.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
+        self
+    }
+
+    /// Time allowed per attempt (default 10 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Builds a plain-HTTP client.
+    pub fn build(self) -> Result<CachecoreClient, ClientError> {
+        let uri = self.endpoint()?;
+        if uri.scheme() != Some(&http::uri::Scheme::HTTP) {
+            return Err(ClientError::InvalidConfig(format!(
+                "{} is not an http:// URL; for https pass a TLS connector to build_with_connector",
+                self.gateway_url
+            )));
+        }
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        self.build_with_connector(connector)
+    }
+
+    /// Builds a client that connects through `connector` (a TLS connector for `https://`).
+    pub fn build_with_connector<C>(self, connector: C) -> Result<CachecoreClient<C>, ClientError>
+    where
+        C: Connect + Clone + Send + Sync + 'static,
+    {
+        let endpoint = self.endpoint()?;
+        let token = self.token.trim();
+        let token = token.strip_prefix("Bearer ").unwrap_or(token).trim_start();
+        if token.is_empty() {
+            return Err(ClientError::InvalidConfig(
+                "the tenant token is empty".into(),
+            ));
+        }
+        let mut authorization =
+            HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                ClientError::InvalidConfig("the tenant token is not a valid header value".into())
+            })?;
+        authorization.set_sensitive(true);
+        Ok(CachecoreClient {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            endpoint,
+            authorization,
+            max_attempts: self.max_attempts,
+            base_delay: self.base_delay,
+            max_delay: self.max_delay,
+            max_retry_after: self.max_retry_after,
+            timeout: self.timeout,
+        })
+    }
+
+    fn endpoint(&self) -> Result<Uri, ClientError> {
+        let base: Uri = self.gateway_url.trim().parse().map_err(|e| {
+            ClientError::InvalidConfig(format!("gateway URL {:?}: {e}", self.gateway_url))
+        })?;
+        let (Some(scheme), Some(authority)) = (base.scheme(), base.authority()) else {
+            return Err(ClientError::InvalidConfig(format!(
+                "gateway URL {:?} needs a scheme and a host, e.g. http://127.0.0.1:8080",
+                self.gateway_url
+            )));
+        };
+        let prefix = base.path().trim_end_matches('/');
+        Uri::builder()
+            .scheme(scheme.clone())
+            .authority(authority.clone())
+            .path_and_query(format!("{prefix}{INVALIDATE_PATH}"))
+            .build()
+            .map_err(|e| ClientError::InvalidConfig(e.to_string()))
+    }
+}
+
+/// A client for a remote gateway's invalidation API, holding one tenant's token.
+///
+/// Cheap to clone (the connection pool is shared). See the [module docs](self).
+#[derive(Clone)]
+pub struct CachecoreClient<C = HttpConnector> {
+    http: Client<C, Full<Bytes>>,
+    endpoint: Uri,
+    authorization: HeaderValue,
+    max_attempts: u32,
+    base_delay: Duration,
+    max_delay: Duration,
+    max_retry_after: Duration,
+    timeout: Duration,
+}
+
+impl<C> fmt::Debug for CachecoreClient<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachecoreClient")
+            .field("endpoint", &self.endpoint)
+            .field("max_attempts", &self.max_attempts)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CachecoreClient {
+    /// A plain-HTTP client for the gateway at `gateway_url` (e.g. `http://127.0.0.1:8080`;
+    /// requests go to `<gateway_url>/v1/invalidate`) with the tenant's token
+    /// (`[cc_live_<id>.]<jwt>`), and the default retry policy.
+    pub fn new(
+        gateway_url: impl Into<String>,
+        tenant_token: impl Into<String>,
+    ) -> Result<Self, ClientError> {
+        Self::builder(gateway_url, tenant_token).build()
+    }
+
+    /// A builder, to change the retry policy or the connector.
+    pub fn builder(
+        gateway_url: impl Into<String>,
+        tenant_token: impl Into<String>,
+    ) -> CachecoreClientBuilder {
+        CachecoreClientBuilder {
+            gateway_url: gateway_url.into(),
+            token: tenant_token.into(),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            base_delay: DEFAULT_BASE_DELAY,
+            max_delay: DEFAULT_MAX_DELAY,
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+impl<C> CachecoreClient<C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    /// Invalidates `dep_id` in the token's tenant, recording `new_hash` (a random one when
+    /// `None`).
+    ///
+    /// A store failure on the gateway is a `503`, retried like any other; the error after the
+    /// last attempt is [`ClientError::RetriesExhausted`].
+    pub async fn invalidate(
+        &self,
+        dep_id: &str,
+        new_hash: Option<&str>,
+    ) -> Result<InvalidationResult, ClientError> {
+        let body = RequestBody {
+            dep_id: Some(dep_id),
+            dep_ids: None,
+            new_hash,
+        };
+        let bytes = self.call(&body).await?;
+        let result: WireResult =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok(result.into())
+    }
+
+    /// Invalidates each of `dep_ids` in the token's tenant; one result per id, in order.
+    /// Check each `ok`: some ids may fail while others succeed.
+    pub async fn invalidate_many(
+        &self,
+        dep_ids: &[&str],
+        new_hash: Option<&str>,
+    ) -> Result<Vec<InvalidationResult>, ClientError> {
+        let body = RequestBody {
+            dep_id: None,
+            dep_ids: Some(dep_ids),
+            new_hash,
+        };
+        let bytes = self.call(&body).await?;
+        let batch: BatchBody =
+            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
+        Ok(batch.results.into_iter().map(Into::into).collect())
+    }
+
+    /// Sends the body until it succeeds, fails for good, or the attempts run out.
+    async fn call(&self, body: &RequestBody<'_>) -> Result<Bytes, ClientError> {
+        let body = Bytes::from(serde_json::to_vec(body).expect("request serializes"));
+        let mut backoff = self.base_delay;
+        let mut attempt = 1;
+        loop {
+            let (error, retry_after) = match self.attempt(body.clone()).await {
+                Ok(bytes) => return Ok(bytes),
+                Err(failure) => failure,
+            };
+            if !error.retryable() {
+                return Err(error);
+            }
+            let give_up = |error| ClientError::RetriesExhausted {
+                attempts: attempt,
+                last: Box::new(error),
+            };
+            if attempt >= self.max_attempts {
+                return Err(give_up(error));
+            }
+            let mut wait = jitter(backoff);
+            if let Some(asked) = retry_after {
+                if asked > self.max_retry_after {
+                    return Err(give_up(error));
+                }
+                wait = wait.max(asked);
+            }
+            tracing::debug!(target: "cachecore::client", attempt, ?wait, %error, "retrying invalidation");
+            tokio::time::sleep(wait).await;
+            backoff = backoff.saturating_mul(2).min(self.max_delay);
+            attempt += 1;
+        }
+    }
+
+    /// One attempt: the body of a 2xx, or the error and the `Retry-After` asked for.
+    async fn attempt(&self, body: Bytes) -> Result<Bytes, (ClientError, Option<Duration>)> {
+        let mut req = Request::new(Full::new(body));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = self.endpoint.clone();
+        let headers = req.headers_mut();
+        headers.insert(header::AUTHORIZATION, self.authorization.clone());
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+
+        let exchange = async {
+            let res = self
+                .http
+                .request(req)
+                .await
+                .map_err(|e| (ClientError::Transport(Box::new(e)), None))?;
+            let status = res.status();
+            let retry_after = retry_after(res.headers());
+            let bytes = Limited::new(res.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| (ClientError::Transport(e), None))?
+                .to_bytes();
+            if status.is_success() {
+                Ok(bytes)
+            } else {
+                Err((http_error(status, &bytes), retry_after))
+            }
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err((ClientError::Timeout(self.timeout), None)),
+        }
+    }
+}
+
+/// The error for a non-2xx answer: the API's `{"error": {...}}`, a failed result's `error`, or
+/// the body as text.
+fn http_error(status: StatusCode, body: &[u8]) -> ClientError {
+    if let Some(e) = ApiError::from_body(status, body) {
+        return ClientError::Http {
+            status,
+            code: Some(e.code().to_owned()),
+            message: e.message().to_owned(),
+        };
+    }
+    if let Ok(r) = serde_json::from_slice::<WireResult>(body) {
+        if let Some(error) = r.error {
+            return ClientError::Http {
+                status,
+                code: None,
+                message: format!("{}: {error}", r.dep_id),
+            };
+        }
+    }
+    /// Enough of an unexpected body (an HTML error page) to recognise it.
+    const SHOWN: usize = 512;
+    let text = String::from_utf8_lossy(&body[..body.len().min(SHOWN)]).into_owned();
+    ClientError::Http {
+        status,
+        code: None,
+        message: text,
+    }
+}
+
+/// `Retry-After` in seconds (RFC 9110 section 10.2.3). The HTTP-date form is not read; the
+/// backoff applies then.
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// A wait between half and all of `backoff`, so that clients failing together do not retry
+/// together.
+fn jitter(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    let span = u64::try_from((backoff - half).as_nanos()).unwrap_or(u64::MAX);
+    if span == 0 {
+        return backoff;
+    }
+    // RandomState is seeded from the OS per process and stepped per instance: random enough
+    // for spreading retries, without a dependency.
+    let r = RandomState::new().hash_one(std::time::Instant::now());
+    half + Duration::from_nanos(r % span)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_keeps_a_base_path() {
+        let b = CachecoreClient::builder("http://127.0.0.1:9/gw/", "t");
+        assert_eq!(
+            b.endpoint().unwrap().to_string(),
+            "http://127.0.0.1:9/gw/v1/invalidate"
+        );
+        assert!(CachecoreClient::new("https://x", "t").is_err());
+        assert!(CachecoreClient::new("127.0.0.1:8080", "t").is_err());
+        assert!(CachecoreClient::new("http://127.0.0.1:8080", " ").is_err());
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_all() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_millis(100));
+            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(100));
+        }
+    }
+}
