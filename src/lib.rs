@@ -15,6 +15,9 @@ pub mod invalidate;
 pub mod key;
 pub mod layer;
 mod metrics;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod queue;
 mod status;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
