@@ -1,0 +1,979 @@
+//! End to end through the gateway (`cachecore::gateway`, as `examples/gateway.rs` serves it)
+//! against a stand-in OpenAI-compatible upstream, all on 127.0.0.1: the six recipes of the
+//! hosted product's "Invalidation Patterns" one by one, tenant isolation, every bad input of
+//! the invalidation API, and streaming.
+#![cfg(all(feature = "gateway", feature = "jwt"))]
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use cachecore::auth::jwt::{Claims, JwtAuth};
+use cachecore::client::CachecoreClient;
+use cachecore::gateway::Gateway;
+use cachecore::wire::encode_deps;
+use cachecore::{CachecoreBuilder, CachecoreLayer, Dep};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Semaphore};
+
+const SECRET: &str = "gateway-e2e-secret-0123456789abcdef";
+
+// The stand-in upstream.
+
+/// A body fed by a channel: each message is one frame, sent when it arrives.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+#[derive(Clone)]
+struct Upstream {
+    calls: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<HeaderMap>>>,
+    /// The second SSE event waits for a permit.
+    sse_gate: Arc<Semaphore>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self {
+            calls: Arc::default(),
+            seen: Arc::default(),
+            sse_gate: Arc::new(Semaphore::new(0)),
+        }
+    }
+}
+
+impl Upstream {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn last_headers(&self) -> HeaderMap {
+        self.seen.lock().unwrap().last().cloned().unwrap()
+    }
+}
+
+async fn chat(
+    State(up): State<Upstream>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> axum::response::Response {
+    let n = up.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    up.seen.lock().unwrap().push(headers);
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if req["stream"] == true {
+        let (tx, rx) = mpsc::channel(4);
+        let gate = Arc::clone(&up.sse_gate);
+        tokio::spawn(async move {
+            let event = |text: &str| {
+                Bytes::from(format!("data: {}\n\n", json!({"call": n, "delta": text})))
+            };
+            tx.send(event("Hel")).await.unwrap();
+            gate.acquire().await.unwrap().forget();
+            tx.send(event("lo")).await.unwrap();
+            tx.send(Bytes::from_static(b"data: [DONE]\n\n"))
+                .await
+                .unwrap();
+        });
+        return (
+            [("content-type", "text/event-stream")],
+            axum::body::Body::new(ChannelBody(rx)),
+        )
+            .into_response();
+    }
+    axum::Json(json!({
+        "id": format!("chatcmpl-{n}"),
+        "call": n,
+        "choices": [{"message": {"role": "assistant", "content": format!("answer {n}")}}],
+        "echo": req,
+    }))
+    .into_response()
+}
+
+async fn start_upstream() -> (Upstream, SocketAddr) {
+    let up = Upstream::default();
+    let app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route(
+            "/v1/models",
+            get(|| async { axum::Json(json!({"data": [{"id": "m"}]})) }),
+        )
+        .with_state(up.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (up, addr)
+}
+
+// The gateway and its callers.
+
+struct Env {
+    up: Upstream,
+    gateway: Gateway,
+    addr: SocketAddr,
+    http: Client<HttpConnector, Full<Bytes>>,
+    jwt: JwtAuth,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn x_cache(&self) -> &str {
+        self.headers
+            .get("x-cache")
+            .map_or("-", |v| v.to_str().unwrap())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// Which upstream call produced this answer.
+    fn call(&self) -> u64 {
+        self.json()["call"].as_u64().unwrap()
+    }
+}
+
+impl Env {
+    async fn start() -> Self {
+        Self::with(CachecoreLayer::builder(), |b| b).await
+    }
+
+    async fn with(
+        cache: CachecoreBuilder,
+        configure: impl FnOnce(cachecore::gateway::GatewayBuilder) -> cachecore::gateway::GatewayBuilder,
+    ) -> Self {
+        let (up, up_addr) = start_upstream().await;
+        let jwt = JwtAuth::new(SECRET);
+        let gateway =
+            configure(Gateway::builder(format!("http://{up_addr}"), jwt.clone()).cache(cache))
+                .build()
+                .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().fallback_service(gateway.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Self {
+            up,
+            gateway,
+            addr,
+            http: Client::builder(TokioExecutor::new()).build_http(),
+            jwt,
+        }
+    }
+
+    /// A tenant token as the hosted product hands it out: `cc_live_<id>.<jwt>`.
+    fn token(&self, tenant: &str, policy_version: &str) -> String {
+        let jwt = self
+            .jwt
+            .mint(&Claims::new(tenant, Duration::from_secs(3600)).policy_version(policy_version));
+        format!("cc_live_{tenant}.{jwt}")
+    }
+
+    fn client(&self, token: &str) -> CachecoreClient {
+        CachecoreClient::new(format!("http://{}", self.addr), token).unwrap()
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let res = self
+            .http
+            .request(
+                req.body(Full::new(Bytes::copy_from_slice(body.as_bytes())))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let (parts, body) = res.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    /// A chat completion through the gateway, as the Python SDK sends it: the token in
+    /// `Authorization`, the deps in `X-CacheCore-Deps`.
+    async fn chat(&self, token: Option<&str>, deps: &[Dep], prompt: &str) -> Reply {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let deps = (!deps.is_empty()).then(|| encode_deps(deps));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(a) = &auth {
+            headers.push(("authorization", a));
+        }
+        if let Some(d) = &deps {
+            headers.push(("x-cachecore-deps", d));
+        }
+        let body =
+            json!({"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": prompt}]});
+        self.send(
+            Method::POST,
+            "/v1/chat/completions",
+            &headers,
+            &body.to_string(),
+        )
+        .await
+    }
+
+    /// `curl -X POST <gw>/v1/invalidate -H "Authorization: Bearer <token>" -d '<body>'`,
+    /// header for header.
+    async fn curl_invalidate(&self, token: &str, body: &str) -> Reply {
+        let auth = format!("Bearer {token}");
+        self.send(
+            Method::POST,
+            "/v1/invalidate",
+            &[
+                ("user-agent", "curl/8.5.0"),
+                ("accept", "*/*"),
+                ("authorization", &auth),
+                ("content-type", "application/x-www-form-urlencoded"),
+            ],
+            body,
+        )
+        .await
+    }
+}
+
+// The six recipes.
+
+#[tokio::test]
+async fn recipe_1_database_webhook() {
+    let env = Env::start().await;
+    let token = env.token("acme", "v1");
+    let deps = [Dep::new("doc:contract-123").hash("v1")];
+
+    let first = env
+        .chat(Some(&token), &deps, "Summarise contract #123")
+        .await;
+    assert_eq!((first.status, first.x_cache()), (StatusCode::OK, "MISS"));
+    assert_eq!(first.headers["x-cache-similarity"], "0.00");
+    let hit = env
+        .chat(Some(&token), &deps, "Summarise contract #123")
+        .await;
+    assert_eq!(hit.x_cache(), "HIT_L1");
+    assert_eq!(hit.headers["x-cache-similarity"], "1.00");
+    assert!(hit.headers.contains_key("x-cache-age"));
+    assert_eq!(hit.call(), first.call());
+
+    // The document was updated: the webhook handler invalidates it.
+    let result = env
+        .client(&token)
+        .invalidate("doc:contract-123", Some("v2"))
+        .await
+        .unwrap();
+    assert!(result.ok);
+    assert_eq!(
+        (result.dep_id.as_str(), result.deleted),
+        ("doc:contract-123", 1)
+    );
+
+    let after = env
+        .chat(Some(&token), &deps, "Summarise contract #123")
+        .await;
+    assert_eq!(after.x_cache(), "MISS");
+    assert_eq!(env.up.calls(), 2);
+}
+
+#[tokio::test]
+async fn recipe_2_batch_table_invalidation() {
+    let env = Env::start().await;
+    let token = env.token("acme", "v1");
+    let products = [Dep::new("table:products")];
+    let prices = [Dep::new("table:prices")];
+    let users = [Dep::new("table:users")];
+    for deps in [&products, &prices, &users] {
+        assert_eq!(
+            env.chat(Some(&token), deps, "report").await.x_cache(),
+            "MISS"
+        );
+        assert_eq!(
+            env.chat(Some(&token), deps, "report").await.x_cache(),
+            "HIT_L1"
+        );
+    }
+
+    let results = env
+        .client(&token)
+        .invalidate_many(
+            &["table:products", "table:prices"],
+            Some("batch-2026-11-23"),
+        )
+        .await
+        .unwrap();
+    let failed: Vec<_> = results.iter().filter(|r| !r.ok).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(
+        results
+            .iter()
+            .map(|r| (r.dep_id.as_str(), r.deleted))
+            .collect::<Vec<_>>(),
+        [("table:products", 1), ("table:prices", 1)]
+    );
+
+    assert_eq!(
+        env.chat(Some(&token), &products, "report").await.x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        env.chat(Some(&token), &prices, "report").await.x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        env.chat(Some(&token), &users, "report").await.x_cache(),
+        "HIT_L1"
+    );
+}
+
+#[tokio::test]
+async fn recipe_3_version_pinned_deps() {
+    let env = Env::start().await;
+    let token = env.token("acme", "v1");
+    let v3 = [Dep::new("classifier-prompt").hash("v3")];
+    let v4 = [Dep::new("classifier-prompt").hash("v4")];
+    assert_eq!(
+        env.chat(Some(&token), &v3, "classify: refund")
+            .await
+            .x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        env.chat(Some(&token), &v3, "classify: refund")
+            .await
+            .x_cache(),
+        "HIT_L1"
+    );
+    // Callers pinning another version never share the entry.
+    assert_eq!(
+        env.chat(Some(&token), &v4, "classify: refund")
+            .await
+            .x_cache(),
+        "MISS"
+    );
+
+    // After updating the prompt.
+    let r = env
+        .client(&token)
+        .invalidate("classifier-prompt", Some("v4"))
+        .await
+        .unwrap();
+    assert!(r.ok);
+    assert_eq!(
+        r.deleted, 2,
+        "every entry of the dep, whatever version it pinned"
+    );
+    assert_eq!(
+        env.chat(Some(&token), &v3, "classify: refund")
+            .await
+            .x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        env.chat(Some(&token), &v4, "classify: refund")
+            .await
+            .x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        env.chat(Some(&token), &v4, "classify: refund")
+            .await
+            .x_cache(),
+        "HIT_L1"
+    );
+}
+
+#[tokio::test]
+async fn recipe_4_policy_version_rollout_with_curl() {
+    let env = Env::start().await;
+    let old = env.token("acme", "v1");
+    let docs = [Dep::new("doc:1")];
+    let first = env.chat(Some(&old), &docs, "hello").await;
+    assert_eq!(first.x_cache(), "MISS");
+    assert_eq!(
+        env.chat(Some(&old), &[], "no deps at all").await.x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        env.chat(Some(&old), &docs, "hello").await.x_cache(),
+        "HIT_L1"
+    );
+    assert_eq!(
+        env.chat(Some(&old), &[], "no deps at all").await.x_cache(),
+        "HIT_L1"
+    );
+
+    // The recipe, verbatim: no content type beyond curl's default.
+    let res = env
+        .curl_invalidate(&old, r#"{"dep_id": "cc:policy-version", "new_hash": "v2"}"#)
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{:?}", res.body);
+    assert_eq!(
+        res.json(),
+        json!({"ok": true, "dep_id": "cc:policy-version", "keys_deleted": 2})
+    );
+
+    // Every entry of the tenant is retired, tagged or not.
+    assert_eq!(env.chat(Some(&old), &docs, "hello").await.x_cache(), "MISS");
+    assert_eq!(
+        env.chat(Some(&old), &[], "no deps at all").await.x_cache(),
+        "MISS"
+    );
+
+    // New JWTs with policy_version v2 are a different namespace; old tokens still work.
+    let new = env.token("acme", "v2");
+    assert_eq!(env.chat(Some(&new), &docs, "hello").await.x_cache(), "MISS");
+    assert_eq!(
+        env.chat(Some(&new), &docs, "hello").await.x_cache(),
+        "HIT_L1"
+    );
+    assert_eq!(
+        env.chat(Some(&old), &docs, "hello").await.x_cache(),
+        "HIT_L1"
+    );
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipe_5_event_driven_queue() {
+    use cachecore::queue::{InvalidationEvent, InvalidationQueue, QueueWorker};
+    use cachecore::RedisStore;
+
+    let redis = support::shared_redis().url();
+    let store = RedisStore::connect(&redis).await.unwrap();
+    let env = Env::with(CachecoreLayer::builder().store(store), |b| b).await;
+    let tenant = support::unique("tenant");
+    let token = env.token(&tenant, "v1");
+    let deps = [Dep::new("doc:contract-7").hash("3")];
+    assert_eq!(
+        env.chat(Some(&token), &deps, "summarise").await.x_cache(),
+        "MISS"
+    );
+    assert_eq!(
+        env.chat(Some(&token), &deps, "summarise").await.x_cache(),
+        "HIT_L1"
+    );
+
+    // The worker applies events through the gateway's cache.
+    let stream = support::unique("invalidations");
+    let worker = QueueWorker::builder(&redis)
+        .stream(&stream)
+        .group(support::unique("gateways"))
+        .block(Duration::from_millis(50))
+        .build()
+        .await
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(worker.run(env.gateway.cache().clone(), async move {
+        let _ = stopped.await;
+    }));
+
+    // The producer (an ORM save hook) publishes and returns at once.
+    let queue = InvalidationQueue::connect(&redis)
+        .await
+        .unwrap()
+        .stream(&stream);
+    queue
+        .publish(&InvalidationEvent::new(&tenant, "doc:contract-7").new_hash("4"))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while env.gateway.cache().metrics().invalidations == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker never applied the event"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        env.chat(Some(&token), &deps, "summarise").await.x_cache(),
+        "MISS"
+    );
+
+    stop.send(()).unwrap();
+    let report = task.await.unwrap().unwrap();
+    assert_eq!(report.applied, 1);
+}
+
+#[tokio::test]
+async fn recipe_6_bypass() {
+    let env = Env::start().await;
+    let token = env.token("acme", "v1");
+    let auth = format!("Bearer {token}");
+    let body = json!({"model": "gpt-5.4-mini", "messages": [{"role": "user",
+        "content": "Generate a unique confirmation for order #12345"}]})
+    .to_string();
+    for n in 1..=2 {
+        let res = env
+            .send(
+                Method::POST,
+                "/v1/chat/completions",
+                &[
+                    ("authorization", &auth),
+                    ("x-cachecore-bypass", "1"),
+                    ("content-type", "application/json"),
+                ],
+                &body,
+            )
+            .await;
+        assert_eq!(res.x_cache(), "BYPASS");
+        assert_eq!(res.headers["x-cache-similarity"], "0.00");
+        assert_eq!(res.call(), n);
+    }
+    // No credentials at all: bypass too.
+    let res = env.chat(None, &[], "Generate a unique confirmation").await;
+    assert_eq!(res.x_cache(), "BYPASS");
+    assert!(!res.headers.contains_key("x-cache-error"));
+    assert_eq!(env.up.calls(), 3);
+    assert_eq!(env.gateway.cache().metrics().bypasses, 3);
+}
+
+// Tenants, bad input, headers, streaming.
+
+#[tokio::test]
+async fn tenant_isolation() {
+    let env = Env::start().await;
+    let a = env.token("tenant-a", "v1");
+    let b = env.token("tenant-b", "v1");
+    let deps = [Dep::new("doc:1")];
+
+    // Identical requests: B is not served A's entry.
+    let a1 = env.chat(Some(&a), &deps, "same prompt").await;
+    let b1 = env.chat(Some(&b), &deps, "same prompt").await;
+    assert_eq!((a1.x_cache(), b1.x_cache()), ("MISS", "MISS"));
+    assert_ne!(a1.call(), b1.call());
+    let a2 = env.chat(Some(&a), &deps, "same prompt").await;
+    let b2 = env.chat(Some(&b), &deps, "same prompt").await;
+    assert_eq!((a2.call(), b2.call()), (a1.call(), b1.call()));
+
+    // A's token invalidates A's dep only.
+    let r = env.client(&a).invalidate("doc:1", None).await.unwrap();
+    assert_eq!(r.deleted, 1);
+    assert_eq!(
+        env.chat(Some(&b), &deps, "same prompt").await.x_cache(),
+        "HIT_L1"
+    );
+    assert_eq!(
+        env.chat(Some(&a), &deps, "same prompt").await.x_cache(),
+        "MISS"
+    );
+
+    // A token claiming B's tenant but not signed with the secret is refused.
+    let forged = JwtAuth::new("not-the-gateway-secret-0123456789")
+        .mint(&Claims::new("tenant-b", Duration::from_secs(60)));
+    let res = env.curl_invalidate(&forged, r#"{"dep_id": "doc:1"}"#).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    let res = env.chat(Some(&forged), &deps, "same prompt").await;
+    assert_eq!(res.x_cache(), "BYPASS");
+    assert!(res.headers["x-cache-error"]
+        .to_str()
+        .unwrap()
+        .contains("signature"));
+    assert_eq!(
+        env.chat(Some(&b), &deps, "same prompt").await.x_cache(),
+        "HIT_L1"
+    );
+}
+
+#[tokio::test]
+async fn every_bad_invalidation_gets_its_status_and_error_and_changes_nothing() {
+    let env = Env::start().await;
+    let token = env.token("acme", "v1");
+    let deps = [Dep::new("doc:1")];
+    assert_eq!(env.chat(Some(&token), &deps, "q").await.x_cache(), "MISS");
+
+    let auth = format!("Bearer {token}");
+    let expired = format!(
+        "Bearer {}",
+        env.jwt
+            .mint(&Claims::new("acme", Duration::ZERO).expires_at(1_000))
+    );
+    let json = ("content-type", "application/json");
+    let long = "x".repeat(513);
+    let big_batch =
+        json!({"dep_ids": (0..1001).map(|i| format!("d{i}")).collect::<Vec<_>>()}).to_string();
+    let huge = json!({"dep_id": "doc:1", "pad": "x".repeat(70 * 1024)}).to_string();
+    let cases: Vec<(Method, Vec<(&str, &str)>, String, StatusCode, &str)> = vec![
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            r#"{"dep_id": "#.into(),
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            r#"{"dep_id": 42}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            r#"{"dep_ids": "doc:1"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            Method::POST,
+            vec![json],
+            r#"{"dep_id": "doc:1"}"#.into(),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &expired), json],
+            r#"{"dep_id": "doc:1"}"#.into(),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", "Bearer cc_live_x.not.a.jwt"), json],
+            r#"{"dep_id": "doc:1"}"#.into(),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        ),
+        (
+            Method::GET,
+            vec![("authorization", &auth)],
+            String::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Method::DELETE,
+            vec![("authorization", &auth), json],
+            r#"{"dep_id": "doc:1"}"#.into(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            huge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), ("content-type", "text/plain")],
+            r#"{"dep_id": "doc:1"}"#.into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            r#"{"dep_id": ""}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_dep_id",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            json!({"dep_id": long}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_dep_id",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            r#"{"dep_id": "doc:1\u0000"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_dep_id",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            big_batch,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "batch_too_large",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            r#"{"dep_ids": []}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty_batch",
+        ),
+        (
+            Method::POST,
+            vec![("authorization", &auth), json],
+            r#"{"dep_ids": ["doc:1", "bad\n"]}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_dep_id",
+        ),
+    ];
+    for (method, headers, body, status, code) in cases {
+        let res = env
+            .send(method.clone(), "/v1/invalidate", &headers, &body)
+            .await;
+        assert_eq!(res.status, status, "{method} {body:.60}: {:?}", res.body);
+        assert_eq!(res.headers["content-type"], "application/json");
+        let err = res.json();
+        assert_eq!(err["error"]["code"], code, "{err}");
+        assert!(!err["error"]["message"].as_str().unwrap().is_empty());
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert_eq!(res.headers["allow"], "POST");
+        }
+    }
+    assert_eq!(env.gateway.cache().metrics().invalidations, 0);
+    assert_eq!(env.chat(Some(&token), &deps, "q").await.x_cache(), "HIT_L1");
+}
+
+#[tokio::test]
+async fn a_malformed_deps_header_bypasses_with_the_reason() {
+    let env = Env::start().await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    for _ in 0..2 {
+        let res = env
+            .send(
+                Method::POST,
+                "/v1/chat/completions",
+                &[
+                    ("authorization", &auth),
+                    ("x-cachecore-deps", "not base64!"),
+                    ("content-type", "application/json"),
+                ],
+                "{}",
+            )
+            .await;
+        assert_eq!(res.status, StatusCode::OK);
+        assert_eq!(res.x_cache(), "BYPASS");
+        let why = res.headers["x-cache-error"].to_str().unwrap();
+        assert!(why.contains("X-CacheCore-Deps"), "{why}");
+    }
+    assert_eq!(env.up.calls(), 2);
+}
+
+#[tokio::test]
+async fn streaming_through_the_gateway_arrives_incrementally_and_is_cached_whole() {
+    let env = Env::start().await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]})
+            .to_string();
+    let req = || {
+        Request::post(format!("http://{}/v1/chat/completions", env.addr))
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.clone())))
+            .unwrap()
+    };
+
+    let res = env.http.request(req()).await.unwrap();
+    assert_eq!(res.headers()["x-cache"], "MISS");
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut stream = res.into_body();
+    // The first event arrives while the upstream still holds back the second.
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.frame())
+        .await
+        .expect("first event before the stream ends")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert!(first.starts_with(b"data: {"), "{first:?}");
+    assert!(String::from_utf8_lossy(&first).contains("Hel"));
+    env.up.sse_gate.add_permits(1);
+    let rest = stream.collect().await.unwrap().to_bytes();
+    let whole = [first, rest].concat();
+    assert!(whole.ends_with(b"data: [DONE]\n\n"));
+
+    let again = env.http.request(req()).await.unwrap();
+    assert_eq!(again.headers()["x-cache"], "HIT_L1");
+    assert_eq!(again.into_body().collect().await.unwrap().to_bytes(), whole);
+    assert_eq!(env.up.calls(), 1);
+}
+
+#[tokio::test]
+async fn cachecore_headers_and_tenant_keys_never_reach_the_upstream() {
+    let env = Env::start().await;
+    let token = env.token("acme", "v1");
+    // The hosted-product style: the tenant key in Authorization. It stays at the gateway.
+    env.chat(Some(&token), &[Dep::new("doc:1")], "x").await;
+    let seen = env.up.last_headers();
+    for name in ["authorization", "x-cachecore-token", "x-cachecore-deps"] {
+        assert!(!seen.contains_key(name), "{name} forwarded: {seen:?}");
+    }
+    // The caller's own provider key in Authorization, the tenant token in X-CacheCore-Token.
+    let jwt = token.split_once('.').unwrap().1;
+    env.send(
+        Method::POST,
+        "/v1/chat/completions",
+        &[
+            ("authorization", "Bearer sk-provider-key"),
+            ("x-cachecore-token", jwt),
+            ("content-type", "application/json"),
+        ],
+        "{}",
+    )
+    .await;
+    let seen = env.up.last_headers();
+    assert_eq!(seen["authorization"], "Bearer sk-provider-key");
+    assert!(!seen.contains_key("x-cachecore-token"));
+}
+
+#[tokio::test]
+async fn an_upstream_key_replaces_the_callers_authorization() {
+    let env = Env::with(CachecoreLayer::builder(), |b| {
+        b.upstream_authorization(HeaderValue::from_static("Bearer sk-gateway-key"))
+    })
+    .await;
+    let token = env.token("acme", "v1");
+    let jwt = token.split_once('.').unwrap().1;
+    let res = env.chat(Some(jwt), &[], "x").await;
+    assert_eq!(res.x_cache(), "MISS");
+    assert_eq!(
+        env.up.last_headers()["authorization"],
+        "Bearer sk-gateway-key"
+    );
+}
+
+#[tokio::test]
+async fn every_path_is_forwarded() {
+    let env = Env::start().await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    let res = env
+        .send(Method::GET, "/v1/models", &[("authorization", &auth)], "")
+        .await;
+    assert_eq!((res.status, res.x_cache()), (StatusCode::OK, "MISS"));
+    assert_eq!(res.json()["data"][0]["id"], "m");
+    let res = env
+        .send(Method::GET, "/v1/models", &[("authorization", &auth)], "")
+        .await;
+    assert_eq!(res.x_cache(), "HIT_L1");
+    let res = env
+        .send(
+            Method::GET,
+            "/v1/nothing-here",
+            &[("authorization", &auth)],
+            "",
+        )
+        .await;
+    assert_eq!((res.status, res.x_cache()), (StatusCode::NOT_FOUND, "MISS"));
+}
+
+#[tokio::test]
+async fn health_and_metrics() {
+    let env = Env::start().await;
+    let res = env.send(Method::GET, "/health", &[], "").await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(res.json(), json!({"status": "ok"}));
+
+    let token = env.token("acme", "v1");
+    env.chat(Some(&token), &[], "q").await;
+    env.chat(Some(&token), &[], "q").await;
+    env.chat(None, &[], "q").await;
+    env.client(&token).invalidate("doc:1", None).await.unwrap();
+    let res = env.send(Method::GET, "/metrics", &[], "").await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert!(res.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = String::from_utf8(res.body.to_vec()).unwrap();
+    for line in [
+        "cachecore_hits_total 1",
+        "cachecore_misses_total 1",
+        "cachecore_bypasses_total 1",
+        "cachecore_invalidations_total 1",
+        "# TYPE cachecore_gateway_requests_total counter",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line || l.starts_with(line)),
+            "{line} missing from\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_upstream_is_a_502_never_cached() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let gateway = Gateway::builder(format!("http://{dead}"), JwtAuth::new(SECRET))
+        .build()
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback_service(gateway.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let http: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let token = JwtAuth::new(SECRET).mint(&Claims::new("acme", Duration::from_secs(60)));
+    for _ in 0..2 {
+        let res = http
+            .request(
+                Request::post(format!("http://{addr}/v1/chat/completions"))
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(Full::new(Bytes::from_static(b"{}")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+        let body: Value =
+            serde_json::from_slice(&res.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["error"]["code"], "upstream_unavailable");
+    }
+    assert_eq!(gateway.cache().metrics().stored, 0);
+    assert!(gateway
+        .prometheus()
+        .contains("cachecore_gateway_upstream_errors_total 2"));
+}
+
+#[test]
+fn https_upstreams_need_a_connector() {
+    let e = Gateway::builder("https://api.openai.com", JwtAuth::new(SECRET))
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("TLS connector"), "{e}");
+    assert!(Gateway::builder("not a url", JwtAuth::new(SECRET))
+        .build()
+        .is_err());
+}
