@@ -105,17 +105,18 @@ async fn one_round_trip_per_hit_lookup_and_per_put() {
         );
     }
     // Redis counts the commands a script runs as well: the client sends one MGET for the miss
-    // and one EVALSHA per put; the rest is the script's own work (one GET, SADD and PTTL per
-    // dep, one SET, and PEXPIRE only when a tag set's expiry must grow).
+    // and one EVALSHA per put; the rest is the script's own work (TIME and SET once; GET,
+    // ZRANGE, ZADD and PTTL once per dep; PEXPIRE only when a tag set's expiry must grow).
     let calls = calls_since_reset(&server);
     assert_eq!(calls["mget"], 1);
     assert_eq!(calls["evalsha"], N);
-    assert_eq!(calls["get"], 3 * N);
+    assert_eq!(calls["time"], N);
     assert_eq!(calls["set"], N);
-    assert_eq!(calls["sadd"], 3 * N);
-    assert_eq!(calls["pttl"], 3 * N);
+    for per_dep in ["get", "zrange", "zadd", "pttl"] {
+        assert_eq!(calls[per_dep], 3 * N, "{per_dep}");
+    }
     assert!(calls["pexpire"] <= 3 * N);
-    assert_eq!(calls.len(), 7, "{calls:?}");
+    assert_eq!(calls.len(), 9, "{calls:?}");
 
     // Hits: each is one MGET (the entry and the three epochs) and nothing else.
     reset_stats(&server);
@@ -347,7 +348,7 @@ async fn reclamation_runs_in_bounded_batches() {
             ("exists".to_owned(), 1),
             ("rename".to_owned(), 1),
             // ... then bounded batches reclaim the entries.
-            ("spop".to_owned(), batches),
+            ("zpopmin".to_owned(), batches),
             ("unlink".to_owned(), batches),
         ])
     );
@@ -398,6 +399,35 @@ async fn dep_key_sets_live_at_least_as_long_as_their_longest_entry() {
     store.put(&key("t", 4), e).await.unwrap();
     assert!(pttl(&set) > 3_590_000);
     assert!(pttl(&format!("cc:{{t}}:l1:{}", key("t", 4).hex())) > 3_590_000);
+}
+
+#[tokio::test]
+async fn tag_sets_shed_expired_entries_and_stay_bounded() {
+    // A dep that keeps getting new entries keeps its tag set alive forever; the set must not
+    // keep every entry ever written.
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let set = format!("cc:{{t}}:dep:keys:{DOC}");
+    let card = || -> u64 { server.cli(&["ZCARD", &set]).trim().parse().unwrap() };
+    let observed = DepEpochs::new(vec![(POLICY_DEP.into(), 0), (DOC.into(), 0)]);
+    for n in 0..40 {
+        let e = entry(observed.clone(), b"short", Duration::from_millis(100));
+        store.put(&key("t", n), e).await.unwrap();
+    }
+    assert_eq!(card(), 40);
+    // Members are 32-byte digests scored by expiry.
+    let members = server.cli(&["--raw", "ZRANGE", &set, "0", "0"]);
+    assert_eq!(members.trim_end_matches('\n').len(), 32);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each put sheds up to 16 expired members and adds itself.
+    for n in 100..103 {
+        let e = entry(observed.clone(), b"long", Duration::from_secs(60));
+        store.put(&key("t", n), e).await.unwrap();
+    }
+    assert_eq!(card(), 3);
+    // The live ones are still reclaimed by an invalidation.
+    let r = store.invalidate("t", DOC, "h").await.unwrap();
+    assert_eq!(r.deleted, 3);
 }
 
 #[tokio::test]

@@ -3,8 +3,8 @@
 //! ```text
 //! cc:{<tenant>}:l1:<key hex>        an entry (string, PX = fresh TTL + stale window)
 //! cc:{<tenant>}:dep:ver:<dep id>    a dep's epoch and last hash (`<epoch>:<hash>`; never expires)
-//! cc:{<tenant>}:dep:keys:<dep id>   the entry keys tagged with a dep (set; expires with its
-//!                                   longest-lived entry)
+//! cc:{<tenant>}:dep:keys:<dep id>   the digests of the entries tagged with a dep (sorted set
+//!                                   scored by entry expiry; expires with its longest-lived entry)
 //! cc:{<tenant>}:gc:<nonce>          a tag set detached by an invalidation, being reclaimed
 //! ```
 //!
@@ -62,10 +62,14 @@ impl TenantKeys {
     }
 
     pub(super) fn entry(&self, key: &CacheKey) -> String {
+        self.entry_digest(key.digest())
+    }
+
+    pub(super) fn entry_digest(&self, digest: &[u8; 32]) -> String {
         let mut s = String::with_capacity(self.prefix.len() + 3 + 64);
         s.push_str(&self.prefix);
         s.push_str("l1:");
-        s.push_str(&key.hex());
+        s.push_str(&to_hex(digest));
         s
     }
 

@@ -29,13 +29,14 @@
 //!   all of them are current. On a miss the same reply gives the epochs the following put must
 //!   present.
 //! - **One round trip per put.** One script checks the observed epochs and, only if none moved,
-//!   writes the entry with `PX` = fresh TTL + stale window, adds its key to each dep's tag set and
-//!   extends that set's expiry so it never expires before an entry it names. Otherwise the put is
-//!   refused with the dep that moved.
+//!   writes the entry with `PX` = fresh TTL + stale window, adds its digest to each dep's tag set
+//!   (a sorted set scored by the entry's expiry, from which each put also drops a few expired
+//!   members) and extends that set's expiry so it never expires before an entry it names.
+//!   Otherwise the put is refused with the dep that moved.
 //! - **Invalidation is one atomic round trip**: a script raises the epoch, stores the new hash
 //!   and detaches (renames) the tag set. From that moment no reader is served an entry of the old
 //!   epoch and no put that observed it is accepted. Reclaiming the detached entries follows in
-//!   batches of at most [`DEFAULT_RECLAIM_BATCH`] keys (`SPOP` then `UNLINK`), so a dep tagged on
+//!   batches of at most [`DEFAULT_RECLAIM_BATCH`] keys (`ZPOPMIN` then `UNLINK`), so a dep tagged on
 //!   100,000 entries never blocks Redis.
 //!
 //! # Keys
@@ -43,7 +44,8 @@
 //! ```text
 //! cc:{<tenant>}:l1:<key hex>        an entry
 //! cc:{<tenant>}:dep:ver:<dep id>    string `<epoch>:<last new_hash>`: never expires
-//! cc:{<tenant>}:dep:keys:<dep id>   set of entry keys tagged with the dep
+//! cc:{<tenant>}:dep:keys:<dep id>   sorted set: digests of the entries tagged with the dep,
+//!                                   scored by their expiry (ms)
 //! cc:{<tenant>}:gc:<nonce>          a tag set detached by an invalidation, being reclaimed
 //! ```
 //!
@@ -58,6 +60,11 @@
 //! Values are a compact, length-prefixed binary encoding that starts with a magic and a format
 //! version. A value that does not decode (written by something else, or by another format
 //! version) is a miss, logged with `tracing::warn!`, and is overwritten by the next put.
+//!
+//! # Requirements
+//!
+//! Redis 6.2 or later (or a compatible server): the put script uses `ZRANGE .. BYSCORE LIMIT`
+//! and `ZADD GT`. Single Redis and Redis Cluster alike.
 //!
 //! # Failures
 //!
@@ -100,7 +107,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Default bound on establishing one connection.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Default number of entry keys reclaimed per `SPOP` + `UNLINK`: a few hundred keys keep each
+/// Default number of entry keys reclaimed per `ZPOPMIN` + `UNLINK`: a few hundred keys keep each
 /// command well under a millisecond on the Redis main thread.
 pub const DEFAULT_RECLAIM_BATCH: usize = 256;
 
@@ -409,7 +416,7 @@ impl RedisStore {
         for (id, _) in entry.deps.iter() {
             inv.key(keys.dep_keys(id));
         }
-        inv.arg(value).arg(ttl_ms);
+        inv.arg(value).arg(ttl_ms).arg(&key.digest()[..]);
         for (_, epoch) in entry.deps.iter() {
             inv.arg(epoch.to_string());
         }
@@ -463,7 +470,7 @@ impl RedisStore {
             match self.timed(self.conn.invoke::<Vec<u64>>(&inv)).await {
                 Ok(_) => {
                     for (&i, gc) in chunk.iter().zip(&gcs) {
-                        let deleted = self.reclaim(dep_ids[i], gc).await;
+                        let deleted = self.reclaim(&keys, dep_ids[i], gc).await;
                         out[i] = Some(Ok(InvalidationResult::ok(dep_ids[i], deleted)));
                     }
                 }
@@ -480,16 +487,16 @@ impl RedisStore {
             .collect()
     }
 
-    /// Deletes the entries named in the detached set `gc`, a bounded batch at a time. The
+    /// Deletes the entries named in the detached tag set `gc`, a bounded batch at a time. The
     /// invalidation is already in effect; a failure here only leaves space to be reclaimed by the
     /// entries' own expiry, so it is logged, not returned.
-    async fn reclaim(&self, dep_id: &str, gc: &str) -> u64 {
+    async fn reclaim(&self, keys: &TenantKeys, dep_id: &str, gc: &str) -> u64 {
         let mut deleted = 0u64;
         loop {
             let batch: Result<Vec<Vec<u8>>, _> = self
                 .timed(
                     self.conn
-                        .query(redis::cmd("SPOP").arg(gc).arg(self.reclaim_batch)),
+                        .query(redis::cmd("ZPOPMIN").arg(gc).arg(self.reclaim_batch)),
                 )
                 .await;
             let popped = match batch {
@@ -500,17 +507,25 @@ impl RedisStore {
                     return deleted;
                 }
             };
-            match self
-                .timed(self.conn.query::<u64>(redis::cmd("UNLINK").arg(&popped)))
-                .await
-            {
-                Ok(n) => deleted += n,
-                Err(e) => {
-                    tracing::warn!(dep_id, error = %e, deleted, "cachecore: reclamation stopped; the rest expires with its TTL");
-                    return deleted;
+            // ZPOPMIN answers member, score, member, score, ...
+            let names: Vec<String> = popped
+                .chunks(2)
+                .filter_map(|pair| <[u8; 32]>::try_from(pair[0].as_slice()).ok())
+                .map(|digest| keys.entry_digest(&digest))
+                .collect();
+            if !names.is_empty() {
+                match self
+                    .timed(self.conn.query::<u64>(redis::cmd("UNLINK").arg(&names)))
+                    .await
+                {
+                    Ok(n) => deleted += n,
+                    Err(e) => {
+                        tracing::warn!(dep_id, error = %e, deleted, "cachecore: reclamation stopped; the rest expires with its TTL");
+                        return deleted;
+                    }
                 }
             }
-            if popped.len() < self.reclaim_batch {
+            if popped.len() / 2 < self.reclaim_batch {
                 return deleted;
             }
         }

@@ -10,30 +10,45 @@ use redis::Script;
 /// Writes an entry if every observed epoch is still current, tags it, extends the tag sets.
 ///
 /// `KEYS[1]` entry, `KEYS[2..=n+1]` dep ver keys, `KEYS[n+2..=2n+1]` dep tag sets.
-/// `ARGV[1]` encoded entry, `ARGV[2]` lifetime in ms, `ARGV[3..]` observed epochs (decimal).
-/// Returns 0 when stored, else the 1-based index of the first dep whose epoch moved.
-/// Epochs are compared as decimal strings, so no precision is lost to Lua's doubles; a ver
-/// value that does not parse never matches. A tag set's expiry is only ever extended, never
-/// shortened.
+/// `ARGV[1]` encoded entry, `ARGV[2]` lifetime in ms, `ARGV[3]` the key's 32-byte digest,
+/// `ARGV[4..]` observed epochs (decimal). Returns 0 when stored, else the 1-based index of the
+/// first dep whose epoch moved.
+///
+/// Epochs are compared as decimal strings, so no precision is lost to Lua's doubles; a ver value
+/// that does not parse never matches. A tag set is a sorted set of digests scored by the
+/// entry's expiry (server time, ms): each put first drops up to [`PRUNE_PER_PUT`] members whose
+/// entries have expired, so a tag set of a dep that never goes quiet stays bounded by the live
+/// entries instead of growing with every entry ever written. A tag set's expiry is only ever
+/// extended, never shortened, so it outlives every entry it names.
 const PUT: &str = r"
 local n = (#KEYS - 1) / 2
 for i = 1, n do
   local ver = redis.call('GET', KEYS[1 + i])
   local cur = '0'
   if ver then cur = string.match(ver, '^(%d+):') end
-  if cur ~= ARGV[2 + i] then return i end
+  if cur ~= ARGV[3 + i] then return i end
 end
 local ttl = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
 for i = 1, n do
   local tags = KEYS[1 + n + i]
-  redis.call('SADD', tags, KEYS[1])
+  local gone = redis.call('ZRANGE', tags, '-inf', now, 'BYSCORE', 'LIMIT', 0, PRUNE_PER_PUT)
+  if #gone > 0 then
+    redis.call('ZREM', tags, unpack(gone))
+  end
+  redis.call('ZADD', tags, 'GT', now + ttl, ARGV[3])
   if redis.call('PTTL', tags) < ttl then
     redis.call('PEXPIRE', tags, ttl)
   end
 end
 return 0
 ";
+
+/// Expired members a put removes from each tag set it touches, at most: each put adds one, so
+/// the backlog shrinks under any load, and the work per put stays small and bounded.
+pub(super) const PRUNE_PER_PUT: usize = 16;
 
 /// Raises the epoch of each dep, records its new hash, and detaches its tag set for reclamation.
 ///
@@ -68,7 +83,7 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Self {
-            put: Script::new(PUT),
+            put: Script::new(&PUT.replace("PRUNE_PER_PUT", &PRUNE_PER_PUT.to_string())),
             bump: Script::new(BUMP),
         }
     }
