@@ -615,6 +615,15 @@ async fn tenant_isolation() {
     );
 }
 
+/// Method, headers, body, expected status, expected error code.
+type BadCase<'a> = (
+    Method,
+    Vec<(&'a str, &'a str)>,
+    String,
+    StatusCode,
+    &'static str,
+);
+
 #[tokio::test]
 async fn every_bad_invalidation_gets_its_status_and_error_and_changes_nothing() {
     let env = Env::start().await;
@@ -633,7 +642,7 @@ async fn every_bad_invalidation_gets_its_status_and_error_and_changes_nothing() 
     let big_batch =
         json!({"dep_ids": (0..1001).map(|i| format!("d{i}")).collect::<Vec<_>>()}).to_string();
     let huge = json!({"dep_id": "doc:1", "pad": "x".repeat(70 * 1024)}).to_string();
-    let cases: Vec<(Method, Vec<(&str, &str)>, String, StatusCode, &str)> = vec![
+    let cases: Vec<BadCase<'_>> = vec![
         (
             Method::POST,
             vec![("authorization", &auth), json],
