@@ -60,6 +60,9 @@ impl Settings {
 
 fn main() {
     let settings = Settings::from_env();
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("smoke run (no --bench): small sizes, short runs; the numbers are not measures");
+    }
     let server = RedisServer::start();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
