@@ -222,7 +222,7 @@ where
                 Ok(res) => res,
                 Err(e) => {
                     tracing::info!(target: "cachecore::invalidate", status = e.status().as_u16(),
-                        code = e.code(), message = e.message(), "invalidation request rejected");
+                        code = e.code(), reason = e.message(), "invalidation request rejected");
                     e.into_response()
                 }
             })
