@@ -18,10 +18,10 @@ mod metrics;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod queue;
-mod status;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
+mod status;
 pub mod store;
 pub mod testing;
 pub mod wire;
@@ -38,10 +38,10 @@ pub use layer::{
 };
 pub use metrics::MetricsSnapshot;
 pub use status::CacheStatus;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{
     CacheKey, CacheStore, DepEpochs, Entry, InvalidationResult, Lookup, MemoryStore, PutOutcome,
     StoreError, StoreErrorKind,
 };
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use store::redis::{RedisStore, RedisStoreBuilder};
