@@ -345,12 +345,12 @@ async fn a_stream_cut_short_stores_nothing() {
 async fn a_stale_entry_is_revalidated_in_line() {
     let s = setup_with(
         CachecoreLayer::builder()
-            .default_ttl(Duration::from_millis(100))
+            .default_ttl(Duration::from_secs(1))
             .stale_window(Duration::from_secs(60)),
     )
     .await;
     text(s.chat(r#"{"q":1}"#).send().await.unwrap()).await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let res = s.chat(r#"{"q":1}"#).send().await.unwrap();
     assert_cache_status!(res, CacheStatus::Miss);
     assert_eq!(text(res).await, r#"answer 2 to {"q":1}"#);

@@ -9,7 +9,8 @@
 //!
 //! Usage: `benches/peers.sh` (builds in release mode, then runs this). Environment:
 //! `PEERS_SECONDS` (per cell, default 3), `PEERS_WORKERS` (tokio workers, default 2),
-//! `PEERS_REDIS=0` to skip the Redis rows.
+//! `PEERS_REDIS=0` to skip the Redis rows, `PEERS_ONLY=<part of a row name>` to run only the
+//! matching rows (and the no-cache baseline).
 
 use std::fmt::Debug;
 use std::net::TcpListener;
@@ -185,7 +186,7 @@ async fn run_variant<S, B>(
     make: MakeReq,
     calls: Arc<AtomicU64>,
     duration: Duration,
-) -> Row
+) -> Option<Row>
 where
     S: Service<Req, Response = Response<B>> + Clone + Send + 'static,
     S::Future: Send,
@@ -194,6 +195,10 @@ where
     B::Data: Send,
     B::Error: Debug + Send,
 {
+    let only = std::env::var("PEERS_ONLY").unwrap_or_default();
+    if name != "no cache" && !name.contains(only.as_str()) {
+        return None;
+    }
     let body = request_body();
     let mut status_header = None;
     for _ in 0..2 {
@@ -237,7 +242,7 @@ where
         row.upstream_during_run,
         row.status_header,
     );
-    row
+    Some(row)
 }
 
 /// `reqwest`-style `Sync` wrapper: tower-http-cache wants a `Sync` inner response body and
@@ -391,7 +396,7 @@ async fn run_all(duration: Duration, with_redis: bool) -> Result<Vec<Row>, BoxEr
 
     // No cache: the handler every time.
     let c = calls();
-    rows.push(
+    rows.extend(
         run_variant(
             "no cache",
             "-",
@@ -410,7 +415,7 @@ async fn run_all(duration: Duration, with_redis: bool) -> Result<Vec<Row>, BoxEr
         .store(MemoryStore::new())
         .default_ttl(TTL)
         .build();
-    rows.push(
+    rows.extend(
         run_variant(
             "cachecore (MemoryStore)",
             "canonical JSON body + deps",
@@ -428,7 +433,7 @@ async fn run_all(duration: Duration, with_redis: bool) -> Result<Vec<Row>, BoxEr
         .store(MemoryStore::new())
         .default_ttl(TTL)
         .build();
-    rows.push(
+    rows.extend(
         run_variant(
             "cachecore (MemoryStore, 1 dep)",
             "canonical JSON body + deps",
@@ -445,7 +450,7 @@ async fn run_all(duration: Duration, with_redis: bool) -> Result<Vec<Row>, BoxEr
     let c = calls();
     let inner = sync_router(Arc::clone(&c));
     let backend = tower_http_cache::backend::memory::InMemoryBackend::new(10_000);
-    rows.push(
+    rows.extend(
         run_variant(
             "tower-http-cache 0.6.1 (in-memory)",
             "method + path only (no body)",
@@ -468,7 +473,7 @@ async fn run_all(duration: Duration, with_redis: bool) -> Result<Vec<Row>, BoxEr
         .backend(backend)
         .config(hitbox_config!())
         .build();
-    rows.push(
+    rows.extend(
         run_variant(
             "hitbox 0.2.4 (hitbox-moka, JSON)",
             "raw body hash (not canonical)",
@@ -489,7 +494,7 @@ async fn run_all(duration: Duration, with_redis: bool) -> Result<Vec<Row>, BoxEr
         .backend(backend)
         .config(hitbox_config!())
         .build();
-    rows.push(
+    rows.extend(
         run_variant(
             "hitbox 0.2.4 (hitbox-moka, bincode)",
             "raw body hash (not canonical)",
@@ -519,7 +524,7 @@ async fn run_all(duration: Duration, with_redis: bool) -> Result<Vec<Row>, BoxEr
         .store(store)
         .default_ttl(TTL)
         .build();
-    rows.push(
+    rows.extend(
         run_variant(
             "cachecore (RedisStore)",
             "canonical JSON body + deps",
@@ -536,7 +541,7 @@ async fn run_all(duration: Duration, with_redis: bool) -> Result<Vec<Row>, BoxEr
     let inner = sync_router(Arc::clone(&c));
     let conn = redis::aio::ConnectionManager::new(redis::Client::open(redis.url.as_str())?).await?;
     let backend = tower_http_cache::backend::redis::RedisBackend::new(conn);
-    rows.push(
+    rows.extend(
         run_variant(
             "tower-http-cache 0.6.1 (redis)",
             "method + path only (no body)",
@@ -557,7 +562,7 @@ async fn run_all(duration: Duration, with_redis: bool) -> Result<Vec<Row>, BoxEr
         .backend(backend)
         .config(hitbox_config!())
         .build();
-    rows.push(
+    rows.extend(
         run_variant(
             "hitbox 0.2.4 (hitbox-redis, bincode)",
             "raw body hash (not canonical)",
