@@ -431,8 +431,10 @@ impl QueueWorker {
         tracing::info!(target: "cachecore::queue", stream = %self.stream, group = %self.group,
             consumer = %self.consumer, "invalidation worker started");
 
-        // Events this consumer read in an earlier life and never acknowledged come first.
-        let mut own_pending = true;
+        // Events this consumer read in an earlier life and never acknowledged come first, in
+        // one pass: the cursor moves past each one read, so an event that fails again waits
+        // for `claim_idle` like any other instead of being retried at once.
+        let mut own_pending = Some(String::from("0"));
         let mut claim_cursor = String::from("0-0");
         let mut backoff = MIN_ERROR_BACKOFF;
         while !shutdown.requested().await {
@@ -478,25 +480,27 @@ impl QueueWorker {
         }
     }
 
-    /// One round: own pending events (first round only), idle events of others, new events.
+    /// One round: this consumer's own pending events (until they are all seen once), else idle
+    /// events of any consumer, else new events.
     async fn step<F: Future<Output = ()>>(
         &mut self,
         target: &impl Invalidator,
         shutdown: &mut Shutdown<F>,
         report: &mut WorkerReport,
-        own_pending: &mut bool,
+        own_pending: &mut Option<String>,
         claim_cursor: &mut String,
     ) -> Result<(), QueueError> {
-        if *own_pending {
-            let entries = self.read("0", None).await?;
-            if entries.is_empty() {
-                *own_pending = false;
-            } else {
-                let counts = self.delivery_counts(&entries).await?;
-                self.process(target, shutdown, report, entries, &counts)
-                    .await?;
+        if let Some(cursor) = own_pending.clone() {
+            let entries = self.read(&cursor, None).await?;
+            let Some(last) = entries.last() else {
+                *own_pending = None;
                 return Ok(());
-            }
+            };
+            *own_pending = Some(last.id.clone());
+            let counts = self.delivery_counts(&entries).await?;
+            return self
+                .process(target, shutdown, report, entries, &counts)
+                .await;
         }
 
         let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")

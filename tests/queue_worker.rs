@@ -477,3 +477,42 @@ async fn events_are_plain_stream_entries() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_event_waits_for_claim_idle_even_after_a_restart() {
+    let names = Names::new();
+    names
+        .queue()
+        .await
+        .publish(&event("doc:flaky"))
+        .await
+        .unwrap();
+    let rec = Recorder {
+        fail: ["doc:flaky".to_owned()].into(),
+        ..Recorder::default()
+    };
+    for life in 1..=2 {
+        // Same consumer name: the restart resumes its own pending event once, then leaves it
+        // for `claim_idle` rather than retrying it in a loop.
+        let worker = names
+            .worker("w")
+            .max_deliveries(10)
+            .claim_idle(Duration::from_secs(60))
+            .build()
+            .await
+            .unwrap();
+        let (stop, signal) = shutdown_signal();
+        let task = tokio::spawn(worker.run(rec.clone(), signal));
+        eventually("an attempt", Duration::from_secs(5), || {
+            let n = rec.attempts("doc:flaky");
+            async move { n == life }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.send(()).unwrap();
+        task.await.unwrap().unwrap();
+        assert_eq!(rec.attempts("doc:flaky"), life);
+    }
+    assert_eq!(names.pending().await, 1);
+    assert!(names.dead_letters().await.is_empty());
+}
