@@ -17,21 +17,18 @@ use tower::ServiceExt;
 
 type Events = mpsc::Sender<Result<Bytes, std::io::Error>>;
 
+type SseStack = cachecore::Cachecore<
+    tower::util::BoxCloneSyncService<
+        Request<RequestBody<Full<Bytes>>>,
+        Response<ChannelBody>,
+        std::convert::Infallible,
+    >,
+>;
+
 /// An upstream that answers every call with an SSE stream the test feeds by hand.
 fn sse_upstream(
     layer: &CachecoreLayer,
-) -> (
-    impl tower::Service<
-            Request<Full<Bytes>>,
-            Response = Response<cachecore::ResponseBody<ChannelBody>>,
-            Error = std::convert::Infallible,
-            Future = impl Send,
-        > + Clone
-        + Send
-        + 'static,
-    mpsc::UnboundedReceiver<Events>,
-    Arc<AtomicUsize>,
-) {
+) -> (SseStack, mpsc::UnboundedReceiver<Events>, Arc<AtomicUsize>) {
     let (streams_tx, streams_rx) = mpsc::unbounded_channel();
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
@@ -49,6 +46,7 @@ fn sse_upstream(
             Ok::<_, std::convert::Infallible>(res)
         }
     });
+    let inner = tower::util::BoxCloneSyncService::new(inner);
     (tower::Layer::layer(layer, inner), streams_rx, calls)
 }
 
@@ -211,22 +209,20 @@ async fn concurrent_identical_misses_call_the_inner_service_once() {
     );
 }
 
+type FlakyStack = cachecore::Cachecore<
+    tower::util::BoxCloneSyncService<
+        Request<RequestBody<Full<Bytes>>>,
+        Response<Full<Bytes>>,
+        std::io::Error,
+    >,
+>;
+
 /// An upstream whose first call fails in the given way (after the gate), later calls succeed.
 fn failing_first(
     layer: &CachecoreLayer,
     gate: Arc<Semaphore>,
     first: fn() -> Result<Response<Full<Bytes>>, std::io::Error>,
-) -> (
-    impl tower::Service<
-            Request<Full<Bytes>>,
-            Response = Response<cachecore::ResponseBody<Full<Bytes>>>,
-            Error = std::io::Error,
-            Future = impl Send,
-        > + Clone
-        + Send
-        + 'static,
-    Arc<AtomicUsize>,
-) {
+) -> (FlakyStack, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = calls.clone();
     let inner = tower::service_fn(move |_req: Request<RequestBody<Full<Bytes>>>| {
@@ -240,6 +236,7 @@ fn failing_first(
             Ok(Response::new(Full::new(Bytes::from(format!("call {n}")))))
         }
     });
+    let inner = tower::util::BoxCloneSyncService::new(inner);
     (tower::Layer::layer(layer, inner), calls)
 }
 

@@ -242,7 +242,7 @@ pub enum Freshness {
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| duration_ms(d))
+        .map(duration_ms)
         .unwrap_or(0)
 }
 
