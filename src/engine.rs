@@ -631,7 +631,8 @@ impl Engine {
         let mut res = Response::new(body(entry.body));
         *res.status_mut() = entry.status;
         *res.headers_mut() = entry.headers;
-        res.headers_mut().insert(X_CACHE_AGE, HeaderValue::from(age));
+        res.headers_mut()
+            .insert(X_CACHE_AGE, HeaderValue::from(age));
         self.mark(&mut res, status);
         res
     }
