@@ -490,30 +490,31 @@ impl Engine {
     }
 
     /// Runs one store call under the timeout and the circuit breaker.
-    async fn guarded<T>(&self, call: crate::store::StoreFuture<'_, T>) -> Option<T> {
+    async fn guarded<T>(&self, mut call: crate::store::StoreFuture<'_, T>) -> Option<T> {
         if !self.breaker.allows() {
             self.metrics.store_skipped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        if tokio::runtime::Handle::try_current().is_err() {
-            // No timer without a Tokio runtime: the store call runs unbounded rather than
-            // panicking in a caller's executor.
-            return match call.await {
-                Ok(v) => Some(v),
-                Err(e) => {
-                    self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(target: "cachecore", error = %e, "cache store call failed");
-                    None
-                }
-            };
-        }
-        let error = match tokio::time::timeout(self.config.store_timeout, call).await {
-            Ok(Ok(value)) => {
+        // In-process stores answer on the first poll: they need no timer (and no clock read).
+        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        let outcome = match first {
+            Poll::Ready(result) => result.map_err(|e| e.to_string()),
+            // No timer without a Tokio runtime: the call runs unbounded rather than panicking
+            // in a caller's executor.
+            Poll::Pending if tokio::runtime::Handle::try_current().is_err() => {
+                call.await.map_err(|e| e.to_string())
+            }
+            Poll::Pending => match tokio::time::timeout(self.config.store_timeout, call).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {:?}", self.config.store_timeout)),
+            },
+        };
+        let error = match outcome {
+            Ok(value) => {
                 self.breaker.success();
                 return Some(value);
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {:?}", self.config.store_timeout),
+            Err(error) => error,
         };
         self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
         if self

@@ -137,14 +137,15 @@ impl fmt::Debug for CacheKey {
 
 /// The epoch of each dep an entry was computed from (or a lookup observed), sorted by id.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DepEpochs(Vec<(String, u64)>);
+pub struct DepEpochs(Arc<[(String, u64)]>);
 
 impl DepEpochs {
     /// Builds the set from `(dep id, epoch)` pairs; sorts and removes duplicate ids.
     pub fn new(mut pairs: Vec<(String, u64)>) -> Self {
         pairs.sort();
         pairs.dedup_by(|a, b| a.0 == b.0);
-        Self(pairs)
+        // Shared: entries are cloned on every hit, their epochs need not be.
+        Self(pairs.into())
     }
 
     /// The `(dep id, epoch)` pairs, sorted by id.
