@@ -18,7 +18,7 @@ use http::{Extensions, HeaderMap, Method, Response, StatusCode, Uri};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::key::{compute_key, to_hex, BodyKeying, KeyParts};
+use crate::key::{self, to_hex, BodyKeying, KeyMemo, KeyParts};
 use crate::metrics::Metrics;
 use crate::store::{
     duration_ms, now_ms, CacheKey, CacheStore, DepEpochs, Entry, InvalidationResult, Lookup,
@@ -327,6 +327,7 @@ pub(crate) struct Engine {
     flights: Mutex<HashMap<CacheKey, watch::Receiver<FlightState>>>,
     refreshing: Mutex<HashSet<CacheKey>>,
     breaker: Breaker,
+    key_memo: KeyMemo,
     pub(crate) metrics: Metrics,
 }
 
@@ -355,6 +356,7 @@ impl Engine {
             flights: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashSet::new()),
             breaker: Breaker::default(),
+            key_memo: KeyMemo::default(),
             metrics: Metrics::default(),
         }
     }
@@ -404,20 +406,24 @@ impl Engine {
     }
 
     pub(crate) fn key(&self, plan: &Plan, head: &RequestHead<'_>, body: &[u8]) -> CacheKey {
-        let digest = compute_key(
-            &KeyParts {
-                tenant: plan.namespace.tenant(),
-                policy_version: plan.namespace.policy_version(),
-                partition: plan.namespace.partition(),
-                method: head.method,
-                uri: head.uri,
-                headers: head.headers,
-                vary: &self.config.vary,
-                deps: &plan.deps,
-                body,
-            },
-            &self.config.keying,
-        );
+        let parts = KeyParts {
+            tenant: plan.namespace.tenant(),
+            policy_version: plan.namespace.policy_version(),
+            partition: plan.namespace.partition(),
+            method: head.method,
+            uri: head.uri,
+            headers: head.headers,
+            vary: &self.config.vary,
+            deps: &plan.deps,
+            body,
+        };
+        let mut encoded = Vec::with_capacity(key::HEAD_CAPACITY);
+        key::encode_head(&parts, &mut encoded);
+        // Identical requests repeat (that is what a cache is for): the memo saves them the
+        // canonicalisation and the SHA-256 of the body.
+        let digest = self.key_memo.digest(&encoded, body, || {
+            key::digest(&encoded, body, &self.config.keying)
+        });
         CacheKey::new(plan.namespace.tenant.clone(), digest)
     }
 

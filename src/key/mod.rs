@@ -4,7 +4,9 @@ use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
 
 mod canonical;
+mod memo;
 pub use canonical::{hash_canonical_json, NotJson};
+pub(crate) use memo::KeyMemo;
 
 use crate::Dep;
 
@@ -62,20 +64,30 @@ pub struct KeyParts<'a> {
 /// );
 /// ```
 pub fn compute_key(parts: &KeyParts<'_>, keying: &BodyKeying) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update([KEY_FORMAT_VERSION]);
-    field(&mut h, parts.tenant.as_bytes());
-    field(&mut h, parts.policy_version.as_bytes());
+    let mut head = Vec::with_capacity(HEAD_CAPACITY);
+    encode_head(parts, &mut head);
+    digest(&head, parts.body, keying)
+}
+
+/// A typical head (namespace, method, path, a few deps) fits without growing.
+pub(crate) const HEAD_CAPACITY: usize = 256;
+
+/// Encodes everything but the body: format version, namespace, method, path and query, vary
+/// headers, deps (sorted, deduplicated), each length-prefixed.
+pub(crate) fn encode_head(parts: &KeyParts<'_>, out: &mut Vec<u8>) {
+    out.push(KEY_FORMAT_VERSION);
+    field(out, parts.tenant.as_bytes());
+    field(out, parts.policy_version.as_bytes());
     match parts.partition {
-        None => h.update([0u8]),
+        None => out.push(0),
         Some(p) => {
-            h.update([1u8]);
-            field(&mut h, p.as_bytes());
+            out.push(1);
+            field(out, p.as_bytes());
         }
     }
-    field(&mut h, parts.method.as_str().as_bytes());
+    field(out, parts.method.as_str().as_bytes());
     field(
-        &mut h,
+        out,
         parts
             .uri
             .path_and_query()
@@ -83,13 +95,13 @@ pub fn compute_key(parts: &KeyParts<'_>, keying: &BodyKeying) -> [u8; 32] {
             .as_bytes(),
     );
 
-    count(&mut h, parts.vary.len());
+    count(out, parts.vary.len());
     for name in parts.vary {
-        field(&mut h, name.as_str().as_bytes());
+        field(out, name.as_str().as_bytes());
         let values = parts.headers.get_all(name);
-        count(&mut h, values.iter().count());
+        count(out, values.iter().count());
         for v in values {
-            field(&mut h, v.as_bytes());
+            field(out, v.as_bytes());
         }
     }
 
@@ -100,27 +112,34 @@ pub fn compute_key(parts: &KeyParts<'_>, keying: &BodyKeying) -> [u8; 32] {
         .collect();
     deps.sort_unstable();
     deps.dedup();
-    count(&mut h, deps.len());
+    count(out, deps.len());
     for (id, hash) in deps {
-        field(&mut h, id.as_bytes());
+        field(out, id.as_bytes());
         match hash {
-            None => h.update([0u8]),
+            None => out.push(0),
             Some(hash) => {
-                h.update([1u8]);
-                field(&mut h, hash.as_bytes());
+                out.push(1);
+                field(out, hash.as_bytes());
             }
         }
     }
+}
 
-    if keying.canonical_json && looks_like_json(parts.body) {
+/// SHA-256 of an encoded head followed by the body (canonical JSON when it is JSON and
+/// canonicalisation is on, raw bytes otherwise; tagged so the two never collide).
+pub(crate) fn digest(head: &[u8], body: &[u8], keying: &BodyKeying) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(head);
+    if keying.canonical_json && looks_like_json(body) {
         let mut json = h.clone();
         json.update([b'J']);
-        if hash_canonical_json(parts.body, &keying.ignored_fields, &mut json).is_ok() {
+        if hash_canonical_json(body, &keying.ignored_fields, &mut json).is_ok() {
             return json.finalize().into();
         }
     }
     h.update([b'R']);
-    field(&mut h, parts.body);
+    h.update((body.len() as u64).to_be_bytes());
+    h.update(body);
     h.finalize().into()
 }
 
@@ -132,13 +151,13 @@ fn looks_like_json(body: &[u8]) -> bool {
     )
 }
 
-fn count(h: &mut Sha256, n: usize) {
-    h.update((n as u64).to_be_bytes());
+fn count(out: &mut Vec<u8>, n: usize) {
+    out.extend_from_slice(&(n as u64).to_be_bytes());
 }
 
-fn field(h: &mut Sha256, bytes: &[u8]) {
-    count(h, bytes.len());
-    h.update(bytes);
+fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+    count(out, bytes.len());
+    out.extend_from_slice(bytes);
 }
 
 /// Lowercase hex of `bytes`.

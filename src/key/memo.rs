@@ -1,0 +1,114 @@
+//! A memo of recent key computations, so a repeated request skips canonicalising and hashing
+//! its body.
+//!
+//! The memo is exact, not probabilistic: a slot is used only when the encoded head and the raw
+//! body are byte-for-byte those it was computed from, and the key is a pure function of them.
+//! The fast hash only picks the slot; a collision costs a recomputation, never a wrong key.
+
+use std::hash::BuildHasher;
+use std::sync::{Mutex, PoisonError};
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+/// Slots in the memo (direct-mapped: a new key evicts whatever shared its slot).
+const SLOTS: usize = 512;
+
+/// Bodies larger than this are not memoised. Together with [`SLOTS`] this bounds the memo at
+/// about 8 MiB; larger bodies cost milliseconds upstream anyway.
+const MAX_BODY: usize = 16 * 1024;
+
+#[derive(Debug)]
+pub(crate) struct KeyMemo {
+    slots: Box<[Mutex<Option<Slot>>]>,
+    seed: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    hash: u64,
+    head: Box<[u8]>,
+    body: Box<[u8]>,
+    digest: [u8; 32],
+}
+
+impl Default for KeyMemo {
+    fn default() -> Self {
+        Self {
+            slots: (0..SLOTS).map(|_| Mutex::new(None)).collect(),
+            // Per-process seed: which requests share a slot cannot be steered from outside.
+            seed: std::collections::hash_map::RandomState::new()
+                .hash_one(0u8),
+        }
+    }
+}
+
+impl KeyMemo {
+    /// The digest of `head` + `body`: from the memo when this exact pair was seen, otherwise
+    /// computed with `compute` and remembered.
+    pub(crate) fn digest(
+        &self,
+        head: &[u8],
+        body: &[u8],
+        compute: impl FnOnce() -> [u8; 32],
+    ) -> [u8; 32] {
+        if body.len() > MAX_BODY {
+            return compute();
+        }
+        let hash = xxh3_64_with_seed(body, xxh3_64_with_seed(head, self.seed));
+        let slot = &self.slots[(hash as usize) % SLOTS];
+        if let Some(s) = &*slot.lock().unwrap_or_else(PoisonError::into_inner) {
+            if s.hash == hash && *s.head == *head && *s.body == *body {
+                return s.digest;
+            }
+        }
+        let digest = compute();
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Slot {
+            hash,
+            head: head.into(),
+            body: body.into(),
+            digest,
+        });
+        digest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_memoised_digest_is_returned_only_for_the_exact_same_input() {
+        let memo = KeyMemo::default();
+        let mut calls = 0;
+        let mut get = |head: &[u8], body: &[u8]| {
+            memo.digest(head, body, || {
+                calls += 1;
+                let mut d = [0u8; 32];
+                d[0] = head.len() as u8;
+                d[1] = body.len() as u8;
+                d
+            })
+        };
+        let a = get(b"head", b"body");
+        assert_eq!(get(b"head", b"body"), a);
+        let b = get(b"head", b"bodz");
+        assert_ne!(b, [0u8; 32]);
+        get(b"heaf", b"body");
+        drop(get);
+        assert_eq!(calls, 3, "a hit only for the same head and body");
+    }
+
+    #[test]
+    fn large_bodies_are_not_memoised() {
+        let memo = KeyMemo::default();
+        let body = vec![0u8; MAX_BODY + 1];
+        let mut calls = 0;
+        for _ in 0..2 {
+            memo.digest(b"h", &body, || {
+                calls += 1;
+                [0; 32]
+            });
+        }
+        assert_eq!(calls, 2);
+    }
+}
