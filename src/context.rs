@@ -2,6 +2,7 @@
 //! the request.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::Dep;
@@ -24,7 +25,8 @@ use crate::Dep;
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestContext {
-    pub(crate) deps: Vec<Dep>,
+    // Shared: the layer clones the context of every request it plans.
+    pub(crate) deps: Arc<[Dep]>,
     pub(crate) bypass: bool,
     pub(crate) refresh: bool,
     pub(crate) ttl: Option<Duration>,
@@ -39,7 +41,7 @@ impl RequestContext {
     /// A context that declares `deps`.
     pub fn with_deps(deps: impl IntoIterator<Item = Dep>) -> Self {
         Self {
-            deps: deps.into_iter().collect(),
+            deps: deps.into_iter().collect::<Vec<_>>().into(),
             ..Self::default()
         }
     }
@@ -55,7 +57,9 @@ impl RequestContext {
     /// Declares that the response is derived from `dep`.
     #[must_use]
     pub fn dep(mut self, dep: Dep) -> Self {
-        self.deps.push(dep);
+        let mut deps = self.deps.to_vec();
+        deps.push(dep);
+        self.deps = deps.into();
         self
     }
 

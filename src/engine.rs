@@ -279,7 +279,7 @@ impl BypassReason {
 #[derive(Debug)]
 pub(crate) struct Plan {
     pub(crate) namespace: Namespace,
-    pub(crate) deps: Vec<Dep>,
+    pub(crate) deps: Arc<[Dep]>,
     pub(crate) refresh: bool,
     pub(crate) fresh_ttl: Duration,
 }
@@ -388,7 +388,7 @@ impl Engine {
                 return Err(BypassReason::BodyTooLarge);
             }
         }
-        for dep in &ctx.deps {
+        for dep in ctx.deps.iter() {
             if let Err(e) = validate_dep_id(dep.id()) {
                 return Err(BypassReason::InvalidDep(format!("{e}: {:?}", dep.id())));
             }
@@ -968,14 +968,17 @@ impl Breaker {
     }
 
     fn allows(&self) -> bool {
-        // Past the cool-down the breaker is half-open: calls go through, and the next failure
-        // opens it again straight away (the failure count is still at the threshold).
-        self.open_until_ms.load(Ordering::Relaxed) <= self.now()
+        // Zero: never opened, or closed again. Checked first so a healthy store costs no clock
+        // read. Past the cool-down the breaker is half-open: calls go through, and the next
+        // failure opens it again straight away (the failure count is still at the threshold).
+        let until = self.open_until_ms.load(Ordering::Relaxed);
+        until == 0 || until <= self.now()
     }
 
     fn success(&self) {
         if self.failures.load(Ordering::Relaxed) != 0 {
             self.failures.store(0, Ordering::Relaxed);
+            self.open_until_ms.store(0, Ordering::Relaxed);
         }
     }
 
