@@ -323,6 +323,7 @@ pub(crate) struct Forward {
 /// The engine behind every adapter.
 pub(crate) struct Engine {
     store: Arc<dyn CacheStore>,
+    self_bounded: bool,
     pub(crate) config: Config,
     flights: Mutex<HashMap<CacheKey, watch::Receiver<FlightState>>>,
     refreshing: Mutex<HashSet<CacheKey>>,
@@ -351,6 +352,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Engine {
     pub(crate) fn new(store: Arc<dyn CacheStore>, config: Config) -> Self {
         Self {
+            self_bounded: store.bounds_its_own_calls(),
             store,
             config,
             flights: Mutex::new(HashMap::new()),
@@ -505,9 +507,11 @@ impl Engine {
         let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
         let outcome = match first {
             Poll::Ready(result) => result.map_err(|e| e.to_string()),
-            // No timer without a Tokio runtime: the call runs unbounded rather than panicking
-            // in a caller's executor.
-            Poll::Pending if tokio::runtime::Handle::try_current().is_err() => {
+            // A store with its own timeout needs no second timer. Without a Tokio runtime there
+            // is no timer: the call runs unbounded rather than panicking in a caller's executor.
+            Poll::Pending
+                if self.self_bounded || tokio::runtime::Handle::try_current().is_err() =>
+            {
                 call.await.map_err(|e| e.to_string())
             }
             Poll::Pending => match tokio::time::timeout(self.config.store_timeout, call).await {

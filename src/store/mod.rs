@@ -46,6 +46,13 @@ pub trait CacheStore: Send + Sync + 'static {
         new_hash: &'a str,
     ) -> StoreFuture<'a, InvalidationResult>;
 
+    /// Whether every call of this store ends within a time bound the store enforces itself
+    /// (its own timeout). The layer then sets no timer of its own around the store's calls;
+    /// otherwise it bounds each call that does not answer at once by its store timeout.
+    fn bounds_its_own_calls(&self) -> bool {
+        false
+    }
+
     /// [`invalidate`](Self::invalidate) for each id, reporting per id. The default calls
     /// `invalidate` in turn; a store can do better.
     fn invalidate_many<'a>(
@@ -68,6 +75,9 @@ pub trait CacheStore: Send + Sync + 'static {
 }
 
 impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
+    fn bounds_its_own_calls(&self) -> bool {
+        (**self).bounds_its_own_calls()
+    }
     fn lookup<'a>(&'a self, key: &'a CacheKey, deps: &'a [&'a str]) -> StoreFuture<'a, Lookup> {
         (**self).lookup(key, deps)
     }

@@ -618,6 +618,11 @@ impl CacheStore for RedisStore {
         Box::pin(self.lookup_inner(key, deps))
     }
 
+    /// Every call is bounded by [`RedisStoreBuilder::timeout`].
+    fn bounds_its_own_calls(&self) -> bool {
+        true
+    }
+
     fn put<'a>(&'a self, key: &'a CacheKey, entry: Entry) -> StoreFuture<'a, PutOutcome> {
         Box::pin(self.put_inner(key, entry))
     }
