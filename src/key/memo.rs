@@ -36,8 +36,7 @@ impl Default for KeyMemo {
         Self {
             slots: (0..SLOTS).map(|_| Mutex::new(None)).collect(),
             // Per-process seed: which requests share a slot cannot be steered from outside.
-            seed: std::collections::hash_map::RandomState::new()
-                .hash_one(0u8),
+            seed: std::collections::hash_map::RandomState::new().hash_one(0u8),
         }
     }
 }
