@@ -1,6 +1,10 @@
 //! The client examples, run as tests: each example's `run()` is what `cargo run --example`
 //! does, against its own local stand-in server.
 
+// Each example carries the shared stand-in server as a module of its own (so it runs alone with
+// `cargo run --example`); compiling two examples here includes that file twice, on purpose.
+#![allow(clippy::duplicate_mod)]
+
 use cachecore::CacheStatus::{Hit, Miss};
 
 #[allow(dead_code, unreachable_pub)]
