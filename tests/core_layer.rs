@@ -421,3 +421,44 @@ async fn ignored_json_fields_do_not_change_the_key() {
         "MISS"
     );
 }
+
+#[tokio::test]
+async fn with_canonical_json_off_the_raw_bytes_are_the_key() {
+    let up = Upstream::new();
+    let layer = CachecoreLayer::builder().canonical_json(false).build();
+    let svc = stack(&layer, &up);
+    send(&svc, chat(r#"{"a":1,"b":2}"#)).await;
+    assert_eq!(send(&svc, chat(r#"{"a":1,"b":2}"#)).await.x_cache, "HIT_L1");
+    assert_eq!(send(&svc, chat(r#"{"b":2,"a":1}"#)).await.x_cache, "MISS");
+}
+
+#[tokio::test]
+async fn the_key_memo_never_serves_one_tenant_anothers_entry() {
+    // Byte-identical bodies from two API keys: the memoised digest must not cross partitions.
+    let up = Upstream::new();
+    let svc = stack(&layer(), &up);
+    let as_key = |k: &str| {
+        let mut req = chat(BODY);
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {k}").parse().unwrap());
+        req
+    };
+    for _ in 0..3 {
+        for k in ["sk-a", "sk-b"] {
+            send(&svc, as_key(k)).await;
+        }
+    }
+    assert_eq!(
+        up.calls(),
+        2,
+        "one upstream call per API key, however often repeated"
+    );
+    assert!(send(&svc, as_key("sk-a"))
+        .await
+        .text()
+        .starts_with("call 1"));
+    assert!(send(&svc, as_key("sk-b"))
+        .await
+        .text()
+        .starts_with("call 2"));
+}
