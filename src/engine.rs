@@ -467,12 +467,19 @@ impl Engine {
                 Flight::Leader(guard) => flight = Some(guard),
                 Flight::Follower(rx) => {
                     self.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
-                    if let Some(entry) = Flight::wait(rx).await {
-                        return Route::Serve((*entry).clone(), CacheStatus::Hit);
-                    }
-                    // The leader stored nothing (error, not cacheable, refused): go upstream
-                    // ourselves, and do not record, so a burst does not become a second stampede.
                     observed = None;
+                    // The leader stored its answer: read it back from the store rather than take
+                    // it from the leader, so an invalidation that ran since the write is seen
+                    // (rule 4 holds for followers too). If the leader stored nothing (error, not
+                    // cacheable, refused), go upstream ourselves without recording, so a burst
+                    // does not become a second stampede.
+                    if Flight::wait(rx).await {
+                        match self.lookup(key, &plan.dep_ids()).await {
+                            Found::Hit(entry, status) => return Route::Serve(entry, status),
+                            Found::Miss(epochs) => observed = Some(epochs),
+                            Found::Unavailable => {}
+                        }
+                    }
                 }
             }
         }
@@ -779,11 +786,13 @@ fn storable_headers(headers: &HeaderMap) -> HeaderMap {
 }
 
 /// What the leader of an in-flight call tells its followers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub(crate) enum FlightState {
     Pending,
-    /// The stored entry, or `None`: the followers call the inner service themselves.
-    Done(Option<Arc<Entry>>),
+    /// Whether the leader's answer was stored (if not, followers call upstream themselves).
+    Done {
+        stored: bool,
+    },
 }
 
 pub(crate) enum Flight {
@@ -792,14 +801,11 @@ pub(crate) enum Flight {
 }
 
 impl Flight {
-    /// Waits for the leader; `None` when it stored nothing.
-    pub(crate) async fn wait(mut rx: watch::Receiver<FlightState>) -> Option<Arc<Entry>> {
-        match rx.wait_for(|s| matches!(s, FlightState::Done(_))).await {
-            Ok(state) => match &*state {
-                FlightState::Done(entry) => entry.clone(),
-                FlightState::Pending => None,
-            },
-            Err(_) => None,
+    /// Waits for the leader; true when it stored its answer.
+    pub(crate) async fn wait(mut rx: watch::Receiver<FlightState>) -> bool {
+        match rx.wait_for(|s| matches!(s, FlightState::Done { .. })).await {
+            Ok(state) => matches!(*state, FlightState::Done { stored: true }),
+            Err(_) => false,
         }
     }
 }
@@ -813,21 +819,21 @@ pub(crate) struct FlightGuard {
 }
 
 impl FlightGuard {
-    pub(crate) fn finish(mut self, entry: Option<Arc<Entry>>) {
-        self.release(entry);
+    pub(crate) fn finish(mut self, stored: bool) {
+        self.release(stored);
     }
 
-    fn release(&mut self, entry: Option<Arc<Entry>>) {
+    fn release(&mut self, stored: bool) {
         if let Some(key) = self.key.take() {
             lock(&self.engine.flights).remove(&key);
-            self.tx.send_replace(FlightState::Done(entry));
+            self.tx.send_replace(FlightState::Done { stored });
         }
     }
 }
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
-        self.release(None);
+        self.release(false);
     }
 }
 
@@ -891,10 +897,9 @@ impl Recorder {
             deps: observed,
         };
         PendingStore(Some(Box::pin(async move {
-            let for_followers = flight.as_ref().map(|_| entry.clone());
             let stored = engine.put(&key, entry).await;
             if let Some(flight) = flight {
-                flight.finish(for_followers.filter(|_| stored).map(Arc::new));
+                flight.finish(stored);
             }
         })))
     }

@@ -296,3 +296,72 @@ async fn followers_go_upstream_when_the_leader_fails() {
     })
     .await;
 }
+
+/// A store that invalidates `doc:1` right after each successful write, as a webhook racing the
+/// write would.
+#[derive(Clone)]
+struct InvalidateAfterPut(MemoryStore);
+
+impl cachecore::CacheStore for InvalidateAfterPut {
+    fn lookup<'a>(
+        &'a self,
+        key: &'a cachecore::CacheKey,
+        deps: &'a [&'a str],
+    ) -> cachecore::store::StoreFuture<'a, cachecore::Lookup> {
+        self.0.lookup(key, deps)
+    }
+    fn put<'a>(
+        &'a self,
+        key: &'a cachecore::CacheKey,
+        entry: cachecore::Entry,
+    ) -> cachecore::store::StoreFuture<'a, cachecore::PutOutcome> {
+        Box::pin(async move {
+            let out = self.0.put(key, entry).await?;
+            self.0.invalidate(key.tenant(), "doc:1", "v2").await?;
+            Ok(out)
+        })
+    }
+    fn invalidate<'a>(
+        &'a self,
+        tenant: &'a str,
+        dep_id: &'a str,
+        new_hash: &'a str,
+    ) -> cachecore::store::StoreFuture<'a, cachecore::InvalidationResult> {
+        self.0.invalidate(tenant, dep_id, new_hash)
+    }
+}
+
+#[tokio::test]
+async fn followers_never_get_an_answer_invalidated_after_the_leader_stored_it() {
+    let (up, gate, mut started) = Upstream::new().gated();
+    let layer = CachecoreLayer::builder()
+        .store(InvalidateAfterPut(MemoryStore::new()))
+        .build();
+    let svc = stack(&layer, &up);
+    let req = || {
+        let mut req = chat("summarise doc 1");
+        req.extensions_mut()
+            .insert(cachecore::RequestContext::with_deps([cachecore::Dep::new(
+                "doc:1",
+            )]));
+        req
+    };
+    let leader = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, req()).await }
+    });
+    assert_eq!(started.recv().await, Some(1));
+    let follower = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, req()).await }
+    });
+    eventually("the follower joins", || layer.metrics().coalesced == 1).await;
+    gate.add_permits(2);
+    assert!(leader.await.unwrap().text().starts_with("call 1"));
+    let seen = follower.await.unwrap();
+    assert!(
+        seen.text().starts_with("call 2"),
+        "the follower went upstream instead of serving the invalidated answer: {}",
+        seen.text()
+    );
+}
