@@ -23,7 +23,7 @@
 //! ```
 //!
 //! Calls are retried, with exponential backoff and jitter, on connection errors, timeouts,
-//! `5xx` and `429` (waiting at least the `Retry-After` seconds the server asks for); other `4xx`
+//! `5xx` and `429` (waiting at least the `Retry-After` the server asks for); other `4xx`
 //! are returned at once. Retrying is safe: invalidating twice has the effect of invalidating
 //! once.
 //!
@@ -474,11 +474,18 @@ fn http_error(status: StatusCode, body: &[u8]) -> ClientError {
     }
 }
 
-/// `Retry-After` in seconds (RFC 9110 section 10.2.3). The HTTP-date form is not read; the
-/// backoff applies then.
+/// `Retry-After` as delay-seconds or as an HTTP date (RFC 9110 section 10.2.3); a date in the
+/// past means "now".
 fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }
 
 /// A wait between half and all of `backoff`, so that clients failing together do not retry
@@ -498,6 +505,30 @@ fn jitter(backoff: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn with_retry_after(v: &str) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::RETRY_AFTER, v.parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_an_http_date() {
+        assert_eq!(
+            retry_after(&with_retry_after("7")),
+            Some(Duration::from_secs(7))
+        );
+        let soon = std::time::SystemTime::now() + Duration::from_secs(120);
+        let wait = retry_after(&with_retry_after(&httpdate::fmt_http_date(soon))).unwrap();
+        assert!(
+            wait > Duration::from_secs(100) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
+        let past = "Wed, 21 Oct 2015 07:28:00 GMT";
+        assert_eq!(retry_after(&with_retry_after(past)), Some(Duration::ZERO));
+        assert_eq!(retry_after(&with_retry_after("soon")), None);
+        assert_eq!(retry_after(&http::HeaderMap::new()), None);
+    }
 
     #[test]
     fn endpoint_keeps_a_base_path() {
