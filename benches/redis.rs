@@ -10,6 +10,7 @@
 //! ```text
 //! cargo bench --features redis --bench redis
 //! BENCH_SECS=10 BENCH_ENTRIES=100000 cargo bench --features redis --bench redis
+//! BENCH_WORKERS=1 BENCH_PARTS=throughput cargo bench --features redis --bench redis
 //! ```
 //!
 //! Without `--bench` (as under `cargo test --all-targets`) it runs a short smoke version.
@@ -64,8 +65,14 @@ fn main() {
         println!("smoke run (no --bench): small sizes, short runs; the numbers are not measures");
     }
     let server = RedisServer::start();
+    // BENCH_WORKERS: client runtime threads (default 2, the machine's cores; redis-server
+    // competes with them for those cores).
+    let workers = std::env::var("BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
         .unwrap();
