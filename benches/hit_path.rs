@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::hint::black_box;
 
 use bytes::Bytes;
-use cachecore::{CachecoreLayer, MemoryStore};
+use cachecore::{CachecoreLayer, Dep, MemoryStore, RequestContext};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{Request, Response};
 use http_body::Body;
@@ -54,15 +54,19 @@ async fn inner<B: Body>(_req: Request<B>) -> Result<Response<Full<Bytes>>, Infal
     Ok(res)
 }
 
-fn request(body: &Bytes) -> Request<Full<Bytes>> {
-    Request::post("http://api.local/v1/chat/completions")
+fn request(body: &Bytes, ctx: Option<&RequestContext>) -> Request<Full<Bytes>> {
+    let mut req = Request::post("http://api.local/v1/chat/completions")
         .header("content-type", "application/json")
         .header("authorization", "Bearer sk-bench")
         .body(Full::new(body.clone()))
-        .unwrap()
+        .unwrap();
+    if let Some(ctx) = ctx {
+        req.extensions_mut().insert(ctx.clone());
+    }
+    req
 }
 
-async fn roundtrip<S, B>(svc: &mut S, body: &Bytes) -> Bytes
+async fn roundtrip<S, B>(svc: &mut S, body: &Bytes, ctx: Option<&RequestContext>) -> Bytes
 where
     S: Service<Request<Full<Bytes>>, Response = Response<B>, Error = Infallible>,
     B: Body,
@@ -72,7 +76,7 @@ where
         .ready()
         .await
         .unwrap()
-        .call(request(body))
+        .call(request(body, ctx))
         .await
         .unwrap();
     res.into_body().collect().await.unwrap().to_bytes()
@@ -91,24 +95,28 @@ fn hit_path(c: &mut Criterion) {
         let bare = tower::service_fn(inner::<Full<Bytes>>);
         group.bench_with_input(BenchmarkId::new("bare_service", size), &body, |b, body| {
             b.to_async(&rt)
-                .iter(|| async { black_box(roundtrip(&mut bare.clone(), body).await) })
+                .iter(|| async { black_box(roundtrip(&mut bare.clone(), body, None).await) })
         });
 
-        let layer = CachecoreLayer::builder().store(MemoryStore::new()).build();
-        let cached = layer.layer(tower::service_fn(
-            inner::<cachecore::RequestBody<Full<Bytes>>>,
-        ));
-        rt.block_on(async {
-            let mut warm = cached.clone();
-            roundtrip(&mut warm, &body).await;
-            roundtrip(&mut warm, &body).await;
-        });
-        assert_eq!(layer.metrics().hits, 1, "the benchmark measures hits");
-        group.bench_with_input(BenchmarkId::new("layer_hit", size), &body, |b, body| {
-            b.to_async(&rt)
-                .iter(|| async { black_box(roundtrip(&mut cached.clone(), body).await) })
-        });
-        assert_eq!(layer.metrics().misses, 1, "every measured call was a hit");
+        // The same hit with no declared dep (the policy dep is still checked), and with one.
+        let one_dep = RequestContext::new().dep(Dep::new("doc:contract-123").hash("v1"));
+        for (name, ctx) in [("layer_hit", None), ("layer_hit_1dep", Some(&one_dep))] {
+            let layer = CachecoreLayer::builder().store(MemoryStore::new()).build();
+            let cached = layer.layer(tower::service_fn(
+                inner::<cachecore::RequestBody<Full<Bytes>>>,
+            ));
+            rt.block_on(async {
+                let mut warm = cached.clone();
+                roundtrip(&mut warm, &body, ctx).await;
+                roundtrip(&mut warm, &body, ctx).await;
+            });
+            assert_eq!(layer.metrics().hits, 1, "the benchmark measures hits");
+            group.bench_with_input(BenchmarkId::new(name, size), &body, |b, body| {
+                b.to_async(&rt)
+                    .iter(|| async { black_box(roundtrip(&mut cached.clone(), body, ctx).await) })
+            });
+            assert_eq!(layer.metrics().misses, 1, "every measured call was a hit");
+        }
     }
     group.finish();
 }
