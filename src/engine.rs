@@ -320,6 +320,17 @@ pub(crate) struct Forward {
     flight: Option<FlightGuard>,
 }
 
+impl Forward {
+    /// The right to store of a background refresh: the epochs its stale entry recorded (current
+    /// at the lookup that found it), no single-flight.
+    pub(crate) fn refresh(observed: DepEpochs) -> Self {
+        Self {
+            observed: Some(observed),
+            flight: None,
+        }
+    }
+}
+
 /// The engine behind every adapter.
 pub(crate) struct Engine {
     store: Arc<dyn CacheStore>,
@@ -450,7 +461,8 @@ impl Engine {
         plan: &Plan,
         serve_stale: bool,
     ) -> Route {
-        let mut observed = match self.lookup(key, &plan.dep_ids()).await {
+        let deps = plan.dep_ids();
+        let mut observed = match self.lookup(key, &deps).await {
             Found::Hit(entry, status)
                 if !plan.refresh && (serve_stale || status != CacheStatus::StaleHit) =>
             {
@@ -474,7 +486,7 @@ impl Engine {
                     // cacheable, refused), go upstream ourselves without recording, so a burst
                     // does not become a second stampede.
                     if Flight::wait(rx).await {
-                        match self.lookup(key, &plan.dep_ids()).await {
+                        match self.lookup(key, &deps).await {
                             Found::Hit(entry, status) => return Route::Serve(entry, status),
                             Found::Miss(epochs) => observed = Some(epochs),
                             Found::Unavailable => {}
@@ -491,7 +503,7 @@ impl Engine {
     pub(crate) fn start_recording(
         self: &Arc<Self>,
         key: CacheKey,
-        plan: &Plan,
+        fresh_ttl: Duration,
         forward: Forward,
         status: StatusCode,
         headers: &HeaderMap,
@@ -501,7 +513,7 @@ impl Engine {
         if !self.admits(status, headers) {
             return None;
         }
-        Some(self.recorder(key, observed, plan.fresh_ttl, status, headers, flight))
+        Some(self.recorder(key, observed, fresh_ttl, status, headers, flight))
     }
 
     /// Runs one store call under the timeout and the circuit breaker.
@@ -591,7 +603,7 @@ impl Engine {
 
     /// Whether a response may be stored (DESIGN section 6: 2xx only; no `no-store`/`private`;
     /// nothing that sets cookies; not larger than the recording limit when its length is known).
-    pub(crate) fn admits(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+    fn admits(&self, status: StatusCode, headers: &HeaderMap) -> bool {
         if !status.is_success() {
             return false;
         }
@@ -613,7 +625,7 @@ impl Engine {
     }
 
     /// Starts recording a response that will become an entry when its body ends cleanly.
-    pub(crate) fn recorder(
+    fn recorder(
         self: &Arc<Self>,
         key: CacheKey,
         observed: DepEpochs,
@@ -926,11 +938,6 @@ impl PendingStore {
     /// Runs the write to completion.
     pub(crate) async fn wait(mut self) {
         std::future::poll_fn(|cx| self.poll(cx)).await;
-    }
-
-    /// Lets the write finish in the background.
-    pub(crate) fn detach(mut self) {
-        self.spawn_rest();
     }
 
     fn spawn_rest(&mut self) {

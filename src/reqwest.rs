@@ -161,7 +161,8 @@ async fn handle(
     };
 
     let mut res = next.run(req, extensions).await?;
-    let Some(recorder) = engine.start_recording(key, &plan, forward, res.status(), res.headers())
+    let Some(recorder) =
+        engine.start_recording(key, plan.fresh_ttl, forward, res.status(), res.headers())
     else {
         mark(engine, &mut res, CacheStatus::Miss);
         return Ok(res);

@@ -116,7 +116,7 @@ impl CachecoreLayer {
         self.engine.metrics.snapshot()
     }
 
-    #[allow(dead_code)] // used by the reqwest adapter and the invalidation service
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))] // the reqwest adapter's way in
     pub(crate) fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }

@@ -17,7 +17,7 @@ use tower_service::Service;
 
 use super::body::{into_bytes, RequestBody, ResponseBody};
 use super::future::ResponseFuture;
-use crate::engine::{Engine, Plan, RequestHead, Route};
+use crate::engine::{Engine, Forward, Plan, RequestHead, Route};
 use crate::store::{CacheKey, DepEpochs};
 use crate::CacheStatus;
 
@@ -225,12 +225,18 @@ where
         .call(Request::from_parts(parts, RequestBody::full(body)))
         .await?;
     let (res_parts, res_body) = res.into_parts();
-    let recorder =
-        engine.start_recording(key, &plan, forward, res_parts.status, &res_parts.headers);
+    let recorder = engine.start_recording(
+        key,
+        plan.fresh_ttl,
+        forward,
+        res_parts.status,
+        &res_parts.headers,
+    );
     let body = match recorder {
-        // Servers may never poll a body that is already at its end.
+        // Servers may never poll a body that is already at its end: store it now, before the
+        // response goes out, as a recording body does before it reports its end.
         Some(recorder) if res_body.is_end_stream() => {
-            recorder.finish().detach();
+            recorder.finish().wait().await;
             ResponseBody::passthrough(res_body)
         }
         Some(recorder) => ResponseBody::recording(res_body, recorder),
@@ -285,12 +291,16 @@ fn spawn_refresh<S, ReqB, ResB>(
         let Ok(res) = svc.call(req).await else {
             return;
         };
-        if !engine.admits(res.status(), res.headers()) {
-            return;
-        }
         let (parts, body) = res.into_parts();
-        let mut recorder =
-            engine.recorder(key, observed, fresh_ttl, parts.status, &parts.headers, None);
+        let Some(mut recorder) = engine.start_recording(
+            key,
+            fresh_ttl,
+            Forward::refresh(observed),
+            parts.status,
+            &parts.headers,
+        ) else {
+            return;
+        };
         let mut body = std::pin::pin!(body);
         while let Some(frame) = body.frame().await {
             let Ok(frame) = frame else { return };
