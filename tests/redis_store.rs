@@ -459,7 +459,7 @@ async fn connection_loss_is_survived() {
             "{err}"
         );
         // Within the timeout, plus scheduling slack on a busy machine.
-        assert!(took < TIMEOUT + Duration::from_millis(250), "took {took:?}");
+        assert!(took < TIMEOUT * 3, "took {took:?}");
         let err = store
             .invalidate("t", DOC, "h")
             .await
