@@ -334,6 +334,54 @@ impl RedisCluster {
         &self.nodes
     }
 
+    /// The nodes, to kill one.
+    #[allow(dead_code)]
+    pub fn nodes_mut(&mut self) -> &mut [RedisServer] {
+        &mut self.nodes
+    }
+
+    /// Restarts node `i` (empty, with its saved cluster config) and waits until the cluster is
+    /// whole again.
+    #[allow(dead_code)]
+    pub fn restart_node(&mut self, i: usize) {
+        self.nodes[i].restart();
+        self.wait_ok();
+    }
+
+    /// The port of the master that owns the slot of hash tag `{tag}`.
+    #[allow(dead_code)]
+    pub fn node_for_tag(&self, tag: &str) -> u16 {
+        let slot: u16 = self.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", &format!("{{{tag}}}")])
+            .trim()
+            .parse()
+            .expect("CLUSTER KEYSLOT answers a number");
+        let nodes = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let Some(port) = fields
+                .get(1)
+                .and_then(|a| a.split('@').next())
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+            else {
+                continue;
+            };
+            let owns = fields.iter().skip(8).any(|range| {
+                let mut ends = range.splitn(2, '-').map(|n| n.parse::<u16>());
+                match (ends.next(), ends.next()) {
+                    (Some(Ok(a)), Some(Ok(b))) => (a..=b).contains(&slot),
+                    (Some(Ok(a)), None) => a == slot,
+                    _ => false,
+                }
+            });
+            if owns {
+                return port;
+            }
+        }
+        panic!("no master owns slot {slot}: {nodes}");
+    }
+
     /// Runs `redis-cli -c` (follows redirects) against the first node.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut all = vec!["-c"];
