@@ -18,6 +18,7 @@ use http::{Extensions, HeaderMap, Method, Response, StatusCode, Uri};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::auth::{AuthError, Authenticator};
 use crate::key::{self, to_hex, BodyKeying, KeyMemo, KeyParts};
 use crate::metrics::Metrics;
 use crate::store::{
@@ -137,6 +138,8 @@ pub(crate) enum NamespaceSource {
         policy_version: Arc<str>,
     },
     Resolver(NamespaceResolver),
+    /// The namespace an authenticator gives the request's credentials (trusted-header mode).
+    Authenticated(Arc<dyn Authenticator>),
 }
 
 /// Headers whose value identifies the caller, in the order they are looked for.
@@ -168,6 +171,7 @@ impl NamespaceSource {
         match self {
             Self::Fixed(ns) => Some(ns.clone()),
             Self::Resolver(f) => f(head),
+            Self::Authenticated(auth) => auth.authenticate(head.headers).ok(),
             Self::Credentials { policy_version } => {
                 let partition = CREDENTIAL_HEADERS
                     .iter()
@@ -182,6 +186,19 @@ impl NamespaceSource {
                         .with_partition(partition),
                 )
             }
+        }
+    }
+
+    /// For an authenticator, the one verification of the request's credentials: `Some(None)`
+    /// when it has none, an error saying why when they are rejected. `None` for other sources.
+    fn authenticate(&self, head: &RequestHead<'_>) -> Result<Option<Option<Namespace>>, String> {
+        let Self::Authenticated(auth) = self else {
+            return Ok(None);
+        };
+        match auth.authenticate(head.headers) {
+            Ok(ns) => Ok(Some(Some(ns))),
+            Err(AuthError::Missing) => Ok(Some(None)),
+            Err(e @ AuthError::Invalid(_)) => Err(e.to_string()),
         }
     }
 
@@ -217,7 +234,9 @@ impl Config {
         match &self.namespace {
             NamespaceSource::Fixed(ns) => ns.policy_version.clone(),
             NamespaceSource::Credentials { policy_version } => policy_version.clone(),
-            NamespaceSource::Resolver(_) => Arc::from(DEFAULT_POLICY_VERSION),
+            NamespaceSource::Resolver(_) | NamespaceSource::Authenticated(_) => {
+                Arc::from(DEFAULT_POLICY_VERSION)
+            }
         }
     }
 
@@ -376,6 +395,13 @@ impl Engine {
 
     /// Decides, from the head alone, whether the request is cached and how.
     pub(crate) fn plan(&self, head: &RequestHead<'_>) -> Result<Plan, BypassReason> {
+        // Credentials an authenticator checks are verified once per request, first: rejected
+        // ones make the request a bypass that says why.
+        let authenticated = self
+            .config
+            .namespace
+            .authenticate(head)
+            .map_err(BypassReason::BadContext)?;
         let ctx = match head.extensions.get::<RequestContext>() {
             Some(ctx) => Some(ctx.clone()),
             None => current_scope(),
@@ -406,9 +432,8 @@ impl Engine {
                 return Err(BypassReason::InvalidDep(format!("{e}: {:?}", dep.id())));
             }
         }
-        let namespace = self
-            .config
-            .namespace_of(head)
+        let namespace = authenticated
+            .unwrap_or_else(|| self.config.namespace_of(head))
             .ok_or(BypassReason::NoNamespace)?;
         Ok(Plan {
             namespace,

@@ -37,7 +37,6 @@
 //! [`CachecoreBuilder::trusted_headers`]: crate::CachecoreBuilder::trusted_headers
 
 use std::fmt;
-use std::sync::Arc;
 
 use base64::alphabet;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
@@ -46,7 +45,7 @@ use base64::Engine as _;
 use http::{HeaderMap, HeaderName};
 use serde::{Deserialize, Serialize};
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::Authenticator;
 use crate::{CachecoreBuilder, Dep, RequestContext};
 
 pub use crate::auth::X_CACHECORE_TOKEN;
@@ -187,15 +186,8 @@ impl CachecoreBuilder {
     /// Only turn this on where the headers come from callers you let control the cache: a
     /// gateway in front of an upstream API, not a public app server.
     pub fn trusted_headers(self, auth: impl Authenticator) -> Self {
-        let auth: Arc<dyn Authenticator> = Arc::new(auth);
-        let for_namespace = Arc::clone(&auth);
-        self.namespace_resolver(move |head| for_namespace.authenticate(head.headers).ok())
-            .context_resolver(move |head| {
-                if let Err(e @ AuthError::Invalid(_)) = auth.authenticate(head.headers) {
-                    return Err(e.to_string());
-                }
-                context_from_headers(head.headers).map_err(|e| e.to_string())
-            })
+        self.authenticator(auth)
+            .context_resolver(|head| context_from_headers(head.headers).map_err(|e| e.to_string()))
             .similarity_header(true)
     }
 }

@@ -386,3 +386,70 @@ async fn wire_mode_bypass_header() {
     assert_eq!(layer.metrics().bypasses, 2);
     let _ = CacheStatus::Bypass;
 }
+
+/// An authenticator that counts its calls.
+#[derive(Clone, Default)]
+struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Authenticator for Counting {
+    fn authenticate(&self, headers: &HeaderMap) -> Result<cachecore::Namespace, AuthError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        auth().authenticate(headers)
+    }
+}
+
+#[tokio::test]
+async fn wire_mode_verifies_credentials_once_per_request() {
+    let counting = Counting::default();
+    let layer = CachecoreLayer::builder()
+        .trusted_headers(counting.clone())
+        .build();
+    let svc = wire_service(&layer);
+    let bearer = format!("Bearer {}", token("acme"));
+    let deps = encode_deps(&[Dep::new("doc:1")]);
+    let hs = [
+        ("authorization", bearer.as_str()),
+        ("x-cachecore-deps", deps.as_str()),
+    ];
+    assert_eq!(x_cache(&send(&svc, &hs).await), "MISS");
+    assert_eq!(x_cache(&send(&svc, &hs).await), "HIT_L1");
+    let res = send(&svc, &[("authorization", "Bearer not-a-token")]).await;
+    assert_eq!(x_cache(&res), "BYPASS");
+    assert!(res.headers().contains_key(X_CACHE_ERROR));
+    assert_eq!(counting.0.load(std::sync::atomic::Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn an_authenticator_gives_the_layer_its_namespace_without_trusted_headers() {
+    let layer = CachecoreLayer::builder().authenticator(auth()).build();
+    let svc = wire_service(&layer);
+    let acme = format!("Bearer {}", token("acme"));
+    let globex = format!("Bearer {}", token("globex"));
+    // Deps headers are not trusted here: they are neither read nor an error.
+    let hs = [
+        ("authorization", acme.as_str()),
+        ("x-cachecore-deps", "%%%"),
+    ];
+    assert_eq!(x_cache(&send(&svc, &hs).await), "MISS");
+    assert_eq!(x_cache(&send(&svc, &hs).await), "HIT_L1");
+    assert_eq!(
+        x_cache(&send(&svc, &[("authorization", &globex)]).await),
+        "MISS"
+    );
+    assert_eq!(x_cache(&send(&svc, &[]).await), "BYPASS");
+    let res = send(&svc, &[("authorization", "Bearer not-a-token")]).await;
+    assert_eq!(x_cache(&res), "BYPASS");
+    assert!(res.headers().contains_key(X_CACHE_ERROR));
+    // The policy dep is per tenant: retiring acme leaves globex alone.
+    assert!(
+        layer
+            .invalidate_in("acme", cachecore::POLICY_DEP, None)
+            .await
+            .ok
+    );
+    assert_eq!(x_cache(&send(&svc, &hs).await), "MISS");
+    assert_eq!(
+        x_cache(&send(&svc, &[("authorization", &globex)]).await),
+        "HIT_L1"
+    );
+}

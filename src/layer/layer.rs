@@ -8,6 +8,7 @@ use http::{HeaderName, Method};
 use tower_layer::Layer;
 
 use super::Cachecore;
+use crate::auth::Authenticator;
 use crate::engine::{
     Config, ContextResolver, Engine, Namespace, NamespaceResolver, NamespaceSource, RequestHead,
 };
@@ -220,7 +221,7 @@ impl CachecoreBuilder {
             NamespaceSource::Credentials { .. } => NamespaceSource::Credentials {
                 policy_version: version,
             },
-            r @ NamespaceSource::Resolver(_) => r,
+            r @ (NamespaceSource::Resolver(_) | NamespaceSource::Authenticated(_)) => r,
         };
         self
     }
@@ -233,6 +234,15 @@ impl CachecoreBuilder {
     ) -> Self {
         let resolve: NamespaceResolver = Arc::new(resolve);
         self.config.namespace = NamespaceSource::Resolver(resolve);
+        self
+    }
+
+    /// Takes the namespace of each request from `auth` (for example
+    /// [`JwtAuth`](crate::auth::jwt::JwtAuth)): a request without credentials bypasses the
+    /// cache, one with rejected credentials bypasses it with the reason in `X-Cache-Error`.
+    /// The credentials are verified once per request.
+    pub fn authenticator(mut self, auth: impl Authenticator) -> Self {
+        self.config.namespace = NamespaceSource::Authenticated(Arc::new(auth));
         self
     }
 
