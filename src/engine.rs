@@ -135,7 +135,9 @@ pub(crate) enum NamespaceSource {
     /// Keys partitioned by a hash of the credentials header (DESIGN section 3), deps in the
     /// default tenant.
     Credentials {
-        policy_version: Arc<str>,
+        /// The namespace of a request without credentials; the others differ only in their
+        /// partition (built once, so a request costs no allocation for it).
+        anonymous: Namespace,
     },
     Resolver(NamespaceResolver),
     /// The namespace an authenticator gives the request's credentials (trusted-header mode).
@@ -143,8 +145,12 @@ pub(crate) enum NamespaceSource {
 }
 
 /// Headers whose value identifies the caller, in the order they are looked for.
-const CREDENTIAL_HEADERS: [&str; 4] =
-    ["authorization", "x-cachecore-token", "x-api-key", "api-key"];
+const CREDENTIAL_HEADERS: [HeaderName; 4] = [
+    http::header::AUTHORIZATION,
+    HeaderName::from_static("x-cachecore-token"),
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("api-key"),
+];
 
 /// The tenant of a layer that is given none (and the one [`CachecoreLayer::invalidate`]
 /// works on).
@@ -167,24 +173,29 @@ pub fn credentials_partition(name: &str, value: &[u8]) -> String {
 }
 
 impl NamespaceSource {
+    /// Keys partitioned by the credentials, at `policy_version`.
+    pub(crate) fn credentials(policy_version: Arc<str>) -> Self {
+        Self::Credentials {
+            anonymous: Namespace::new(DEFAULT_TENANT, policy_version)
+                .with_partition(ANONYMOUS_PARTITION),
+        }
+    }
+
     fn resolve(&self, head: &RequestHead<'_>) -> Option<Namespace> {
         match self {
             Self::Fixed(ns) => Some(ns.clone()),
             Self::Resolver(f) => f(head),
             Self::Authenticated(auth) => auth.authenticate(head.headers).ok(),
-            Self::Credentials { policy_version } => {
-                let partition = CREDENTIAL_HEADERS
-                    .iter()
-                    .find_map(|name| {
-                        head.headers
-                            .get(*name)
-                            .map(|v| credentials_partition(name, v.as_bytes()))
-                    })
-                    .unwrap_or_else(|| ANONYMOUS_PARTITION.to_owned());
-                Some(
-                    Namespace::new(DEFAULT_TENANT, policy_version.clone())
-                        .with_partition(partition),
-                )
+            Self::Credentials { anonymous } => {
+                let partition = CREDENTIAL_HEADERS.iter().find_map(|name| {
+                    head.headers
+                        .get(name)
+                        .map(|v| credentials_partition(name.as_str(), v.as_bytes()))
+                });
+                Some(match partition {
+                    Some(p) => anonymous.clone().with_partition(p),
+                    None => anonymous.clone(),
+                })
             }
         }
     }
@@ -233,7 +244,7 @@ impl Config {
     pub(crate) fn policy_version(&self) -> Arc<str> {
         match &self.namespace {
             NamespaceSource::Fixed(ns) => ns.policy_version.clone(),
-            NamespaceSource::Credentials { policy_version } => policy_version.clone(),
+            NamespaceSource::Credentials { anonymous } => anonymous.policy_version.clone(),
             NamespaceSource::Resolver(_) | NamespaceSource::Authenticated(_) => {
                 Arc::from(DEFAULT_POLICY_VERSION)
             }
@@ -257,9 +268,7 @@ impl Default for Config {
                 canonical_json: true,
                 ignored_fields: Vec::new(),
             },
-            namespace: NamespaceSource::Credentials {
-                policy_version: Arc::from(DEFAULT_POLICY_VERSION),
-            },
+            namespace: NamespaceSource::credentials(Arc::from(DEFAULT_POLICY_VERSION)),
             context_resolver: None,
             store_timeout: defaults::STORE_TIMEOUT,
             methods: vec![Method::GET, Method::POST],

@@ -218,9 +218,7 @@ impl CachecoreBuilder {
             NamespaceSource::Fixed(ns) => {
                 NamespaceSource::Fixed(Namespace::new(ns.tenant().to_owned(), version))
             }
-            NamespaceSource::Credentials { .. } => NamespaceSource::Credentials {
-                policy_version: version,
-            },
+            NamespaceSource::Credentials { .. } => NamespaceSource::credentials(version),
             r @ (NamespaceSource::Resolver(_) | NamespaceSource::Authenticated(_)) => r,
         };
         self
