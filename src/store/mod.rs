@@ -183,7 +183,7 @@ impl DepEpochs {
 }
 
 /// One stored response.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Entry {
     /// Response status.
     pub status: StatusCode,
@@ -199,6 +199,35 @@ pub struct Entry {
     pub stale_window: Duration,
     /// The dep epochs observed when the upstream call started, the policy dep included.
     pub deps: DepEpochs,
+}
+
+/// Room for the headers a hit adds to a stored response (`X-Cache`, `X-Cache-Age`,
+/// `X-Cache-Similarity`), so serving it never grows the header map.
+pub(crate) const HIT_HEADER_ROOM: usize = 3;
+
+/// A header map holding `headers`, with room for [`HIT_HEADER_ROOM`] more.
+pub(crate) fn headers_with_room(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len() + HIT_HEADER_ROOM);
+    for (name, value) in headers {
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+impl Clone for Entry {
+    /// A copy whose header map has room for the headers a hit adds (a derived clone of a
+    /// `HeaderMap` has none, so every hit would reallocate it).
+    fn clone(&self) -> Self {
+        Self {
+            status: self.status,
+            headers: headers_with_room(&self.headers),
+            body: self.body.clone(),
+            stored_at_ms: self.stored_at_ms,
+            fresh_ttl: self.fresh_ttl,
+            stale_window: self.stale_window,
+            deps: self.deps.clone(),
+        }
+    }
 }
 
 impl Entry {

@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::store::{duration_ms, DepEpochs, Entry};
+use crate::store::{duration_ms, DepEpochs, Entry, HIT_HEADER_ROOM};
 
 /// First bytes of every encoded entry.
 const MAGIC: &[u8; 3] = b"CCE";
@@ -96,11 +96,13 @@ pub(super) fn decode(raw: Bytes) -> Result<Entry, DecodeError> {
     let stale_window = Duration::from_millis(r.varint()?);
 
     let n = r.count()?;
-    let mut headers = HeaderMap::with_capacity(n);
+    let mut headers = HeaderMap::with_capacity(n + HIT_HEADER_ROOM);
     for _ in 0..n {
         let name = HeaderName::from_bytes(r.bytes()?)
             .map_err(|_| DecodeError::Malformed("header name"))?;
-        let value = HeaderValue::from_bytes(r.bytes()?)
+        // Values are slices of `raw`, like the body: no copy.
+        let value = r.shared_bytes(&raw)?;
+        let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| DecodeError::Malformed("header value"))?;
         headers.append(name, value);
     }
@@ -114,16 +116,14 @@ pub(super) fn decode(raw: Bytes) -> Result<Entry, DecodeError> {
         deps.push((id, r.varint()?));
     }
 
-    let len = r.len()?;
-    let start = r.pos;
-    r.take(len)?;
+    let body = r.shared_bytes(&raw)?;
     if r.pos != raw.len() {
         return Err(DecodeError::Malformed("trailing bytes"));
     }
     Ok(Entry {
         status,
         headers,
-        body: raw.slice(start..start + len),
+        body,
         stored_at_ms,
         fresh_ttl,
         stale_window,
@@ -194,6 +194,14 @@ impl<'a> Reader<'a> {
     /// An item count; each item takes at least one byte, which bounds preallocation.
     fn count(&mut self) -> Result<usize, DecodeError> {
         self.len()
+    }
+
+    /// Like [`bytes`](Self::bytes), as a slice of `raw` (the buffer this reader reads).
+    fn shared_bytes(&mut self, raw: &Bytes) -> Result<Bytes, DecodeError> {
+        let n = self.len()?;
+        let start = self.pos;
+        self.take(n)?;
+        Ok(raw.slice(start..start + n))
     }
 
     fn bytes(&mut self) -> Result<&'a [u8], DecodeError> {

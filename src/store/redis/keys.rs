@@ -13,12 +13,16 @@
 
 use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
+use std::fmt;
 use std::hash::BuildHasher;
+use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
-use crate::key::to_hex;
+use redis::{RedisWrite, ToRedisArgs};
+
+use crate::key::{hex_into, to_hex};
 use crate::store::CacheKey;
 
 /// Longest tenant used verbatim inside the hash tag. Longer tenants are hashed, which keeps keys
@@ -50,45 +54,111 @@ pub(super) fn tenant_tag(tenant: &str) -> Cow<'_, str> {
 }
 
 /// `cc:{<tenant>}:` for one tenant; every key of the tenant starts with it.
-pub(super) struct TenantKeys {
-    prefix: String,
+pub(super) struct TenantKeys<'t> {
+    tag: Cow<'t, str>,
 }
 
-impl TenantKeys {
-    pub(super) fn new(tenant: &str) -> Self {
+impl<'t> TenantKeys<'t> {
+    pub(super) fn new(tenant: &'t str) -> Self {
         Self {
-            prefix: format!("cc:{{{}}}:", tenant_tag(tenant)),
+            tag: tenant_tag(tenant),
         }
     }
 
-    pub(super) fn entry(&self, key: &CacheKey) -> String {
+    pub(super) fn entry(&self, key: &CacheKey) -> Key<'_> {
         self.entry_digest(key.digest())
     }
 
-    pub(super) fn entry_digest(&self, digest: &[u8; 32]) -> String {
-        let mut s = String::with_capacity(self.prefix.len() + 3 + 64);
-        s.push_str(&self.prefix);
-        s.push_str("l1:");
-        s.push_str(&to_hex(digest));
-        s
+    pub(super) fn entry_digest(&self, digest: &[u8; 32]) -> Key<'_> {
+        let mut hex = [0; 64];
+        hex_into(digest, &mut hex);
+        self.key("l1:", Name::Hex(hex))
     }
 
-    pub(super) fn dep_ver(&self, dep_id: &str) -> String {
-        format!("{}dep:ver:{dep_id}", self.prefix)
+    pub(super) fn dep_ver<'a>(&'a self, dep_id: &'a str) -> Key<'a> {
+        self.key("dep:ver:", Name::Text(dep_id))
     }
 
-    pub(super) fn dep_keys(&self, dep_id: &str) -> String {
-        format!("{}dep:keys:{dep_id}", self.prefix)
+    pub(super) fn dep_keys<'a>(&'a self, dep_id: &'a str) -> Key<'a> {
+        self.key("dep:keys:", Name::Text(dep_id))
     }
 
-    /// A fresh, unique name for a detached tag set.
     pub(super) fn gc(&self) -> String {
-        format!("{}gc:{}", self.prefix, nonce())
+        self.key("gc:", Name::Text(&nonce())).to_string()
+    }
+
+    fn key<'a>(&'a self, kind: &'static str, name: Name<'a>) -> Key<'a> {
+        Key {
+            tag: &self.tag,
+            kind,
+            name,
+        }
     }
 }
 
-/// 128 bits that differ between calls, processes and machines: a per-process random seed (std's
-/// `RandomState` is seeded from the OS) hashed with a counter, plus the time.
+/// One key of the schema, written straight into a command (no intermediate `String`), or
+/// shown with `Display`.
+pub(super) struct Key<'a> {
+    tag: &'a str,
+    kind: &'static str,
+    name: Name<'a>,
+}
+
+enum Name<'a> {
+    Hex([u8; 64]),
+    Text(&'a str),
+}
+
+impl Key<'_> {
+    /// `cc:{` + tag + `}:`
+    const FRAME: usize = 6;
+
+    fn parts(&self) -> [&[u8]; 5] {
+        let name = match &self.name {
+            Name::Hex(hex) => &hex[..],
+            Name::Text(text) => text.as_bytes(),
+        };
+        [
+            b"cc:{",
+            self.tag.as_bytes(),
+            b"}:",
+            self.kind.as_bytes(),
+            name,
+        ]
+    }
+
+    /// Its length in bytes.
+    pub(super) fn len(&self) -> usize {
+        Self::FRAME
+            + self.tag.len()
+            + self.kind.len()
+            + match &self.name {
+                Name::Hex(hex) => hex.len(),
+                Name::Text(text) => text.len(),
+            }
+    }
+}
+
+impl fmt::Display for Key<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for part in self.parts() {
+            // Every part is UTF-8: ASCII framing and hex, or a `&str`.
+            f.write_str(std::str::from_utf8(part).map_err(|_| fmt::Error)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl ToRedisArgs for Key<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut w = out.writer_for_next_arg();
+        for part in self.parts() {
+            w.write_all(part)
+                .expect("writing to a command buffer cannot fail");
+        }
+    }
+}
+
 fn nonce() -> String {
     static SEED: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -130,9 +200,21 @@ mod tests {
     fn keys_follow_the_schema() {
         let k = TenantKeys::new("t1");
         let key = CacheKey::new("t1", [0xab; 32]);
-        assert_eq!(k.entry(&key), format!("cc:{{t1}}:l1:{}", "ab".repeat(32)));
-        assert_eq!(k.dep_ver("doc:{1}"), "cc:{t1}:dep:ver:doc:{1}");
-        assert_eq!(k.dep_keys("doc:1"), "cc:{t1}:dep:keys:doc:1");
+        let entry = k.entry(&key);
+        assert_eq!(
+            entry.to_string(),
+            format!("cc:{{t1}}:l1:{}", "ab".repeat(32))
+        );
+        assert_eq!(entry.len(), entry.to_string().len());
+        assert_eq!(k.dep_ver("doc:{1}").to_string(), "cc:{t1}:dep:ver:doc:{1}");
+        assert_eq!(k.dep_keys("doc:1").to_string(), "cc:{t1}:dep:keys:doc:1");
+        // Written into a command, a key is the same bytes.
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(k.dep_ver("doc:1"));
+        assert_eq!(
+            cmd.args_iter().nth(1),
+            Some(redis::Arg::Simple(&b"cc:{t1}:dep:ver:doc:1"[..]))
+        );
         assert_ne!(k.gc(), k.gc());
     }
 }

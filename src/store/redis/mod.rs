@@ -364,36 +364,46 @@ impl RedisStore {
         // One command reads the entry and every dep's current epoch. A single command is atomic,
         // so this is the same snapshot a script would see, at a fraction of the cost of running
         // one (measured in benches/redis.rs). MGET answers nil for a key of another type.
-        let mut cmd = redis::cmd("MGET");
-        cmd.arg(&entry_key);
+        let size = 4 + entry_key.len() + deps.iter().map(|d| keys.dep_ver(d).len()).sum::<usize>();
+        let mut cmd = redis::Cmd::with_capacity(2 + deps.len(), size);
+        cmd.arg("MGET").arg(&entry_key);
         for dep in deps {
             cmd.arg(keys.dep_ver(dep));
         }
         let reply: Value = self.timed(self.conn.query(&cmd)).await?;
         let (raw, epochs) = parse_lookup_reply(reply, deps)?;
+        let miss = || {
+            Lookup::Miss(DepEpochs::new(
+                deps.iter()
+                    .zip(&epochs)
+                    .map(|(id, epoch)| ((*id).to_owned(), *epoch))
+                    .collect(),
+            ))
+        };
         let Some(raw) = raw else {
-            return Ok(Lookup::Miss(epochs));
+            return Ok(miss());
         };
         let entry = match codec::decode(raw) {
             Ok(entry) => entry,
             Err(e) => {
                 tracing::warn!(key = %entry_key, error = %e, "cachecore: undecodable value under an entry key, treated as a miss");
-                return Ok(Lookup::Miss(epochs));
+                return Ok(miss());
             }
         };
         // Rule 3: every recorded epoch must still be current. A recorded dep that was not
         // declared cannot be checked in this round trip, so the entry is not served.
-        let current = entry
-            .deps
-            .iter()
-            .all(|(id, epoch)| epochs.get(id) == Some(epoch));
+        let current = entry.deps.iter().all(|(id, epoch)| {
+            deps.iter()
+                .position(|d| *d == id)
+                .is_some_and(|i| epochs[i] == epoch)
+        });
         if !current {
-            return Ok(Lookup::Miss(epochs));
+            return Ok(miss());
         }
         Ok(match entry.freshness(now_ms()) {
             Freshness::Fresh => Lookup::Fresh(entry),
             Freshness::Stale => Lookup::Stale(entry),
-            Freshness::Expired => Lookup::Miss(epochs),
+            Freshness::Expired => miss(),
         })
     }
 
@@ -490,7 +500,7 @@ impl RedisStore {
     /// Deletes the entries named in the detached tag set `gc`, a bounded batch at a time. The
     /// invalidation is already in effect; a failure here only leaves space to be reclaimed by the
     /// entries' own expiry, so it is logged, not returned.
-    async fn reclaim(&self, keys: &TenantKeys, dep_id: &str, gc: &str) -> u64 {
+    async fn reclaim(&self, keys: &TenantKeys<'_>, dep_id: &str, gc: &str) -> u64 {
         let mut deleted = 0u64;
         loop {
             let batch: Result<Vec<Vec<u8>>, _> = self
@@ -508,7 +518,7 @@ impl RedisStore {
                 }
             };
             // ZPOPMIN answers member, score, member, score, ...
-            let names: Vec<String> = popped
+            let names: Vec<keys::Key<'_>> = popped
                 .chunks(2)
                 .filter_map(|pair| <[u8; 32]>::try_from(pair[0].as_slice()).ok())
                 .map(|digest| keys.entry_digest(&digest))
@@ -541,11 +551,11 @@ fn parse_epoch(ver: &[u8]) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-/// Splits the lookup `MGET` reply into the raw entry and the epochs of `deps`.
+/// Splits the lookup `MGET` reply into the raw entry and the epochs of `deps`, in order.
 fn parse_lookup_reply(
     reply: Value,
     deps: &[&str],
-) -> Result<(Option<Bytes>, DepEpochs), StoreError> {
+) -> Result<(Option<Bytes>, Vec<u64>), StoreError> {
     let bad =
         |what: &str| StoreError::new(StoreErrorKind::Backend, format!("lookup reply: {what}"));
     let Value::Array(items) = reply else {
@@ -560,22 +570,24 @@ fn parse_lookup_reply(
         Some(Value::Nil) | None => None,
         Some(_) => return Err(bad("entry is neither a string nor nil")),
     };
-    let mut pairs = Vec::with_capacity(deps.len());
-    for (id, v) in deps.iter().zip(items) {
-        let epoch = match v {
-            Value::Nil => Some(0),
-            Value::BulkString(b) => parse_epoch(&b),
-            _ => None,
-        }
-        .ok_or_else(|| {
-            StoreError::new(
-                StoreErrorKind::Corrupt,
-                format!("dep ver key of {id:?} does not hold `<epoch>:<hash>`"),
-            )
-        })?;
-        pairs.push(((*id).to_owned(), epoch));
-    }
-    Ok((raw, DepEpochs::new(pairs)))
+    let epochs = deps
+        .iter()
+        .zip(items)
+        .map(|(id, v)| {
+            match v {
+                Value::Nil => Some(0),
+                Value::BulkString(b) => parse_epoch(&b),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!("dep ver key of {id:?} does not hold `<epoch>:<hash>`"),
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((raw, epochs))
 }
 
 fn store_error(e: RedisError) -> StoreError {
