@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cachecore::store::redis::RedisStore;
+use cachecore::store::redis::{RedisStore, RedisStoreBuilder};
 use cachecore::CachecoreLayer;
 use cachecore::Namespace;
 use http::{Request, Response, StatusCode};
@@ -79,6 +79,20 @@ fn upstream() -> impl Service<
                 .unwrap(),
         )
     })
+}
+
+/// A stream of requests for `tenants` through the layer on the store `store` builds, in front
+/// of [`upstream`].
+async fn stream_through(store: RedisStoreBuilder, tenants: &'static [&'static str]) -> Stream {
+    let store = store
+        .timeout(Duration::from_millis(250))
+        .build()
+        .await
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer(store))
+        .service(upstream());
+    Stream::start(svc, tenants)
 }
 
 /// The layer under test: short store timeout, a circuit breaker, the tenant from a header.
@@ -251,16 +265,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_dies_mid_stream_and_no_request_fails() {
     let mut server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(Duration::from_millis(250))
-        .build()
-        .await
-        .unwrap();
-    let svc = ServiceBuilder::new()
-        .layer(layer(store))
-        .service(upstream());
-    let stream = Stream::start(svc, &["fault-test"]);
+    let stream = stream_through(RedisStore::builder().url(server.url()), &["fault-test"]).await;
 
     // Redis up: the stream settles into hits.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -301,16 +306,11 @@ async fn a_cluster_master_dies_mid_stream_and_no_request_fails() {
         !on_killed.is_empty() && on_killed.len() < CLUSTER_TENANTS.len(),
         "the test tenants must land on the killed master and on the others: {on_killed:?}"
     );
-    let store = RedisStore::builder()
-        .cluster(cluster.urls())
-        .timeout(Duration::from_millis(250))
-        .build()
-        .await
-        .unwrap();
-    let svc = ServiceBuilder::new()
-        .layer(layer(store))
-        .service(upstream());
-    let stream = Stream::start(svc, CLUSTER_TENANTS);
+    let stream = stream_through(
+        RedisStore::builder().cluster(cluster.urls()),
+        CLUSTER_TENANTS,
+    )
+    .await;
 
     // Every tenant settles into hits.
     stream
