@@ -164,12 +164,34 @@ pub const ANONYMOUS_PARTITION: &str = "anonymous";
 /// The key partition a request with credentials header `name: value` lands in when the layer
 /// is given no tenant (the default): a hash, so the credentials themselves are never stored.
 pub fn credentials_partition(name: &str, value: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(name.to_ascii_lowercase().as_bytes());
-    h.update([0]);
-    h.update(value);
-    let digest: [u8; 32] = h.finalize().into();
-    format!("cred-{}", to_hex(&digest[..16]))
+    let partition = PartitionName::of(name, value);
+    partition.as_str().to_owned()
+}
+
+/// A credentials partition, `cred-` and 32 hex digits, built without allocating.
+struct PartitionName([u8; 5 + 32]);
+
+impl PartitionName {
+    fn of(name: &str, value: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        // Header names come lower-case already; other callers may not.
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            h.update(name.to_ascii_lowercase().as_bytes());
+        } else {
+            h.update(name.as_bytes());
+        }
+        h.update([0]);
+        h.update(value);
+        let digest: [u8; 32] = h.finalize().into();
+        let mut out = [0; 5 + 32];
+        out[..5].copy_from_slice(b"cred-");
+        key::hex_into(&digest[..16], &mut out[5..]);
+        Self(out)
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("ASCII prefix and hex digits")
+    }
 }
 
 impl NamespaceSource {
@@ -188,9 +210,9 @@ impl NamespaceSource {
             Self::Authenticated(auth) => auth.authenticate(head.headers).ok(),
             Self::Credentials { anonymous } => {
                 let partition = CREDENTIAL_HEADERS.iter().find_map(|name| {
-                    head.headers
-                        .get(name)
-                        .map(|v| credentials_partition(name.as_str(), v.as_bytes()))
+                    head.headers.get(name).map(|v| {
+                        Arc::<str>::from(PartitionName::of(name.as_str(), v.as_bytes()).as_str())
+                    })
                 });
                 Some(match partition {
                     Some(p) => anonymous.clone().with_partition(p),
@@ -315,13 +337,17 @@ pub(crate) struct Plan {
 impl Plan {
     /// The dep ids to check: the declared ones and the policy dep.
     pub(crate) fn dep_ids(&self) -> Vec<&str> {
-        let mut ids: Vec<&str> = self.deps.iter().map(Dep::id).collect();
+        let mut ids = Vec::with_capacity(self.deps.len() + 1);
+        ids.extend(self.deps.iter().map(Dep::id));
         ids.push(POLICY_DEP);
         ids.sort_unstable();
         ids.dedup();
         ids
     }
 }
+
+/// The largest encoded-head buffer a thread keeps for the next request.
+const MAX_KEPT_HEAD: usize = 16 * 1024;
 
 /// The result of looking a request up.
 pub(crate) enum Found {
@@ -464,12 +490,25 @@ impl Engine {
             deps: &plan.deps,
             body,
         };
-        let mut encoded = Vec::with_capacity(key::HEAD_CAPACITY);
-        key::encode_head(&parts, &mut encoded);
-        // Identical requests repeat (that is what a cache is for): the memo saves them the
-        // canonicalisation and the SHA-256 of the body.
-        let digest = self.key_memo.digest(&encoded, body, || {
-            key::digest(&encoded, body, &self.config.keying)
+        thread_local! {
+            // The encoded head is scratch space: reused by every request on the thread.
+            static ENCODED: std::cell::RefCell<Vec<u8>> =
+                std::cell::RefCell::new(Vec::with_capacity(key::HEAD_CAPACITY));
+        }
+        let digest = ENCODED.with(|encoded| {
+            let mut encoded = encoded.borrow_mut();
+            encoded.clear();
+            key::encode_head(&parts, &mut encoded);
+            // Identical requests repeat (that is what a cache is for): the memo saves them
+            // the canonicalisation and the SHA-256 of the body.
+            let digest = self.key_memo.digest(&encoded, body, || {
+                key::digest(&encoded, body, &self.config.keying)
+            });
+            // An outsized head (a huge URI or vary header) does not pin its buffer.
+            if encoded.capacity() > MAX_KEPT_HEAD {
+                *encoded = Vec::with_capacity(key::HEAD_CAPACITY);
+            }
+            digest
         });
         CacheKey::new(plan.namespace.tenant.clone(), digest)
     }

@@ -119,9 +119,8 @@ struct Unbuffered<B: Body> {
 /// rest, so the request can be forwarded byte for byte.
 async fn buffer<B: Body>(body: B, max: usize) -> Result<Bytes, Unbuffered<B>> {
     let mut body = Box::pin(body);
-    let mut chunks: VecDeque<Bytes> = VecDeque::new();
-    let mut total = 0usize;
-    let unbuffered = |chunks: VecDeque<Bytes>, last: Option<Frame<Bytes>>, error, rest| {
+    let mut chunks = Chunks::default();
+    let unbuffered = |chunks: Chunks, last: Option<Frame<Bytes>>, error, rest| {
         let mut prefix: VecDeque<Frame<Bytes>> = chunks.into_iter().map(Frame::data).collect();
         prefix.extend(last);
         Unbuffered {
@@ -137,13 +136,10 @@ async fn buffer<B: Body>(body: B, max: usize) -> Result<Bytes, Unbuffered<B>> {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
                     let data = into_bytes(data);
-                    total += data.len();
-                    if total > max {
+                    if chunks.total + data.len() > max {
                         return Err(unbuffered(chunks, Some(Frame::data(data)), None, body));
                     }
-                    if !data.is_empty() {
-                        chunks.push_back(data);
-                    }
+                    chunks.push(data);
                 }
                 // Trailers cannot be part of the key; forward the request as it came.
                 Err(trailers) => {
@@ -153,17 +149,45 @@ async fn buffer<B: Body>(body: B, max: usize) -> Result<Bytes, Unbuffered<B>> {
             },
         }
     }
-    Ok(match chunks.len() {
-        0 => Bytes::new(),
-        1 => chunks.pop_front().unwrap_or_default(),
-        _ => {
-            let mut all = BytesMut::with_capacity(total);
-            for c in chunks {
-                all.extend_from_slice(&c);
-            }
-            all.freeze()
+    Ok(chunks.concat())
+}
+
+/// The chunks of a request body being buffered. Most bodies come in one chunk, which is kept
+/// as it is: no list is allocated and nothing is copied.
+#[derive(Default)]
+struct Chunks {
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
+    total: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
         }
-    })
+        self.total += data.len();
+        if self.first.is_none() {
+            self.first = Some(data);
+        } else {
+            self.more.push(data);
+        }
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = Bytes> {
+        self.first.into_iter().chain(self.more)
+    }
+
+    fn concat(self) -> Bytes {
+        if self.more.is_empty() {
+            return self.first.unwrap_or_default();
+        }
+        let mut all = BytesMut::with_capacity(self.total);
+        for c in self.into_iter() {
+            all.extend_from_slice(&c);
+        }
+        all.freeze()
+    }
 }
 
 /// The cache path of one request: buffer, key, lookup, single-flight, upstream, record.
