@@ -57,9 +57,13 @@ impl RequestContext {
     /// Declares that the response is derived from `dep`.
     #[must_use]
     pub fn dep(mut self, dep: Dep) -> Self {
-        let mut deps = self.deps.to_vec();
-        deps.push(dep);
-        self.deps = deps.into();
+        // Collected straight into the shared slice: one allocation.
+        self.deps = self
+            .deps
+            .iter()
+            .cloned()
+            .chain(std::iter::once(dep))
+            .collect();
         self
     }
 

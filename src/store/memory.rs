@@ -151,10 +151,11 @@ impl MemoryStore {
         if let Some(entry) = self.entries.get(key) {
             let valid = {
                 let index = self.deps.read();
+                let tenant = index.tenants.get(key.tenant());
                 entry
                     .deps
                     .iter()
-                    .all(|(id, epoch)| index.epoch(key.tenant(), id) == epoch)
+                    .all(|(id, epoch)| epoch_in(tenant, id) == epoch)
             };
             if valid {
                 match entry.freshness(now_ms()) {
@@ -168,9 +169,10 @@ impl MemoryStore {
             }
         }
         let index = self.deps.read();
+        let tenant = index.tenants.get(key.tenant());
         Lookup::Miss(DepEpochs::new(
             deps.iter()
-                .map(|id| ((*id).to_owned(), index.epoch(key.tenant(), id)))
+                .map(|id| ((*id).to_owned(), epoch_in(tenant, id)))
                 .collect(),
         ))
     }
@@ -315,10 +317,7 @@ impl DepIndex {
 
 impl Tenants {
     fn epoch(&self, tenant: &str, dep_id: &str) -> u64 {
-        self.tenants
-            .get(tenant)
-            .and_then(|t| t.get(dep_id))
-            .map_or(0, |d| d.epoch)
+        epoch_in(self.tenants.get(tenant), dep_id)
     }
 
     fn first_moved(&self, tenant: &str, observed: &DepEpochs) -> Option<String> {
@@ -327,6 +326,11 @@ impl Tenants {
             .find(|(id, epoch)| self.epoch(tenant, id) != *epoch)
             .map(|(id, _)| id.to_owned())
     }
+}
+
+/// The epoch of `dep_id` in one tenant's deps (found once per lookup, not once per dep).
+fn epoch_in(tenant: Option<&HashMap<String, DepState>>, dep_id: &str) -> u64 {
+    tenant.and_then(|t| t.get(dep_id)).map_or(0, |d| d.epoch)
 }
 
 struct EntryExpiry;
