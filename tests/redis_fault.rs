@@ -47,6 +47,13 @@ impl Tally {
         self.by_status.get("HIT_L1").copied().unwrap_or(0)
     }
 
+    fn report(&self, label: &str) {
+        println!(
+            "{label}: {:?} ({} straddled) hits for {:?}, max latency {:?}",
+            self.by_status, self.straddled, self.hit_tenants, self.max_latency
+        );
+    }
+
     fn absorb(&mut self, other: Tally) {
         for (k, v) in other.by_status {
             *self.by_status.entry(k).or_default() += v;
@@ -190,10 +197,7 @@ impl Stream {
     /// What was tallied since the last call.
     fn take(&self, label: &str) -> Tally {
         let t = std::mem::take(&mut *self.tally.lock().unwrap());
-        println!(
-            "{label}: {:?} ({} straddled) hits for {:?}, max latency {:?}",
-            t.by_status, t.straddled, t.hit_tenants, t.max_latency
-        );
+        t.report(label);
         assert!(t.failures.is_empty(), "{label}: {:?}", t.failures);
         t
     }
@@ -213,10 +217,7 @@ impl Stream {
             seen.absorb(std::mem::take(&mut *self.tally.lock().unwrap()));
             assert!(seen.failures.is_empty(), "{label}: {:?}", seen.failures);
         }
-        println!(
-            "{label}: {:?} ({} straddled) hits for {:?}, max latency {:?}",
-            seen.by_status, seen.straddled, seen.hit_tenants, seen.max_latency
-        );
+        seen.report(label);
         seen
     }
 

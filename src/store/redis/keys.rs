@@ -110,9 +110,6 @@ enum Name<'a> {
 }
 
 impl Key<'_> {
-    /// `cc:{` + tag + `}:`
-    const FRAME: usize = 6;
-
     fn parts(&self) -> [&[u8]; 5] {
         let name = match &self.name {
             Name::Hex(hex) => &hex[..],
@@ -129,13 +126,7 @@ impl Key<'_> {
 
     /// Its length in bytes.
     pub(super) fn len(&self) -> usize {
-        Self::FRAME
-            + self.tag.len()
-            + self.kind.len()
-            + match &self.name {
-                Name::Hex(hex) => hex.len(),
-                Name::Text(text) => text.len(),
-            }
+        self.parts().iter().map(|p| p.len()).sum()
     }
 }
 
