@@ -28,6 +28,7 @@ pub mod wire;
 
 pub use context::{current_scope, scope, RequestContext};
 pub use dep::{validate_dep_id, Dep, InvalidDepId, MAX_DEP_ID_LEN, POLICY_DEP};
+pub use dep::{validate_new_hash, InvalidNewHash, MAX_NEW_HASH_LEN};
 pub use engine::{
     credentials_partition, ContextResolver, Namespace, NamespaceResolver, RequestHead,
     ANONYMOUS_PARTITION, DEFAULT_POLICY_VERSION, DEFAULT_TENANT, X_CACHE, X_CACHE_AGE,
