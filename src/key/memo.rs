@@ -13,9 +13,13 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 /// Slots in the memo (direct-mapped: a new key evicts whatever shared its slot).
 const SLOTS: usize = 512;
 
-/// Bodies larger than this are not memoised. Together with [`SLOTS`] this bounds the memo at
-/// about 8 MiB; larger bodies cost milliseconds upstream anyway.
-const MAX_BODY: usize = 16 * 1024;
+/// Largest encoded head plus body memoised, in bytes; larger requests are keyed afresh every
+/// time. A slot keeps copies of both, so this times [`SLOTS`] bounds what the memo retains, at
+/// about 8 MiB. 16 KiB holds a chat request with a system prompt and a few turns; anything
+/// larger costs milliseconds upstream, next to which hashing it again is noise. The head counts
+/// as much as the body: a long query string, vary header values or deps can make it the larger
+/// of the two.
+const MAX_MEMOISED: usize = 16 * 1024;
 
 #[derive(Debug)]
 pub(crate) struct KeyMemo {
@@ -50,7 +54,7 @@ impl KeyMemo {
         body: &[u8],
         compute: impl FnOnce() -> [u8; 32],
     ) -> [u8; 32] {
-        if body.len() > MAX_BODY {
+        if head.len().saturating_add(body.len()) > MAX_MEMOISED {
             return compute();
         }
         let hash = xxh3_64_with_seed(body, xxh3_64_with_seed(head, self.seed));
@@ -96,17 +100,60 @@ mod tests {
         assert_eq!(calls, 3, "a hit only for the same head and body");
     }
 
-    #[test]
-    fn large_bodies_are_not_memoised() {
+    /// How many times `compute` runs when `head` + `body` is asked for twice.
+    fn computations(head: &[u8], body: &[u8]) -> usize {
         let memo = KeyMemo::default();
-        let body = vec![0u8; MAX_BODY + 1];
         let mut calls = 0;
         for _ in 0..2 {
-            memo.digest(b"h", &body, || {
+            memo.digest(head, body, || {
                 calls += 1;
                 [0; 32]
             });
         }
-        assert_eq!(calls, 2);
+        calls
+    }
+
+    #[test]
+    fn large_bodies_are_not_memoised() {
+        assert_eq!(computations(b"h", &vec![0u8; MAX_MEMOISED + 1]), 2);
+    }
+
+    #[test]
+    fn large_heads_are_not_memoised() {
+        assert_eq!(computations(&vec![0u8; MAX_MEMOISED + 1], b""), 2);
+    }
+
+    #[test]
+    fn head_and_body_count_together() {
+        let half = vec![0u8; MAX_MEMOISED / 2];
+        assert_eq!(
+            computations(&half, &half),
+            1,
+            "exactly at the bound: memoised"
+        );
+        assert_eq!(computations(&half, &[half.as_slice(), b"x"].concat()), 2);
+    }
+
+    #[test]
+    fn what_the_memo_retains_is_bounded() {
+        let memo = KeyMemo::default();
+        // Far more distinct oversized requests than there are slots.
+        let head = vec![7u8; 64 * 1024];
+        for i in 0..4 * SLOTS {
+            let body = (i as u64).to_be_bytes();
+            memo.digest(&head, &body, || [0; 32]);
+        }
+        let retained: usize = memo
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let s = s.lock().unwrap();
+                s.as_ref().map(|s| s.head.len() + s.body.len())
+            })
+            .sum();
+        assert!(
+            retained <= SLOTS * MAX_MEMOISED,
+            "{retained} bytes retained"
+        );
     }
 }
