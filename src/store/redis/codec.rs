@@ -23,6 +23,12 @@ use crate::store::{duration_ms, DepEpochs, Entry, HIT_HEADER_ROOM};
 /// First bytes of every encoded entry.
 const MAGIC: &[u8; 3] = b"CCE";
 
+/// Fewest bytes a header takes: a one-byte name and an empty value, each after its length.
+const MIN_HEADER_BYTES: usize = 3;
+
+/// Fewest bytes a dep takes: an empty id after its length, and a one-byte epoch.
+const MIN_DEP_BYTES: usize = 2;
+
 /// Bumped whenever the layout above changes. A reader never decodes another version.
 pub(super) const FORMAT_VERSION: u8 = 1;
 
@@ -95,8 +101,10 @@ pub(super) fn decode(raw: Bytes) -> Result<Entry, DecodeError> {
     let fresh_ttl = Duration::from_millis(r.varint()?);
     let stale_window = Duration::from_millis(r.varint()?);
 
-    let n = r.count()?;
-    let mut headers = HeaderMap::with_capacity(n + HIT_HEADER_ROOM);
+    let n = r.count(MIN_HEADER_BYTES)?;
+    // A header map has a maximum size, and `with_capacity` and `append` panic past it: a count
+    // that does not fit gets a map grown as headers arrive, and `try_append` says when it is full.
+    let mut headers = HeaderMap::try_with_capacity(n + HIT_HEADER_ROOM).unwrap_or_default();
     for _ in 0..n {
         let name = HeaderName::from_bytes(r.bytes()?)
             .map_err(|_| DecodeError::Malformed("header name"))?;
@@ -104,10 +112,12 @@ pub(super) fn decode(raw: Bytes) -> Result<Entry, DecodeError> {
         let value = r.shared_bytes(&raw)?;
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| DecodeError::Malformed("header value"))?;
-        headers.append(name, value);
+        headers
+            .try_append(name, value)
+            .map_err(|_| DecodeError::Malformed("too many headers"))?;
     }
 
-    let n = r.count()?;
+    let n = r.count(MIN_DEP_BYTES)?;
     let mut deps = Vec::with_capacity(n);
     for _ in 0..n {
         let id = std::str::from_utf8(r.bytes()?)
@@ -191,9 +201,17 @@ impl<'a> Reader<'a> {
             .ok_or(DecodeError::Malformed("length past the end"))
     }
 
-    /// An item count; each item takes at least one byte, which bounds preallocation.
-    fn count(&mut self) -> Result<usize, DecodeError> {
-        self.len()
+    /// A count of items that take at least `min_item_bytes` each: it must fit in what is left of
+    /// the buffer, so what is preallocated for the items is bounded by the bytes that remain.
+    fn count(&mut self, min_item_bytes: usize) -> Result<usize, DecodeError> {
+        let n = self.varint()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|n| {
+                n.checked_mul(min_item_bytes)
+                    .is_some_and(|bytes| bytes <= self.buf.len() - self.pos)
+            })
+            .ok_or(DecodeError::Malformed("count past the end"))
     }
 
     /// Like [`bytes`](Self::bytes), as a slice of `raw` (the buffer this reader reads).
@@ -271,6 +289,59 @@ mod tests {
         assert!(decode(Bytes::from(longer)).is_err());
     }
 
+    /// The fixed part of an entry up to the header count: magic, version, status 200, and
+    /// zero for stored-at, fresh TTL and stale window.
+    fn prelude() -> Vec<u8> {
+        let mut raw = MAGIC.to_vec();
+        raw.push(FORMAT_VERSION);
+        raw.extend_from_slice(&200u16.to_be_bytes());
+        raw.extend_from_slice(&[0, 0, 0]);
+        raw
+    }
+
+    #[test]
+    fn a_crafted_header_count_is_a_miss_not_a_panic() {
+        // 30,000 headers announced and as many bytes after the count: within the bytes that
+        // remain, but no header fits in one byte, and a header map that size does not exist.
+        let mut raw = prelude();
+        put_varint(&mut raw, 30_000);
+        raw.resize(raw.len() + 30_000, 0);
+        assert_eq!(
+            decode(Bytes::from(raw)).unwrap_err(),
+            DecodeError::Malformed("count past the end")
+        );
+    }
+
+    #[test]
+    fn more_headers_than_a_header_map_holds_is_a_miss_not_a_panic() {
+        // Every header well formed and distinct, more of them than `HeaderMap` can hold.
+        let n = 40_000;
+        let mut raw = prelude();
+        put_varint(&mut raw, n);
+        for i in 0..n {
+            put_bytes(&mut raw, format!("h{i}").as_bytes());
+            put_bytes(&mut raw, b"");
+        }
+        put_varint(&mut raw, 0);
+        put_bytes(&mut raw, b"");
+        assert_eq!(
+            decode(Bytes::from(raw)).unwrap_err(),
+            DecodeError::Malformed("too many headers")
+        );
+    }
+
+    #[test]
+    fn a_dep_count_past_the_bytes_that_remain_is_a_miss() {
+        let mut raw = prelude();
+        put_varint(&mut raw, 0);
+        put_varint(&mut raw, 1_000_000);
+        raw.resize(raw.len() + 1_000_000, 0);
+        assert_eq!(
+            decode(Bytes::from(raw)).unwrap_err(),
+            DecodeError::Malformed("count past the end")
+        );
+    }
+
     #[test]
     fn garbage_after_the_magic_never_panics() {
         // A cheap deterministic generator; no dev-dependency needed.
@@ -284,6 +355,192 @@ mod tests {
                 raw.push(x as u8);
             }
             let _ = decode(Bytes::from(raw));
+        }
+    }
+
+    /// Property tests: what a corrupt or foreign value does to the decoder, and that every entry
+    /// the encoder can write reads back. `CACHECORE_SOAK=<seconds>` raises the case count the
+    /// way it does for `tests/decoders_prop.rs`.
+    mod prop {
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Cases per property in CI; about a tenth of a second for all of them.
+        const CI_CASES: u32 = 256;
+
+        /// Cases per property per second of `CACHECORE_SOAK`, at about the rate the slowest
+        /// property here runs on a 2-core machine.
+        const SOAK_CASES_PER_SECOND: u64 = 2_000;
+
+        fn config() -> ProptestConfig {
+            let soak = std::env::var("CACHECORE_SOAK")
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok());
+            let cases = soak.map_or(CI_CASES, |secs| {
+                u32::try_from(secs.saturating_mul(SOAK_CASES_PER_SECOND))
+                    .unwrap_or(u32::MAX)
+                    .max(CI_CASES)
+            });
+            ProptestConfig {
+                cases,
+                // A failure is kept as a named regression test above, not as a file.
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            }
+        }
+
+        fn header_value() -> impl Strategy<Value = HeaderValue> {
+            // Every byte a header value may hold: visible ASCII, obs-text, space and tab.
+            let byte = prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff];
+            vec(byte, 0..24).prop_map(|v| HeaderValue::from_bytes(&v).expect("valid value bytes"))
+        }
+
+        fn entry() -> impl Strategy<Value = Entry> {
+            let header = ("[a-z0-9!#$%&'*+.^_`|~-]{1,12}", header_value()).prop_map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).expect("token chars"),
+                    v,
+                )
+            });
+            (
+                100u16..1000,
+                vec(header, 0..8),
+                vec(any::<u8>(), 0..200),
+                (any::<u64>(), any::<u64>(), any::<u64>()),
+                vec((any::<String>(), any::<u64>()), 0..6),
+            )
+                .prop_map(|(status, headers, body, (at, ttl, stale), deps)| {
+                    let mut map = HeaderMap::new();
+                    for (name, value) in headers {
+                        map.append(name, value);
+                    }
+                    Entry {
+                        status: StatusCode::from_u16(status).expect("100..1000"),
+                        headers: map,
+                        body: Bytes::from(body),
+                        stored_at_ms: at,
+                        fresh_ttl: Duration::from_millis(ttl),
+                        stale_window: Duration::from_millis(stale),
+                        deps: DepEpochs::new(deps),
+                    }
+                })
+        }
+
+        /// A varint the decoder reads as a length or count: small, near the header map's
+        /// limits, or anything at all.
+        fn count() -> impl Strategy<Value = u64> {
+            prop_oneof![0u64..64, 24_000u64..33_000, any::<u64>()]
+        }
+
+        /// A change to an encoded value: a byte replaced, inserted or removed, a varint
+        /// spliced in, or the value cut short.
+        #[derive(Clone, Debug)]
+        enum Mutation {
+            Replace(usize, u8),
+            Insert(usize, u8),
+            Remove(usize),
+            Splice(usize, u64),
+            Truncate(usize),
+        }
+
+        fn mutation() -> impl Strategy<Value = Mutation> {
+            let at = any::<usize>();
+            prop_oneof![
+                (at.clone(), any::<u8>()).prop_map(|(i, b)| Mutation::Replace(i, b)),
+                (at.clone(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+                at.clone().prop_map(Mutation::Remove),
+                (at.clone(), count()).prop_map(|(i, n)| Mutation::Splice(i, n)),
+                at.prop_map(Mutation::Truncate),
+            ]
+        }
+
+        fn apply(raw: &mut Vec<u8>, m: &Mutation) {
+            let at = |i: usize, len: usize| if len == 0 { 0 } else { i % len };
+            match *m {
+                Mutation::Replace(i, b) if !raw.is_empty() => {
+                    let i = at(i, raw.len());
+                    raw[i] = b;
+                }
+                Mutation::Insert(i, b) => raw.insert(at(i, raw.len() + 1), b),
+                Mutation::Remove(i) if !raw.is_empty() => {
+                    raw.remove(at(i, raw.len()));
+                }
+                Mutation::Splice(i, n) => {
+                    let mut varint = Vec::new();
+                    put_varint(&mut varint, n);
+                    let i = at(i, raw.len() + 1);
+                    raw.splice(i..i, varint);
+                }
+                Mutation::Truncate(i) => raw.truncate(at(i, raw.len() + 1)),
+                _ => {}
+            }
+        }
+
+        fn assert_same(decoded: &Entry, e: &Entry) {
+            assert_eq!(decoded.status, e.status);
+            assert_eq!(decoded.headers, e.headers);
+            assert_eq!(decoded.body, e.body);
+            assert_eq!(decoded.stored_at_ms, e.stored_at_ms);
+            assert_eq!(decoded.fresh_ttl, e.fresh_ttl);
+            assert_eq!(decoded.stale_window, e.stale_window);
+            assert_eq!(decoded.deps, e.deps);
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            #[test]
+            fn every_entry_round_trips(e in entry()) {
+                let decoded = decode(Bytes::from(encode(&e))).expect("an encoded entry decodes");
+                assert_same(&decoded, &e);
+            }
+
+            #[test]
+            fn arbitrary_bytes_decode_or_are_refused_without_panicking(
+                with_magic in any::<bool>(),
+                tail in vec(any::<u8>(), 0..300),
+            ) {
+                let mut raw = if with_magic { prelude() } else { Vec::new() };
+                raw.extend_from_slice(&tail);
+                let _ = decode(Bytes::from(raw));
+            }
+
+            #[test]
+            fn crafted_counts_and_lengths_are_refused_without_panicking(
+                headers in count(),
+                header_bytes in vec(any::<u8>(), 0..600),
+                // Zeros after them, enough at times for a count near the limits to fit.
+                padding in prop_oneof![0usize..16, 20_000usize..40_000],
+                deps in count(),
+                rest in vec(any::<u8>(), 0..64),
+            ) {
+                let mut raw = prelude();
+                put_varint(&mut raw, headers);
+                raw.extend_from_slice(&header_bytes);
+                raw.resize(raw.len() + padding, 0);
+                put_varint(&mut raw, deps);
+                raw.extend_from_slice(&rest);
+                let _ = decode(Bytes::from(raw));
+            }
+
+            /// A value damaged anywhere is an error or some entry, never a panic; and an entry
+            /// it decodes to encodes to a value that decodes to the same entry.
+            #[test]
+            fn damaged_entries_are_refused_or_read_consistently(
+                e in entry(),
+                mutations in vec(mutation(), 1..4),
+            ) {
+                let mut raw = encode(&e);
+                for m in &mutations {
+                    apply(&mut raw, m);
+                }
+                if let Ok(decoded) = decode(Bytes::from(raw)) {
+                    let again = decode(Bytes::from(encode(&decoded))).expect("re-encoded entry");
+                    assert_same(&again, &decoded);
+                }
+            }
         }
     }
 }
