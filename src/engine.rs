@@ -51,6 +51,32 @@ pub(crate) mod defaults {
     pub(crate) const BREAKER_FAILURES: u32 = 5;
     /// How long an open breaker skips the store.
     pub(crate) const BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
+    /// The longest a single-flight follower waits for its leader before calling upstream
+    /// itself. A leader that fails, is dropped or whose body is dropped releases its followers
+    /// at once, so this bound only matters for a leader that is alive but slow: long enough
+    /// to cover a normal non-streamed LLM completion (a few seconds, rarely past 30), so a slow
+    /// call does not turn into a stampede; short enough that a stuck upstream call does not
+    /// hold every identical request much longer than a client would wait anyway.
+    pub(crate) const COALESCE_WAIT: Duration = Duration::from_secs(30);
+    /// How long followers wait for a leader's body once its head has arrived. A non-streamed
+    /// body follows its head within milliseconds; one that has not ended a second later is
+    /// most likely not being read (its caller awaits something else first), so the followers
+    /// stop waiting on it and call upstream themselves.
+    pub(crate) const COALESCE_BODY_WAIT: Duration = Duration::from_secs(1);
+}
+
+/// Headers that carry the caller's credentials by default (docs/design.md §3): every one a
+/// request has goes into its key partition.
+pub(crate) fn default_credential_headers() -> Vec<HeaderName> {
+    vec![
+        header::AUTHORIZATION,
+        header::PROXY_AUTHORIZATION,
+        header::COOKIE,
+        HeaderName::from_static("x-api-key"),
+        HeaderName::from_static("api-key"),
+        HeaderName::from_static("x-goog-api-key"),
+        HeaderName::from_static("x-cachecore-token"),
+    ]
 }
 
 /// A namespace: the tenant keys and deps live in, the policy version keys are scoped to, and
@@ -144,14 +170,6 @@ pub(crate) enum NamespaceSource {
     Authenticated(Arc<dyn Authenticator>),
 }
 
-/// Headers whose value identifies the caller, in the order they are looked for.
-const CREDENTIAL_HEADERS: [HeaderName; 4] = [
-    http::header::AUTHORIZATION,
-    HeaderName::from_static("x-cachecore-token"),
-    HeaderName::from_static("x-api-key"),
-    HeaderName::from_static("api-key"),
-];
-
 /// The tenant of a layer that is given none (and the one [`CachecoreLayer::invalidate`]
 /// works on).
 ///
@@ -161,35 +179,58 @@ pub const DEFAULT_TENANT: &str = "default";
 /// The key partition of requests that carry no credentials at all.
 pub const ANONYMOUS_PARTITION: &str = "anonymous";
 
-/// The key partition a request with credentials header `name: value` lands in when the layer
-/// is given no tenant (the default): a hash, so the credentials themselves are never stored.
+/// The key partition a request whose only credentials header is `name: value` lands in when
+/// the layer is given no tenant (the default): a hash, so the credentials themselves are never
+/// stored. A request with several credential headers is partitioned by all of them.
 pub fn credentials_partition(name: &str, value: &[u8]) -> String {
-    let partition = PartitionName::of(name, value);
-    partition.as_str().to_owned()
+    let mut h = CredentialHash::default();
+    h.add(&name.to_ascii_lowercase(), value);
+    h.finish()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default()
 }
 
-/// A credentials partition, `cred-` and 32 hex digits, built without allocating.
-struct PartitionName([u8; 5 + 32]);
+/// Hashes every credential header a request has, in the configured order.
+#[derive(Default)]
+pub(crate) struct CredentialHash(Option<Sha256>);
 
-impl PartitionName {
-    fn of(name: &str, value: &[u8]) -> Self {
-        let mut h = Sha256::new();
-        // Header names come lower-case already; other callers may not.
-        if name.bytes().any(|b| b.is_ascii_uppercase()) {
-            h.update(name.to_ascii_lowercase().as_bytes());
-        } else {
-            h.update(name.as_bytes());
-        }
-        h.update([0]);
+impl CredentialHash {
+    /// Adds one credential header value (the name lower-case, as `HeaderName`s are).
+    pub(crate) fn add(&mut self, name: &str, value: &[u8]) {
+        let h = self.0.get_or_insert_with(Sha256::new);
+        // Length-prefixed, so no two different header sets hash alike.
+        h.update((name.len() as u64).to_be_bytes());
+        h.update(name.as_bytes());
+        h.update((value.len() as u64).to_be_bytes());
         h.update(value);
-        let digest: [u8; 32] = h.finalize().into();
+    }
+
+    /// Every value of each of `names` that `headers` has.
+    pub(crate) fn of(names: &[HeaderName], headers: &HeaderMap) -> Self {
+        let mut h = Self::default();
+        for name in names {
+            for value in headers.get_all(name) {
+                h.add(name.as_str(), value.as_bytes());
+            }
+        }
+        h
+    }
+
+    /// The partition, or `None` when no credential was added.
+    pub(crate) fn finish(self) -> Option<PartitionName> {
+        let digest: [u8; 32] = self.0?.finalize().into();
         let mut out = [0; 5 + 32];
         out[..5].copy_from_slice(b"cred-");
         key::hex_into(&digest[..16], &mut out[5..]);
-        Self(out)
+        Some(PartitionName(out))
     }
+}
 
-    fn as_str(&self) -> &str {
+/// A credentials partition, `cred-` and 32 hex digits, built without allocating.
+pub(crate) struct PartitionName([u8; 5 + 32]);
+
+impl PartitionName {
+    pub(crate) fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).expect("ASCII prefix and hex digits")
     }
 }
@@ -203,23 +244,24 @@ impl NamespaceSource {
         }
     }
 
-    fn resolve(&self, head: &RequestHead<'_>) -> Option<Namespace> {
+    fn resolve(&self, head: &RequestHead<'_>, credentials: &[HeaderName]) -> Option<Namespace> {
         match self {
             Self::Fixed(ns) => Some(ns.clone()),
             Self::Resolver(f) => f(head),
             Self::Authenticated(auth) => auth.authenticate(head.headers).ok(),
             Self::Credentials { anonymous } => {
-                let partition = CREDENTIAL_HEADERS.iter().find_map(|name| {
-                    head.headers.get(name).map(|v| {
-                        Arc::<str>::from(PartitionName::of(name.as_str(), v.as_bytes()).as_str())
-                    })
-                });
+                let partition = CredentialHash::of(credentials, head.headers).finish();
                 Some(match partition {
-                    Some(p) => anonymous.clone().with_partition(p),
+                    Some(p) => anonymous.clone().with_partition(p.as_str()),
                     None => anonymous.clone(),
                 })
             }
         }
+    }
+
+    /// Whether keys are partitioned by the credentials the layer sees (no tenant configured).
+    pub(crate) fn is_credentials(&self) -> bool {
+        matches!(self, Self::Credentials { .. })
     }
 
     /// For an authenticator, the one verification of the request's credentials: `Some(None)`
@@ -235,11 +277,13 @@ impl NamespaceSource {
         }
     }
 
-    /// The tenant `invalidate` works on when none is named.
-    fn default_tenant(&self) -> Arc<str> {
+    /// The tenant `invalidate` works on when none is named; `None` when tenants come from a
+    /// resolver or an authenticator, where no tenant is "the" tenant.
+    fn default_tenant(&self) -> Option<Arc<str>> {
         match self {
-            Self::Fixed(ns) => ns.tenant.clone(),
-            _ => Arc::from(DEFAULT_TENANT),
+            Self::Fixed(ns) => Some(ns.tenant.clone()),
+            Self::Credentials { anonymous } => Some(anonymous.tenant.clone()),
+            Self::Resolver(_) | Self::Authenticated(_) => None,
         }
     }
 }
@@ -260,6 +304,9 @@ pub(crate) struct Config {
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
     pub(crate) similarity_header: bool,
+    pub(crate) credential_headers: Vec<HeaderName>,
+    pub(crate) coalesce_wait: Duration,
+    pub(crate) coalesce_body_wait: Duration,
 }
 
 impl Config {
@@ -274,7 +321,7 @@ impl Config {
     }
 
     pub(crate) fn namespace_of(&self, head: &RequestHead<'_>) -> Option<Namespace> {
-        self.namespace.resolve(head)
+        self.namespace.resolve(head, &self.credential_headers)
     }
 }
 
@@ -285,7 +332,9 @@ impl Default for Config {
             stale_window: defaults::STALE_WINDOW,
             max_body: defaults::MAX_BODY,
             max_response: defaults::MAX_RESPONSE,
-            vary: Vec::new(),
+            // Content negotiation is part of the key by default: a compressed body stored for
+            // one client is never replayed to one that cannot decode it.
+            vary: vec![header::ACCEPT_ENCODING],
             keying: BodyKeying {
                 canonical_json: true,
                 ignored_fields: Vec::new(),
@@ -297,6 +346,9 @@ impl Default for Config {
             breaker_failures: defaults::BREAKER_FAILURES,
             breaker_cooldown: defaults::BREAKER_COOLDOWN,
             similarity_header: false,
+            credential_headers: default_credential_headers(),
+            coalesce_wait: defaults::COALESCE_WAIT,
+            coalesce_body_wait: defaults::COALESCE_BODY_WAIT,
         }
     }
 }
@@ -454,6 +506,12 @@ impl Engine {
         if ctx.bypass {
             return Err(BypassReason::Requested);
         }
+        // The caller's own `Cache-Control` (RFC 9111 §5.2.1): `no-store` keeps the exchange out
+        // of the cache; `no-cache` or `max-age=0` asks for a fresh answer, which is a refresh.
+        let directives = RequestDirectives::of(head.headers);
+        if directives.no_store {
+            return Err(BypassReason::Requested);
+        }
         if !self.config.methods.contains(head.method) {
             return Err(BypassReason::Method);
         }
@@ -474,7 +532,7 @@ impl Engine {
             namespace,
             fresh_ttl: ctx.ttl.unwrap_or(self.config.fresh_ttl),
             deps: ctx.deps,
-            refresh: ctx.refresh,
+            refresh: ctx.refresh || directives.revalidate,
         })
     }
 
@@ -526,22 +584,29 @@ impl Engine {
 
     /// Looks the key up and joins the single-flight: serve an entry, or forward.
     ///
+    /// `headers` are the request's: an entry whose response named request headers in `Vary`
+    /// is served only to a request with the same values for them.
+    ///
     /// `serve_stale`: whether the adapter can run a background refresh. When it cannot (the
     /// reqwest adapter: `Next` borrows the client), a stale entry is revalidated in line instead.
     pub(crate) async fn route(
         self: &Arc<Self>,
         key: &CacheKey,
         plan: &Plan,
+        headers: &HeaderMap,
         serve_stale: bool,
     ) -> Route {
         let deps = plan.dep_ids();
-        let mut observed = match self.lookup(key, &deps).await {
+        let observed = match self.lookup(key, &deps).await {
             Found::Hit(entry, status)
-                if !plan.refresh && (serve_stale || status != CacheStatus::StaleHit) =>
+                if !plan.refresh
+                    && (serve_stale || status != CacheStatus::StaleHit)
+                    && vary_matches(&entry.headers, headers) =>
             {
                 return Route::Serve(entry, status);
             }
-            // A refresh skips the read, but a valid entry's epochs are the current ones.
+            // A refresh (or another variant) skips the entry, but a valid entry's epochs are
+            // the current ones.
             Found::Hit(entry, _) => Some(entry.deps),
             Found::Miss(epochs) => Some(epochs),
             Found::Unavailable => None,
@@ -552,17 +617,22 @@ impl Engine {
                 Flight::Leader(guard) => flight = Some(guard),
                 Flight::Follower(rx) => {
                     self.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
-                    observed = None;
                     // The leader stored its answer: read it back from the store rather than take
                     // it from the leader, so an invalidation that ran since the write is seen
-                    // (rule 4 holds for followers too). If the leader stored nothing (error, not
-                    // cacheable, refused), go upstream ourselves without recording, so a burst
-                    // does not become a second stampede.
-                    if Flight::wait(rx).await {
-                        match self.lookup(key, &deps).await {
-                            Found::Hit(entry, status) => return Route::Serve(entry, status),
-                            Found::Miss(epochs) => observed = Some(epochs),
-                            Found::Unavailable => {}
+                    // (rule 4 holds for followers too). If it stored nothing, or did not finish
+                    // within the bounds (docs/design.md §4 rule 8), go upstream ourselves, with
+                    // the epochs observed before waiting: a put is refused if any moved since.
+                    if Flight::wait(
+                        rx,
+                        self.config.coalesce_wait,
+                        self.config.coalesce_body_wait,
+                    )
+                    .await
+                    {
+                        if let Found::Hit(entry, status) = self.lookup(key, &deps).await {
+                            if vary_matches(&entry.headers, headers) {
+                                return Route::Serve(entry, status);
+                            }
                         }
                     }
                 }
@@ -573,11 +643,16 @@ impl Engine {
 
     /// The recorder for a forwarded request's response, when it may be stored; `None` (and the
     /// followers released) otherwise.
+    ///
+    /// `request` are the request's headers (for the response's `Vary`). A streamed response
+    /// (server-sent events) releases the followers at once: they call upstream themselves
+    /// rather than wait for the whole stream.
     pub(crate) fn start_recording(
         self: &Arc<Self>,
         key: CacheKey,
         fresh_ttl: Duration,
         forward: Forward,
+        request: &HeaderMap,
         status: StatusCode,
         headers: &HeaderMap,
     ) -> Option<Recorder> {
@@ -586,7 +661,18 @@ impl Engine {
         if !self.admits(status, headers) {
             return None;
         }
-        Some(self.recorder(key, observed, fresh_ttl, status, headers, flight))
+        let flight = match flight {
+            Some(flight) if !is_event_stream(headers) => {
+                flight.tx.send_replace(FlightState::Recording);
+                Some(flight)
+            }
+            _ => None,
+        };
+        let mut recorder = self.recorder(key, observed, fresh_ttl, status, headers, flight);
+        if let Some(fingerprint) = vary_fingerprint(headers, request) {
+            recorder.headers.insert(VARY_KEY, fingerprint);
+        }
+        Some(recorder)
     }
 
     /// Runs one store call under the timeout and the circuit breaker.
@@ -674,24 +760,26 @@ impl Engine {
         }
     }
 
-    /// Whether a response may be stored (DESIGN section 6: 2xx only; no `no-store`/`private`;
-    /// nothing that sets cookies; not larger than the recording limit when its length is known).
+    /// Whether a response may be stored (docs/design.md §6): 2xx only, and not a partial
+    /// `206` (`Range` is not in the key); no `no-store`, `private` (with or without field
+    /// names), `no-cache` or a zero `max-age`/`s-maxage` (this cache cannot revalidate, so
+    /// "revalidate before every reuse" means "do not reuse"); nothing that sets cookies; no
+    /// `Vary: *`; not larger than the recording limit when its length is known.
     fn admits(&self, status: StatusCode, headers: &HeaderMap) -> bool {
-        if !status.is_success() {
+        if !status.is_success() || status == StatusCode::PARTIAL_CONTENT {
             return false;
         }
         if headers.contains_key(header::SET_COOKIE) {
             return false;
         }
-        let forbidden = headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
-            v.to_str().is_ok_and(|v| {
-                v.split(',').any(|d| {
-                    let d = d.trim();
-                    d.eq_ignore_ascii_case("no-store") || d.eq_ignore_ascii_case("private")
-                })
-            })
+        let forbidden = cache_control(headers).any(|(name, value)| {
+            ["no-store", "private", "no-cache"]
+                .iter()
+                .any(|d| name.eq_ignore_ascii_case(d))
+                || ((name.eq_ignore_ascii_case("max-age") || name.eq_ignore_ascii_case("s-maxage"))
+                    && value.is_some_and(|v| v.parse::<u64>().map_or(true, |n| n == 0)))
         });
-        if forbidden {
+        if forbidden || vary_names(headers).any(|name| name == "*") {
             return false;
         }
         !matches!(content_length(headers), Some(len) if len > self.config.max_response as u64)
@@ -734,6 +822,9 @@ impl Engine {
         let mut res = Response::new(body(entry.body));
         *res.status_mut() = entry.status;
         *res.headers_mut() = entry.headers;
+        if res.headers().contains_key(VARY_KEY) {
+            res.headers_mut().remove(VARY_KEY);
+        }
         res.headers_mut()
             .insert(X_CACHE_AGE, HeaderValue::from(age));
         self.mark(&mut res, status);
@@ -769,7 +860,7 @@ impl Engine {
         tracing::debug!(target: "cachecore", status = status.as_str(), "request served");
     }
 
-    pub(crate) fn default_tenant(&self) -> Arc<str> {
+    pub(crate) fn default_tenant(&self) -> Option<Arc<str>> {
         self.config.namespace.default_tenant()
     }
 
@@ -831,8 +922,50 @@ impl Engine {
     }
 }
 
+/// The `Cache-Control` directives of a request that the cache honours.
+#[derive(Default)]
+struct RequestDirectives {
+    no_store: bool,
+    revalidate: bool,
+}
+
+impl RequestDirectives {
+    fn of(headers: &HeaderMap) -> Self {
+        let mut out = Self::default();
+        for (name, value) in cache_control(headers) {
+            if name.eq_ignore_ascii_case("no-store") {
+                out.no_store = true;
+            } else if name.eq_ignore_ascii_case("no-cache")
+                || (name.eq_ignore_ascii_case("max-age") && value == Some("0"))
+            {
+                out.revalidate = true;
+            }
+        }
+        out
+    }
+}
+
+/// The directives of every `Cache-Control` header: `(name, value)`, quotes taken off values.
+fn cache_control(headers: &HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> {
+    headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|d| {
+            let d = d.trim();
+            if d.is_empty() {
+                return None;
+            }
+            Some(match d.split_once('=') {
+                Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
+                None => (d, None),
+            })
+        })
+}
+
 /// A fresh random-enough version string for invalidations that give none.
-fn random_hash() -> String {
+pub(crate) fn random_hash() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = Sha256::new();
     h.update(now_ms().to_be_bytes());
@@ -864,20 +997,100 @@ fn storable_headers(headers: &HeaderMap) -> HeaderMap {
         X_CACHE,
         X_CACHE_AGE,
         X_CACHE_SIMILARITY,
+        VARY_KEY,
     ] {
         out.remove(name);
     }
     out
 }
 
+/// Stored beside a response that names request headers in `Vary`: a digest of the values the
+/// request that produced it had for them (RFC 9111 §4.1). Never sent to a client.
+const VARY_KEY: HeaderName = HeaderName::from_static("x-cachecore-vary-key");
+
+/// The header names a response's `Vary` lists, lower-case as written.
+fn vary_names(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+}
+
+/// The digest of `request`'s values for the headers `response` varies on, if it varies.
+fn vary_fingerprint(response: &HeaderMap, request: &HeaderMap) -> Option<HeaderValue> {
+    let mut names = vary_names(response).peekable();
+    names.peek()?;
+    let mut h = Sha256::new();
+    for name in names {
+        let name = name.to_ascii_lowercase();
+        h.update((name.len() as u64).to_be_bytes());
+        h.update(name.as_bytes());
+        let values = request.get_all(name.as_str());
+        h.update((values.iter().count() as u64).to_be_bytes());
+        for v in values {
+            h.update((v.len() as u64).to_be_bytes());
+            h.update(v.as_bytes());
+        }
+    }
+    let digest: [u8; 32] = h.finalize().into();
+    HeaderValue::from_str(&to_hex(&digest[..16])).ok()
+}
+
+/// Whether an entry may answer a request with these headers: it names no `Vary` headers, or
+/// the request has the same values for them as the one that produced it.
+fn vary_matches(entry: &HeaderMap, request: &HeaderMap) -> bool {
+    match entry.get(VARY_KEY) {
+        None => true,
+        Some(stored) => vary_fingerprint(entry, request).is_some_and(|now| now == stored),
+    }
+}
+
+/// Whether a response is a stream of server-sent events.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
+        })
+}
+
+/// Whether a finished event stream reported an error in band: an `event: error`, or a `data:`
+/// line carrying an `{"error": ...}` object (as LLM APIs send when generation fails midway).
+/// Such a stream ended cleanly at the HTTP level but is not an answer to replay.
+fn sse_reports_error(body: &[u8]) -> bool {
+    body.split(|&b| b == b'\n').any(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let field = |name: &[u8]| {
+            line.strip_prefix(name).map(|rest| {
+                let rest = rest.strip_prefix(b" ").unwrap_or(rest);
+                rest.trim_ascii()
+            })
+        };
+        if field(b"event:").is_some_and(|v| v == b"error") {
+            return true;
+        }
+        field(b"data:").is_some_and(|v| {
+            v.strip_prefix(b"{")
+                .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"\"error\""))
+        })
+    })
+}
+
 /// What the leader of an in-flight call tells its followers.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum FlightState {
+    /// The upstream call runs.
     Pending,
+    /// The response head arrived and is being recorded: its body should end soon.
+    Recording,
     /// Whether the leader's answer was stored (if not, followers call upstream themselves).
-    Done {
-        stored: bool,
-    },
+    Done { stored: bool },
 }
 
 pub(crate) enum Flight {
@@ -886,11 +1099,34 @@ pub(crate) enum Flight {
 }
 
 impl Flight {
-    /// Waits for the leader; true when it stored its answer.
-    pub(crate) async fn wait(mut rx: watch::Receiver<FlightState>) -> bool {
-        match rx.wait_for(|s| matches!(s, FlightState::Done { .. })).await {
-            Ok(state) => matches!(*state, FlightState::Done { stored: true }),
-            Err(_) => false,
+    /// Waits for the leader, within bounds (docs/design.md §4 rule 8); true when it stored its
+    /// answer. At most `total` in all, and at most `after_head` once the leader's response head
+    /// has arrived. Without a Tokio runtime there is no timer to bound the wait: no waiting.
+    pub(crate) async fn wait(
+        mut rx: watch::Receiver<FlightState>,
+        total: Duration,
+        after_head: Duration,
+    ) -> bool {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return false;
+        }
+        let start = tokio::time::Instant::now();
+        let mut deadline = start + total;
+        let mut head_seen = false;
+        loop {
+            match *rx.borrow_and_update() {
+                FlightState::Done { stored } => return stored,
+                FlightState::Recording if !head_seen => {
+                    head_seen = true;
+                    deadline = deadline.min(tokio::time::Instant::now() + after_head);
+                }
+                FlightState::Recording | FlightState::Pending => {}
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                // The leader is gone without a word, or too slow: stop waiting on it.
+                Ok(Err(_)) | Err(_) => return false,
+            }
         }
     }
 }
@@ -972,6 +1208,10 @@ impl Recorder {
             buf,
             flight,
         } = self;
+        if is_event_stream(&headers) && sse_reports_error(&buf) {
+            // Dropping the flight guard releases the followers: nothing to read back.
+            return PendingStore::default();
+        }
         let entry = Entry {
             status,
             headers,

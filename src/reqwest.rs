@@ -50,7 +50,7 @@ use http::{Extensions, HeaderValue, Uri};
 use http_body::{Frame, SizeHint};
 use reqwest_middleware::{Middleware, Next, Result};
 
-use crate::engine::{Engine, RequestHead, Route};
+use crate::engine::{CredentialHash, Engine, RequestHead, Route};
 use crate::layer::{ResponseBody, X_CACHE_ERROR};
 use crate::{CacheStatus, CachecoreLayer};
 
@@ -59,17 +59,44 @@ use crate::{CacheStatus, CachecoreLayer};
 /// stays the handle to invalidate from.
 ///
 /// Build it with [`CachecoreLayer::reqwest_middleware`] (or `From<CachecoreLayer>`).
+///
+/// # Credentials the middleware cannot see
+///
+/// reqwest merges a client's default headers (`ClientBuilder::default_headers`, often the
+/// provider's `Authorization`) into a request *after* the middleware has run, so the layer's
+/// credentials partition cannot see them. Two clients with different default keys must still
+/// never share an entry, so when no tenant is configured each middleware value is its own
+/// partition: entries are shared by the clients it is attached to (clones share it), never with
+/// another middleware, another process included. To share entries across processes, tell the
+/// middleware the client's credentials with [`client_credentials`](Self::client_credentials):
+/// the partition is then a hash of them, the same in every process.
 #[derive(Clone)]
 pub struct CachecoreMiddleware {
     engine: Arc<Engine>,
+    client: Arc<str>,
 }
 
 impl CachecoreMiddleware {
-    /// A middleware sharing `layer`'s engine.
+    /// A middleware sharing `layer`'s engine, in a key partition of its own (see above).
     pub fn new(layer: &CachecoreLayer) -> Self {
         Self {
             engine: Arc::clone(layer.engine()),
+            client: Arc::from(format!("client-{}", crate::engine::random_hash())),
         }
+    }
+
+    /// Declares the default headers of the client this middleware is attached to (pass the
+    /// same map given to `ClientBuilder::default_headers`). Its credential headers, hashed,
+    /// replace the middleware's own partition, so middlewares declaring the same credentials
+    /// (in any process) share entries and different ones never do.
+    #[must_use]
+    pub fn client_credentials(mut self, default_headers: &http::HeaderMap) -> Self {
+        let hash = CredentialHash::of(&self.engine.config.credential_headers, default_headers);
+        self.client = Arc::from(match hash.finish() {
+            Some(p) => format!("client-{}", p.as_str()),
+            None => "client-none".to_owned(),
+        });
+        self
     }
 }
 
@@ -110,7 +137,7 @@ impl Middleware for CachecoreMiddleware {
         'life2: 'async_trait,
         Self: 'async_trait,
     {
-        Box::pin(handle(&self.engine, req, extensions, next))
+        Box::pin(handle(&self.engine, &self.client, req, extensions, next))
     }
 }
 
@@ -118,6 +145,7 @@ impl Middleware for CachecoreMiddleware {
 /// engine functions.
 async fn handle(
     engine: &Arc<Engine>,
+    client: &Arc<str>,
     req: Request,
     extensions: &mut Extensions,
     next: Next<'_>,
@@ -132,7 +160,7 @@ async fn handle(
         headers: req.headers(),
         extensions,
     };
-    let plan = match engine.plan(&head) {
+    let mut plan = match engine.plan(&head) {
         Ok(plan) => plan,
         Err(reason) => {
             let error = reason
@@ -141,6 +169,14 @@ async fn handle(
             return bypass(engine, req, extensions, next, error).await;
         }
     };
+    if engine.config.namespace.is_credentials() {
+        // The client's default headers are invisible here: partition by the client too.
+        let partition = format!(
+            "{}+{client}",
+            plan.namespace.partition().unwrap_or_default()
+        );
+        plan.namespace = plan.namespace.clone().with_partition(partition);
+    }
     let body: &[u8] = match req.body() {
         None => &[],
         Some(body) => match body.as_bytes() {
@@ -152,7 +188,7 @@ async fn handle(
     };
     let key = engine.key(&plan, &head, body);
 
-    let forward = match engine.route(&key, &plan, false).await {
+    let forward = match engine.route(&key, &plan, req.headers(), false).await {
         Route::Serve(entry, status) => {
             let res = engine.hit_response(entry, status, Body::from);
             return Ok(into_reqwest(res, req.url().clone()));
@@ -160,10 +196,16 @@ async fn handle(
         Route::Forward(forward) => forward,
     };
 
+    let request_headers = req.headers().clone();
     let mut res = next.run(req, extensions).await?;
-    let Some(recorder) =
-        engine.start_recording(key, plan.fresh_ttl, forward, res.status(), res.headers())
-    else {
+    let Some(recorder) = engine.start_recording(
+        key,
+        plan.fresh_ttl,
+        forward,
+        &request_headers,
+        res.status(),
+        res.headers(),
+    ) else {
         mark(engine, &mut res, CacheStatus::Miss);
         return Ok(res);
     };

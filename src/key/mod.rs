@@ -11,7 +11,7 @@ pub(crate) use memo::KeyMemo;
 use crate::Dep;
 
 /// Bumped whenever the encoding below changes, so keys of different formats never collide.
-const KEY_FORMAT_VERSION: u8 = 1;
+const KEY_FORMAT_VERSION: u8 = 2;
 
 /// How the body is keyed.
 #[derive(Clone, Debug, Default)]
@@ -33,9 +33,9 @@ pub struct KeyParts<'a> {
     pub partition: Option<&'a str>,
     /// Request method.
     pub method: &'a Method,
-    /// Request URI (only path and query are used).
+    /// Request URI: scheme, authority (else the `Host` header), path and query.
     pub uri: &'a Uri,
-    /// Request headers (only those named in `vary` are used).
+    /// Request headers (`Host`, and those named in `vary`).
     pub headers: &'a HeaderMap,
     /// Header names that are part of the key.
     pub vary: &'a [HeaderName],
@@ -86,6 +86,17 @@ pub(crate) fn encode_head(parts: &KeyParts<'_>, out: &mut Vec<u8>) {
         }
     }
     field(out, parts.method.as_str().as_bytes());
+    // Scheme and authority: two services answering the same path never share an entry. A
+    // client stack sends absolute URIs; a server stack sees the authority in `Host` (HTTP/1)
+    // or in the URI (HTTP/2's `:authority`).
+    field(out, parts.uri.scheme_str().unwrap_or("").as_bytes());
+    match parts.uri.authority() {
+        Some(authority) => authority_field(out, authority.as_str().as_bytes()),
+        None => match parts.headers.get(http::header::HOST) {
+            Some(host) => authority_field(out, host.as_bytes()),
+            None => field(out, b""),
+        },
+    }
     field(
         out,
         parts
@@ -149,6 +160,12 @@ fn looks_like_json(body: &[u8]) -> bool {
         body.iter().find(|b| !b.is_ascii_whitespace()),
         Some(b'{' | b'[')
     )
+}
+
+/// Host names are case-insensitive: `API.example.com` and `api.example.com` are one service.
+fn authority_field(out: &mut Vec<u8>, authority: &[u8]) {
+    count(out, authority.len());
+    out.extend(authority.iter().map(u8::to_ascii_lowercase));
 }
 
 fn count(out: &mut Vec<u8>, n: usize) {

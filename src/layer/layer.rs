@@ -66,8 +66,15 @@ impl CachecoreLayer {
     /// holds the entries of every credentials partition): every entry derived from it stops
     /// being served at once. With no `new_hash` a random one is recorded. Every call invalidates, even with
     /// the same hash as last time.
+    ///
+    /// A layer whose tenants come from a [`namespace_resolver`](CachecoreBuilder::namespace_resolver)
+    /// or an [`authenticator`](CachecoreBuilder::authenticator) has no single tenant: there
+    /// this refuses (a failed result saying so) rather than guess; name the tenant with
+    /// [`invalidate_in`](Self::invalidate_in).
     pub async fn invalidate(&self, dep_id: &str, new_hash: Option<&str>) -> InvalidationResult {
-        let tenant = self.engine.default_tenant();
+        let Some(tenant) = self.engine.default_tenant() else {
+            return InvalidationResult::failed(dep_id, NO_DEFAULT_TENANT);
+        };
         self.invalidate_in(&tenant, dep_id, new_hash).await
     }
 
@@ -77,7 +84,12 @@ impl CachecoreLayer {
         dep_ids: &[&str],
         new_hash: Option<&str>,
     ) -> Vec<InvalidationResult> {
-        let tenant = self.engine.default_tenant();
+        let Some(tenant) = self.engine.default_tenant() else {
+            return dep_ids
+                .iter()
+                .map(|id| InvalidationResult::failed(*id, NO_DEFAULT_TENANT))
+                .collect();
+        };
         self.invalidate_many_in(&tenant, dep_ids, new_hash).await
     }
 
@@ -122,6 +134,10 @@ impl CachecoreLayer {
         &self.engine
     }
 }
+
+/// Why [`CachecoreLayer::invalidate`] refuses on a layer whose tenants are resolved per request.
+const NO_DEFAULT_TENANT: &str = "this layer resolves tenants per request (namespace resolver or \
+     authenticator): name the tenant with invalidate_in / invalidate_many_in";
 
 /// Configures a [`CachecoreLayer`].
 #[must_use]
@@ -181,9 +197,35 @@ impl CachecoreBuilder {
         self
     }
 
-    /// Adds a request header whose value is part of the key (none by default).
+    /// Adds a request header whose value is part of the key. `Accept-Encoding` is in the key
+    /// by default (and a response's own `Vary` is always honoured).
     pub fn vary_header(mut self, name: HeaderName) -> Self {
-        self.config.vary.push(name);
+        if !self.config.vary.contains(&name) {
+            self.config.vary.push(name);
+        }
+        self
+    }
+
+    /// Adds a header that carries the caller's credentials. When no tenant is configured,
+    /// every credential header a request has goes into its key partition, so callers with
+    /// different credentials never share an entry. By default: `Authorization`,
+    /// `Proxy-Authorization`, `Cookie`, `X-Api-Key`, `Api-Key`, `X-Goog-Api-Key` and
+    /// `X-CacheCore-Token`.
+    pub fn credential_header(mut self, name: HeaderName) -> Self {
+        if !self.config.credential_headers.contains(&name) {
+            self.config.credential_headers.push(name);
+        }
+        self
+    }
+
+    /// Bounds how long a request waits for an identical one already in flight (single-flight)
+    /// before calling upstream itself: `total` in all (default 30 s), and `after_head` once
+    /// the leader's response head has arrived (default 1 s; its body then normally ends within
+    /// milliseconds, unless nobody reads it). A leader that fails or is dropped releases its
+    /// followers at once, and a streamed (SSE) response releases them when its head arrives.
+    pub fn coalesce_wait(mut self, total: Duration, after_head: Duration) -> Self {
+        self.config.coalesce_wait = total;
+        self.config.coalesce_body_wait = after_head;
         self
     }
 

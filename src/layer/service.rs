@@ -227,7 +227,7 @@ where
         extensions: &parts.extensions,
     };
     let key = engine.key(&plan, &head, &body);
-    let forward = match engine.route(&key, &plan, true).await {
+    let forward = match engine.route(&key, &plan, &parts.headers, true).await {
         Route::Serve(entry, status) => {
             if status == CacheStatus::StaleHit {
                 spawn_refresh(
@@ -245,6 +245,9 @@ where
         Route::Forward(forward) => forward,
     };
 
+    // The request's headers decide which variant a `Vary` response is; keep them (cheap:
+    // this is the miss path, which pays an upstream call).
+    let request_headers = parts.headers.clone();
     let res = inner
         .call(Request::from_parts(parts, RequestBody::full(body)))
         .await?;
@@ -253,6 +256,7 @@ where
         key,
         plan.fresh_ttl,
         forward,
+        &request_headers,
         res_parts.status,
         &res_parts.headers,
     );
@@ -304,6 +308,7 @@ fn spawn_refresh<S, ReqB, ResB>(
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
     *req.extensions_mut() = parts.extensions.clone();
+    let request_headers = parts.headers.clone();
     let mut svc = inner.clone();
     let engine = Arc::clone(engine);
     let fresh_ttl = plan.fresh_ttl;
@@ -320,6 +325,7 @@ fn spawn_refresh<S, ReqB, ResB>(
             key,
             fresh_ttl,
             Forward::refresh(observed),
+            &request_headers,
             parts.status,
             &parts.headers,
         ) else {

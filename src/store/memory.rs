@@ -200,7 +200,11 @@ impl MemoryStore {
         // An invalidation may have run between the tagging above and the insert: it took the
         // tag set before the entry existed. The entry could never be served (its epochs are
         // old), but drop it now rather than let it hold memory until its TTL.
-        if let Some(moved) = self.deps.read().first_moved(key.tenant(), &deps) {
+        // The read guard must be gone before moka runs the eviction listener inside
+        // `invalidate`: the listener takes the write lock on this thread (`untag`). Rule for
+        // this file: never call into moka while holding the dep index lock.
+        let moved = self.deps.read().first_moved(key.tenant(), &deps);
+        if let Some(moved) = moved {
             self.entries.invalidate(key);
             return PutOutcome::Refused(RefusedReason::DepChanged(moved));
         }
@@ -433,6 +437,56 @@ mod tests {
         let store = MemoryStore::builder().max_bytes(8 * 1024).build();
         let out = store.put_now(&key(1), entry(4096, Duration::from_secs(60), &[]));
         assert_eq!(out, PutOutcome::Refused(RefusedReason::TooLarge));
+    }
+
+    #[test]
+    fn a_put_racing_an_invalidation_never_deadlocks() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let store = MemoryStore::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for t in 0..2u32 {
+            let (store, stop, progress) = (store.clone(), stop.clone(), progress.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut i = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = key(t << 24 | i);
+                    i += 1;
+                    let Lookup::Miss(epochs) = store.lookup_now(&k, &["doc", POLICY_DEP]) else {
+                        continue;
+                    };
+                    let mut e = entry(16, Duration::from_secs(60), &[]);
+                    e.deps = epochs;
+                    store.put_now(&k, e);
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        {
+            let (store, stop) = (store.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    store.invalidate_now("t", "doc", "h");
+                }
+            }));
+        }
+        // Watchdog: puts must keep making progress in every window. A deadlock stops them for
+        // good; the threads are then left behind (the process exits with the test binary).
+        let mut last = 0;
+        for window in 0..20 {
+            std::thread::sleep(Duration::from_millis(150));
+            let now = progress.load(Ordering::Relaxed);
+            if now == last {
+                stop.store(true, Ordering::Relaxed);
+                panic!("puts made no progress in window {window} (after {now} puts): deadlock");
+            }
+            last = now;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]
