@@ -762,8 +762,9 @@ impl Engine {
 
     /// Whether a response may be stored (docs/design.md §6): 2xx only, and not a partial
     /// `206` (`Range` is not in the key); no `no-store`, `private` (with or without field
-    /// names), `no-cache` or a zero `max-age`/`s-maxage` (this cache cannot revalidate, so
-    /// "revalidate before every reuse" means "do not reuse"); nothing that sets cookies; no
+    /// names), `no-cache` (but see event streams below) or a zero `max-age`/`s-maxage` (this
+    /// cache cannot revalidate, so "revalidate before every reuse" means "do not reuse");
+    /// nothing that sets cookies; no
     /// `Vary: *`; not larger than the recording limit when its length is known.
     fn admits(&self, status: StatusCode, headers: &HeaderMap) -> bool {
         if !status.is_success() || status == StatusCode::PARTIAL_CONTENT {
@@ -772,10 +773,14 @@ impl Engine {
         if headers.contains_key(header::SET_COOKIE) {
             return false;
         }
+        // Event streams carry `no-cache` by convention (it keeps intermediaries from buffering
+        // a live stream; LLM APIs send it on every streamed completion), not as a statement
+        // about reusing the finished stream: for them only the other directives count.
+        let stream = is_event_stream(headers);
         let forbidden = cache_control(headers).any(|(name, value)| {
-            ["no-store", "private", "no-cache"]
-                .iter()
-                .any(|d| name.eq_ignore_ascii_case(d))
+            name.eq_ignore_ascii_case("no-store")
+                || name.eq_ignore_ascii_case("private")
+                || (name.eq_ignore_ascii_case("no-cache") && !stream)
                 || ((name.eq_ignore_ascii_case("max-age") || name.eq_ignore_ascii_case("s-maxage"))
                     && value.is_some_and(|v| v.parse::<u64>().map_or(true, |n| n == 0)))
         });

@@ -423,3 +423,56 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
     .await;
     out.into_iter().map(Option::unwrap).collect()
 }
+
+/// A client whose default `Authorization` the middleware cannot see (reqwest merges default
+/// headers after middleware runs).
+fn client_with_key(layer: &CachecoreLayer, key: &str, declare: bool) -> ClientWithMiddleware {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {key}").parse().unwrap());
+    let inner = reqwest::Client::builder()
+        .default_headers(headers.clone())
+        .build()
+        .unwrap();
+    let mw = layer.reqwest_middleware();
+    let mw = if declare {
+        mw.client_credentials(&headers)
+    } else {
+        mw
+    };
+    ClientBuilder::new(inner).with(mw).build()
+}
+
+#[tokio::test]
+async fn two_clients_with_different_default_credentials_never_share_an_entry() {
+    let upstream = Upstream::default();
+    let addr = serve(upstream.clone()).await;
+    // No tenant: the credentials partition is the only thing keeping callers apart.
+    let layer = CachecoreLayer::new();
+    let url = format!("http://{addr}/v1/chat");
+    let alice = client_with_key(&layer, "alice", false);
+    let bob = client_with_key(&layer, "bob", false);
+    let a = alice.post(&url).body("q").send().await.unwrap();
+    assert_cache_status!(a, CacheStatus::Miss);
+    let a = text(a).await;
+    let again = alice.post(&url).body("q").send().await.unwrap();
+    assert_cache_status!(again, CacheStatus::Hit);
+    let b = bob.post(&url).body("q").send().await.unwrap();
+    assert_cache_status!(b, CacheStatus::Miss);
+    assert_ne!(text(b).await, a, "bob was served alice's answer");
+}
+
+#[tokio::test]
+async fn clients_that_declare_the_same_credentials_share_entries_and_others_do_not() {
+    let upstream = Upstream::default();
+    let addr = serve(upstream.clone()).await;
+    let layer = CachecoreLayer::new();
+    let url = format!("http://{addr}/v1/chat");
+    let first = client_with_key(&layer, "alice", true);
+    let second = client_with_key(&layer, "alice", true);
+    let bob = client_with_key(&layer, "bob", true);
+    text(first.post(&url).body("q").send().await.unwrap()).await;
+    let shared = second.post(&url).body("q").send().await.unwrap();
+    assert_cache_status!(shared, CacheStatus::Hit);
+    let other = bob.post(&url).body("q").send().await.unwrap();
+    assert_cache_status!(other, CacheStatus::Miss);
+}
