@@ -875,6 +875,16 @@ impl Engine {
         dep_ids: &[&str],
         new_hash: Option<&str>,
     ) -> Vec<InvalidationResult> {
+        if let Some(Err(e)) = new_hash.map(crate::validate_new_hash) {
+            // A hash travels in headers and store values: a bad one changes nothing.
+            self.metrics
+                .invalidation_errors
+                .fetch_add(dep_ids.len() as u64, Ordering::Relaxed);
+            return dep_ids
+                .iter()
+                .map(|id| InvalidationResult::failed(*id, e.to_string()))
+                .collect();
+        }
         let generated;
         let new_hash = match new_hash {
             Some(h) => h,

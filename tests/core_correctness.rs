@@ -418,3 +418,25 @@ async fn invalidate_without_a_tenant_refuses_on_a_layer_that_resolves_tenants() 
     assert!(many.iter().all(|r| !r.ok));
     assert!(layer.invalidate_in("acme", "doc:1", None).await.ok);
 }
+
+#[tokio::test]
+async fn an_invalid_new_hash_is_refused_and_changes_nothing() {
+    let upstream = Upstream::new();
+    let layer = CachecoreLayer::builder().tenant("t").build();
+    let svc = stack(&layer, &upstream);
+    let req = || {
+        let mut req = common::chat("{}");
+        req.extensions_mut()
+            .insert(cachecore::RequestContext::new().dep(cachecore::Dep::new("doc:1")));
+        req
+    };
+    send(&svc, req()).await;
+    for bad in ["has space", "line\nbreak", "", &"x".repeat(300)] {
+        let r = layer.invalidate("doc:1", Some(bad)).await;
+        assert!(!r.ok, "{bad:?} accepted");
+        assert!(r.error.is_some());
+    }
+    assert_eq!(send(&svc, req()).await.x_cache, "HIT_L1");
+    assert!(layer.invalidate("doc:1", Some("v2")).await.ok);
+    assert_eq!(send(&svc, req()).await.x_cache, "MISS");
+}
