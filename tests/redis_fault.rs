@@ -189,9 +189,18 @@ impl Stream {
         }
     }
 
-    /// Starts a new phase: requests already in flight are not counted in it.
+    /// Starts a new phase: requests already in flight are not counted in it, and neither is
+    /// anything tallied before it (a hit that landed while a node was being killed belongs to
+    /// the old phase). The phase moves under the tally's lock, where each request is tallied,
+    /// so no request is counted in a phase it did not start in.
     fn next_phase(&self) {
-        self.phase.fetch_add(1, Ordering::SeqCst);
+        let old = {
+            let mut tally = self.tally.lock().unwrap();
+            self.phase.fetch_add(1, Ordering::SeqCst);
+            std::mem::take(&mut *tally)
+        };
+        old.report("end of phase");
+        assert!(old.failures.is_empty(), "end of phase: {:?}", old.failures);
     }
 
     /// What was tallied since the last call.
