@@ -7,12 +7,21 @@
 //! ```
 //!
 //! Every flag can come from the environment instead: `CACHECORE_UPSTREAM`, `CACHECORE_LISTEN`,
-//! `CACHECORE_REDIS_URL`, `CACHECORE_JWT_SECRET` (and `CACHECORE_UPSTREAM_API_KEY` for
-//! `--upstream-api-key`, the `Authorization` value sent upstream in place of the caller's).
+//! `CACHECORE_REDIS_URL`, `CACHECORE_JWT_SECRET`, `CACHECORE_UPSTREAM_API_KEY` for
+//! `--upstream-api-key` (the `Authorization` value sent upstream in place of the caller's) and
+//! `CACHECORE_CACHEABLE_PATHS` for `--cacheable-paths` (comma-separated `[METHOD ]PATH` entries,
+//! a trailing `*` for a prefix; default: the `POST`s of `/v1/chat/completions`,
+//! `/v1/completions`, `/v1/embeddings`, `/v1/moderations`, `/v1/responses`).
 //!
-//! - every path is forwarded to the upstream (streaming included) through the cache, in
-//!   trusted-header mode: `Authorization: Bearer [cc_live_<id>.]<jwt>` or `X-CacheCore-Token`
-//!   name the tenant (none: `BYPASS`), `X-CacheCore-Deps` the deps;
+//! - every path is forwarded to the upstream (streaming included) in trusted-header mode:
+//!   `Authorization: Bearer [cc_live_<id>.]<jwt>` or `X-CacheCore-Token` name the tenant (none:
+//!   `BYPASS`), `X-CacheCore-Deps` the deps. Only the cacheable paths go through the cache, and
+//!   not when the body asks the provider to store the result (`"store": true`; on
+//!   `/v1/responses`, anything but `"store": false`); the rest is `BYPASS`;
+//! - the tenant token never goes upstream: without `--upstream-api-key`, a `Bearer` token in
+//!   `Authorization` is dropped unless the tenant token came in `X-CacheCore-Token` (then
+//!   `Authorization` is the caller's provider key and goes on), and provider keys in headers of
+//!   their own (`X-Api-Key`, ...) are forwarded;
 //! - `POST /v1/invalidate`, `GET /health`, `GET /metrics` are served by the gateway;
 //! - with `--redis`, entries live in Redis (shared by every gateway instance), and an
 //!   invalidation queue worker applies events published to the `cachecore:invalidations`
@@ -27,9 +36,13 @@ use cachecore::gateway::Gateway;
 use cachecore::CachecoreLayer;
 use http::HeaderValue;
 
-const USAGE: &str = "usage: gateway --upstream URL --jwt-secret SECRET [--listen ADDR] [--redis URL] [--upstream-api-key VALUE]
+const USAGE: &str =
+    "usage: gateway --upstream URL --jwt-secret SECRET [--listen ADDR] [--redis URL]
+               [--upstream-api-key VALUE] [--cacheable-paths 'POST /v1/chat/completions,...']
   each flag may come from the environment: CACHECORE_UPSTREAM, CACHECORE_JWT_SECRET,
-  CACHECORE_LISTEN (default 127.0.0.1:8080), CACHECORE_REDIS_URL, CACHECORE_UPSTREAM_API_KEY";
+  CACHECORE_LISTEN (default 127.0.0.1:8080), CACHECORE_REDIS_URL, CACHECORE_UPSTREAM_API_KEY,
+  CACHECORE_CACHEABLE_PATHS (default: the POSTs of /v1/chat/completions, /v1/completions,
+  /v1/embeddings, /v1/moderations, /v1/responses)";
 
 /// The address listened on when none is given: loopback only, so that a gateway is never
 /// exposed by accident.
@@ -42,6 +55,8 @@ struct Args {
     redis: Option<String>,
     jwt_secret: String,
     upstream_api_key: Option<String>,
+    /// `None`: the gateway's default list.
+    cacheable_paths: Option<Vec<String>>,
 }
 
 /// Flags win over the environment.
@@ -52,6 +67,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut redis = env("CACHECORE_REDIS_URL");
     let mut jwt_secret = env("CACHECORE_JWT_SECRET");
     let mut upstream_api_key = env("CACHECORE_UPSTREAM_API_KEY");
+    let mut cacheable_paths = env("CACHECORE_CACHEABLE_PATHS");
     while let Some(flag) = argv.next() {
         let (name, inline) = match flag.split_once('=') {
             Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
@@ -63,6 +79,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--redis" => &mut redis,
             "--jwt-secret" => &mut jwt_secret,
             "--upstream-api-key" => &mut upstream_api_key,
+            "--cacheable-paths" => &mut cacheable_paths,
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown argument {other:?}")),
         };
@@ -81,6 +98,13 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         redis,
         jwt_secret: jwt_secret.ok_or("--jwt-secret (or CACHECORE_JWT_SECRET) is required")?,
         upstream_api_key,
+        cacheable_paths: cacheable_paths.map(|list| {
+            list.split(',')
+                .map(str::trim)
+                .filter(|entry| !entry.is_empty())
+                .map(str::to_owned)
+                .collect()
+        }),
     })
 }
 
@@ -132,6 +156,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut builder = Gateway::builder(&args.upstream, JwtAuth::new(&args.jwt_secret)).cache(cache);
     if let Some(key) = &args.upstream_api_key {
         builder = builder.upstream_authorization(HeaderValue::from_str(key)?);
+    }
+    if let Some(paths) = &args.cacheable_paths {
+        builder = builder.cacheable_paths(paths);
     }
     let gateway = builder.build()?;
 

@@ -120,6 +120,8 @@ async fn start_upstream() -> (Upstream, SocketAddr) {
     let up = Upstream::default();
     let app = Router::new()
         .route("/v1/chat/completions", post(chat))
+        .route("/v1/responses", post(chat))
+        .route("/v1/threads/{thread}/messages", post(chat))
         .route(
             "/v1/models",
             get(|| async { axum::Json(json!({"data": [{"id": "m"}]})) }),
@@ -883,18 +885,268 @@ async fn an_upstream_key_replaces_the_callers_authorization() {
 }
 
 #[tokio::test]
+async fn a_bare_tenant_jwt_never_reaches_the_upstream() {
+    let env = Env::start().await;
+    let token = env.token("acme", "v1");
+    let jwt = token.split_once('.').unwrap().1;
+    // The signature segment identifies the credential in whatever form it travels.
+    let signature = jwt.rsplit_once('.').unwrap().1;
+    let leaked = |seen: &HeaderMap| {
+        seen.iter()
+            .find(|(_, v)| v.to_str().is_ok_and(|v| v.contains(signature)))
+            .map(|(name, _)| name.clone())
+    };
+
+    // Documented as accepted: the JWT alone in Authorization, no `cc_live_` prefix.
+    let res = env.chat(Some(jwt), &[], "bare").await;
+    assert_eq!(res.x_cache(), "MISS");
+    let seen = env.up.last_headers();
+    assert_eq!(leaked(&seen), None, "tenant token forwarded: {seen:?}");
+    assert!(!seen.contains_key("authorization"), "{seen:?}");
+
+    // Every accepted form, with the caller's provider key in a header of its own: the key
+    // goes on, the tenant credential stays.
+    let bare = format!("Bearer {jwt}");
+    let prefixed = format!("Bearer {token}");
+    let forms: [&[(&str, &str)]; 4] = [
+        &[("authorization", &bare)],
+        &[("authorization", &prefixed)],
+        &[("x-cachecore-token", jwt)],
+        // The same token in both places.
+        &[("x-cachecore-token", &bare), ("authorization", &bare)],
+    ];
+    for (i, form) in forms.into_iter().enumerate() {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("x-api-key", "sk-ant-provider-key"),
+        ];
+        headers.extend_from_slice(form);
+        let res = env
+            .send(
+                Method::POST,
+                "/v1/chat/completions",
+                &headers,
+                &json!({"form": i}).to_string(),
+            )
+            .await;
+        assert_eq!(
+            (res.status, res.x_cache()),
+            (StatusCode::OK, "MISS"),
+            "{form:?}"
+        );
+        let seen = env.up.last_headers();
+        assert_eq!(leaked(&seen), None, "{form:?} forwarded: {seen:?}");
+        assert_eq!(seen["x-api-key"], "sk-ant-provider-key", "{form:?}");
+    }
+
+    // A rejected tenant token is still a tenant token.
+    let expired = env
+        .jwt
+        .mint(&Claims::new("acme", Duration::ZERO).expires_at(1_000));
+    let res = env.chat(Some(&expired), &[], "expired").await;
+    assert_eq!(res.x_cache(), "BYPASS");
+    assert!(!env.up.last_headers().contains_key("authorization"));
+}
+
+#[tokio::test]
+async fn non_idempotent_endpoints_are_never_cached() {
+    let env = Env::start().await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    let body = json!({"role": "user", "content": "add this to the thread"}).to_string();
+    let mut calls = Vec::new();
+    for _ in 0..2 {
+        let res = env
+            .send(
+                Method::POST,
+                "/v1/threads/t/messages",
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                &body,
+            )
+            .await;
+        assert_eq!((res.status, res.x_cache()), (StatusCode::OK, "BYPASS"));
+        calls.push(res.call());
+    }
+    // Two messages created, not one replayed.
+    assert_eq!(calls, [1, 2]);
+    assert_eq!(env.gateway.cache().metrics().stored, 0);
+}
+
+#[tokio::test]
+async fn responses_that_the_provider_stores_are_never_cached() {
+    let env = Env::start().await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    let respond = |body: Value| {
+        let auth = &auth;
+        let env = &env;
+        async move {
+            env.send(
+                Method::POST,
+                "/v1/responses",
+                &[
+                    ("authorization", auth),
+                    ("content-type", "application/json"),
+                ],
+                &body.to_string(),
+            )
+            .await
+            .x_cache()
+            .to_owned()
+        }
+    };
+    // The Responses API stores by default: no `store` field is `store: true`.
+    for body in [
+        json!({"model": "m", "input": "hi"}),
+        json!({"model": "m", "input": "hi", "store": true}),
+        json!({"model": "m", "input": "hi", "store": null}),
+    ] {
+        assert_eq!(respond(body.clone()).await, "BYPASS", "{body}");
+        assert_eq!(respond(body.clone()).await, "BYPASS", "{body}");
+    }
+    let unstored = json!({"model": "m", "input": "hi", "store": false});
+    assert_eq!(respond(unstored.clone()).await, "MISS");
+    assert_eq!(respond(unstored).await, "HIT_L1");
+    assert_eq!(env.up.calls(), 7);
+}
+
+#[tokio::test]
+async fn chat_completions_that_ask_to_be_stored_are_never_cached() {
+    let env = Env::start().await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let stored = json!({"model": "m", "messages": [], "store": true}).to_string();
+    for _ in 0..2 {
+        let res = env
+            .send(Method::POST, "/v1/chat/completions", &headers, &stored)
+            .await;
+        assert_eq!(res.x_cache(), "BYPASS");
+    }
+    // Chat completions are not stored unless asked: `store: false` and no field both cache.
+    let escaped = r#"{"model": "m", "messages": [], "st\u006fre": true}"#;
+    assert_eq!(
+        env.send(Method::POST, "/v1/chat/completions", &headers, escaped)
+            .await
+            .x_cache(),
+        "BYPASS",
+        "an escaped key is the same key"
+    );
+    for body in [
+        json!({"model": "m", "messages": [], "store": false}),
+        json!({"model": "m", "messages": []}),
+    ] {
+        let body = body.to_string();
+        let first = env
+            .send(Method::POST, "/v1/chat/completions", &headers, &body)
+            .await;
+        let second = env
+            .send(Method::POST, "/v1/chat/completions", &headers, &body)
+            .await;
+        assert_eq!((first.x_cache(), second.x_cache()), ("MISS", "HIT_L1"));
+    }
+}
+
+#[tokio::test]
+async fn bodies_read_for_the_store_check_reach_the_upstream_intact() {
+    let env = Env::with(CachecoreLayer::builder().max_body_bytes(256), |b| b).await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    let chunked: Client<HttpConnector, ChannelBody> =
+        Client::builder(TokioExecutor::new()).build_http();
+    // Sent in pieces (chunked, no Content-Length): `store` split across frames still counts.
+    let send_in_pieces = |pieces: Vec<&'static str>| {
+        let (tx, rx) = mpsc::channel(pieces.len());
+        for p in pieces {
+            tx.try_send(Bytes::from_static(p.as_bytes())).unwrap();
+        }
+        drop(tx);
+        let req = Request::post(format!("http://{}/v1/chat/completions", env.addr))
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .body(ChannelBody(rx))
+            .unwrap();
+        let fut = chunked.request(req);
+        async move {
+            let res = fut.await.unwrap();
+            let x_cache = res.headers()["x-cache"].to_str().unwrap().to_owned();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            let echo = serde_json::from_slice::<Value>(&body).unwrap()["echo"].clone();
+            (x_cache, echo)
+        }
+    };
+    let stored = vec![r#"{"model": "m", "#, r#""sto"#, r#"re": tr"#, r#"ue}"#];
+    let (x_cache, echo) = send_in_pieces(stored.clone()).await;
+    assert_eq!(x_cache, "BYPASS");
+    assert_eq!(echo, json!({"model": "m", "store": true}));
+    let plain = vec![r#"{"model": "m", "#, r#""messages": []}"#];
+    assert_eq!(send_in_pieces(plain.clone()).await.0, "MISS");
+    let (x_cache, echo) = send_in_pieces(plain).await;
+    assert_eq!(x_cache, "HIT_L1");
+    assert_eq!(echo, json!({"model": "m", "messages": []}));
+
+    // Past the cache's body limit the gateway stops reading: the whole body still goes on.
+    let big = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(4096)}]});
+    let res = env
+        .send(
+            Method::POST,
+            "/v1/chat/completions",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            &big.to_string(),
+        )
+        .await;
+    assert_eq!((res.status, res.x_cache()), (StatusCode::OK, "BYPASS"));
+    assert_eq!(res.json()["echo"], big);
+}
+
+#[tokio::test]
+async fn the_cacheable_paths_are_configurable() {
+    let env = Env::with(CachecoreLayer::builder(), |b| {
+        b.cacheable_paths(["GET /v1/models", "POST /v1/threads/*"])
+    })
+    .await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let models = || env.send(Method::GET, "/v1/models", &headers, "");
+    assert_eq!(models().await.x_cache(), "MISS");
+    assert_eq!(models().await.x_cache(), "HIT_L1");
+    let thread = || env.send(Method::POST, "/v1/threads/t/messages", &headers, "{}");
+    assert_eq!(thread().await.x_cache(), "MISS");
+    assert_eq!(thread().await.x_cache(), "HIT_L1");
+    // Chat completions are no longer in the list.
+    let chat = || env.send(Method::POST, "/v1/chat/completions", &headers, "{}");
+    assert_eq!(chat().await.x_cache(), "BYPASS");
+    assert_eq!(chat().await.x_cache(), "BYPASS");
+
+    for bad in ["v1/no-slash", "POST /v1/a /v1/b", "/v1/*/messages"] {
+        let e = Gateway::builder("http://127.0.0.1:9", JwtAuth::new(SECRET))
+            .cacheable_paths([bad])
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains(bad), "{bad}: {e}");
+    }
+}
+
+#[tokio::test]
 async fn every_path_is_forwarded() {
     let env = Env::start().await;
     let auth = format!("Bearer {}", env.token("acme", "v1"));
-    let res = env
-        .send(Method::GET, "/v1/models", &[("authorization", &auth)], "")
-        .await;
-    assert_eq!((res.status, res.x_cache()), (StatusCode::OK, "MISS"));
-    assert_eq!(res.json()["data"][0]["id"], "m");
-    let res = env
-        .send(Method::GET, "/v1/models", &[("authorization", &auth)], "")
-        .await;
-    assert_eq!(res.x_cache(), "HIT_L1");
+    // Paths outside the cacheable list reach the upstream every time, marked as bypasses.
+    for _ in 0..2 {
+        let res = env
+            .send(Method::GET, "/v1/models", &[("authorization", &auth)], "")
+            .await;
+        assert_eq!((res.status, res.x_cache()), (StatusCode::OK, "BYPASS"));
+        assert_eq!(res.json()["data"][0]["id"], "m");
+    }
     let res = env
         .send(
             Method::GET,
@@ -903,7 +1155,11 @@ async fn every_path_is_forwarded() {
             "",
         )
         .await;
-    assert_eq!((res.status, res.x_cache()), (StatusCode::NOT_FOUND, "MISS"));
+    assert_eq!(
+        (res.status, res.x_cache()),
+        (StatusCode::NOT_FOUND, "BYPASS")
+    );
+    assert_eq!(env.gateway.cache().metrics().stored, 0);
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@
 //! | `POST /v1/invalidate` | the invalidation API ([`InvalidateService`]) |
 //! | `GET /health` | `200 {"status":"ok"}` |
 //! | `GET /metrics` | the counters in Prometheus text format |
-//! | anything else | forwarded to the upstream through the cache in trusted-header mode ([`crate::wire`]), streaming included |
+//! | anything else | forwarded to the upstream in trusted-header mode ([`crate::wire`]), streaming included: through the cache when it is a [cacheable path](GatewayBuilder::cacheable_paths), as a `BYPASS` otherwise |
 //!
 //! Every request logs one `tracing` event (target `cachecore::gateway`) with method, path,
 //! status, `X-Cache` and the time to the response head.
@@ -28,11 +28,38 @@
 //! # Ok(()) }
 //! ```
 //!
-//! What goes upstream: the request as received, minus hop-by-hop headers and the
-//! `X-CacheCore-*` headers. `Authorization` is replaced by
-//! [`upstream_authorization`](GatewayBuilder::upstream_authorization) when one is set (the
-//! gateway holds the provider key, callers send their tenant token); otherwise it is forwarded,
-//! except when it carries a `cc_...`-prefixed tenant key, which never leaves the gateway.
+//! # What is cached
+//!
+//! Only requests whose answer depends on the request alone: by default
+//! [`DEFAULT_CACHEABLE_PATHS`], the `POST`s of chat completions, completions, embeddings,
+//! moderations and responses. Every other request (creating a thread message, uploading a
+//! file, starting a batch, listing models) is forwarded as a `BYPASS`: replaying a stored answer
+//! to it would skip the change it asks for. [`GatewayBuilder::cacheable_paths`] replaces the
+//! list.
+//!
+//! A request that asks the provider to keep its result is a `BYPASS` too, on any path: a JSON
+//! body with `"store": true`, and a Responses API call (a path ending in `/responses`) unless its
+//! body says `"store": false`, since that API stores by default. So is a body the gateway cannot
+//! tell about: one larger than the cache's body limit (it is not read whole), and one that may
+//! name `store` but is not a JSON object with a boolean or `null` there.
+//!
+//! # What goes upstream
+//!
+//! The request as received, minus hop-by-hop headers, the `X-CacheCore-*` headers and the
+//! tenant credential, which never leaves the gateway in any of its accepted forms
+//! (`X-CacheCore-Token`, `Authorization: Bearer cc_live_<id>.<jwt>`, `Authorization: Bearer
+//! <jwt>`):
+//!
+//! | the request has | `Authorization` sent upstream |
+//! |---|---|
+//! | any, with [`upstream_authorization`](GatewayBuilder::upstream_authorization) set | that value (the gateway holds the provider key) |
+//! | `Authorization: Bearer ...`, no `X-CacheCore-Token` | none: it is the tenant credential, whatever it holds, valid or not |
+//! | `X-CacheCore-Token` and `Authorization` | the caller's `Authorization` (their provider key), unless it holds a `cc_` tenant key or the same token |
+//! | `Authorization` with another scheme (`Basic ...`) | the caller's, unchanged |
+//!
+//! Provider keys in headers of their own (`X-Api-Key`, `Api-Key`, `X-Goog-Api-Key`) are
+//! forwarded unchanged. So a caller who brings their own provider key either sends it in such a
+//! header or puts the tenant token in `X-CacheCore-Token`, which leaves `Authorization` to them.
 //!
 //! The upstream is reached over plain HTTP/1.1. For an `https://` upstream, pass a TLS
 //! connector to [`GatewayBuilder::build_with_connector`].
@@ -62,7 +89,7 @@ mod proxy;
 
 use crate::auth::Authenticator;
 use crate::invalidate::InvalidateService;
-use crate::{Cachecore, CachecoreBuilder, CachecoreLayer, X_CACHE};
+use crate::{Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, RequestContext, X_CACHE};
 use proxy::{Proxy, Upstream};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -76,6 +103,21 @@ pub const INVALIDATE_PATH: &str = "/v1/invalidate";
 pub const HEALTH_PATH: &str = "/health";
 /// The path of the Prometheus metrics.
 pub const METRICS_PATH: &str = "/metrics";
+
+/// The requests the gateway caches unless told otherwise
+/// ([`GatewayBuilder::cacheable_paths`]): the OpenAI-compatible endpoints whose answer is a
+/// function of the request.
+pub const DEFAULT_CACHEABLE_PATHS: &[&str] = &[
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
+    "POST /v1/embeddings",
+    "POST /v1/moderations",
+    "POST /v1/responses",
+];
+
+/// The last path segment of the Responses API, which keeps every response unless the request
+/// says `"store": false` (the gateway docs, "What is cached").
+const STORES_BY_DEFAULT: &str = "responses";
 
 /// The upstream URL cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +139,7 @@ pub struct GatewayBuilder {
     cache: CachecoreBuilder,
     upstream_authorization: Option<HeaderValue>,
     upstream_timeout: Option<Duration>,
+    cacheable_paths: Vec<String>,
 }
 
 impl fmt::Debug for GatewayBuilder {
@@ -105,6 +148,7 @@ impl fmt::Debug for GatewayBuilder {
             .field("upstream", &self.upstream)
             .field("cache", &self.cache)
             .field("upstream_timeout", &self.upstream_timeout)
+            .field("cacheable_paths", &self.cacheable_paths)
             .finish_non_exhaustive()
     }
 }
@@ -133,6 +177,32 @@ impl GatewayBuilder {
         self
     }
 
+    /// The requests the gateway caches, replacing [`DEFAULT_CACHEABLE_PATHS`]; every other
+    /// request is forwarded as a `BYPASS`.
+    ///
+    /// Each entry is `[METHOD ]PATH`: without a method, every method the cache handles (by
+    /// default `GET` and `POST`); a path ending in `*` matches every path that starts with
+    /// what comes before it, and `*` alone every path. Entries are checked by
+    /// [`build`](Self::build). The rule on `"store"` in the module docs applies on every path.
+    ///
+    /// ```
+    /// # use cachecore::auth::jwt::JwtAuth;
+    /// # use cachecore::gateway::{Gateway, DEFAULT_CACHEABLE_PATHS};
+    /// let gateway = Gateway::builder("http://127.0.0.1:9000", JwtAuth::new("secret"))
+    ///     .cacheable_paths(DEFAULT_CACHEABLE_PATHS.iter().copied().chain(["GET /v1/models"]))
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = gateway;
+    /// ```
+    pub fn cacheable_paths<I>(mut self, paths: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.cacheable_paths = paths.into_iter().map(|p| p.as_ref().to_owned()).collect();
+        self
+    }
+
     /// Builds a gateway that reaches the upstream over plain HTTP.
     pub fn build(self) -> Result<Gateway, GatewayError> {
         if !self.upstream.trim().starts_with("http://") {
@@ -152,7 +222,16 @@ impl GatewayBuilder {
         C: Connect + Clone + Send + Sync + 'static,
     {
         let upstream = Upstream::parse(&self.upstream).map_err(GatewayError)?;
+        let routes = self
+            .cacheable_paths
+            .iter()
+            .map(|entry| {
+                Route::parse(entry)
+                    .map_err(|why| GatewayError(format!("cacheable path {entry:?}: {why}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let cache = self.cache.trusted_headers(Arc::clone(&self.auth)).build();
+        let max_body = cache.engine().config.max_body;
         let metrics = Arc::new(GatewayMetrics::default());
         let proxy = Proxy::new(
             connector,
@@ -166,6 +245,8 @@ impl GatewayBuilder {
             invalidate: InvalidateService::from_shared(Arc::new(cache.clone()), self.auth),
             cache,
             metrics,
+            routes: routes.into(),
+            max_body,
         })
     }
 }
@@ -186,12 +267,16 @@ pub struct Gateway {
     cached: Cachecore<Proxy>,
     invalidate: InvalidateService,
     metrics: Arc<GatewayMetrics>,
+    routes: Arc<[Route]>,
+    /// The cache's body limit: a larger body is never read whole, so never cached.
+    max_body: usize,
 }
 
 impl fmt::Debug for Gateway {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Gateway")
             .field("cache", &self.cache)
+            .field("routes", &self.routes)
             .finish_non_exhaustive()
     }
 }
@@ -206,6 +291,10 @@ impl Gateway {
             cache: CachecoreLayer::builder(),
             upstream_authorization: None,
             upstream_timeout: None,
+            cacheable_paths: DEFAULT_CACHEABLE_PATHS
+                .iter()
+                .map(|&p| p.to_owned())
+                .collect(),
         }
     }
 
@@ -297,14 +386,33 @@ where
                     self.prometheus(),
                 )))
             } else {
-                let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
-                let fut = self.cached.call(req);
-                Box::pin(async move {
-                    match fut.await {
-                        Ok(res) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
-                        Err(never) => match never {},
-                    }
-                })
+                let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+                let routed = self.routes.iter().any(|r| r.matches(&method, &path));
+                if !routed {
+                    mark_bypass(&mut req);
+                }
+                if routed && method != Method::GET && method != Method::HEAD {
+                    // The body decides (`store`): read it before the cache plans the request.
+                    // The proxy is always ready, so a clone may be called without polling.
+                    let mut cached = self.cached.clone();
+                    let max_body = self.max_body;
+                    let path = path.clone();
+                    Box::pin(async move {
+                        let req = read_store_intent(req, &path, max_body).await;
+                        match cached.call(req).await {
+                            Ok(res) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
+                            Err(never) => match never {},
+                        }
+                    })
+                } else {
+                    let fut = self.cached.call(req);
+                    Box::pin(async move {
+                        match fut.await {
+                            Ok(res) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
+                            Err(never) => match never {},
+                        }
+                    })
+                }
             };
         ResponseFuture(Box::pin(async move {
             let res = fut.await;
@@ -318,6 +426,138 @@ where
                 ms = started.elapsed().as_secs_f64() * 1000.0, "request");
             Ok(res)
         }))
+    }
+}
+
+/// One entry of the cacheable paths: `[METHOD ]PATH`, the path exact or a prefix ending in `*`.
+#[derive(Clone, Debug)]
+struct Route {
+    method: Option<Method>,
+    path: String,
+    prefix: bool,
+}
+
+impl Route {
+    fn parse(entry: &str) -> Result<Self, String> {
+        let mut words = entry.split_whitespace();
+        let (method, path) = match (words.next(), words.next(), words.next()) {
+            (Some(path), None, _) => (None, path),
+            (Some(method), Some(path), None) => {
+                let method = Method::from_bytes(method.as_bytes())
+                    .map_err(|_| format!("{method:?} is not an HTTP method"))?;
+                (Some(method), path)
+            }
+            (None, ..) => return Err("empty".into()),
+            _ => return Err("expected `[METHOD ]PATH`".into()),
+        };
+        let (path, prefix) = match path.strip_suffix('*') {
+            Some(start) => (start, true),
+            None => (path, false),
+        };
+        if path.contains('*') {
+            return Err("`*` may only end the path".into());
+        }
+        if !prefix && !path.starts_with('/') {
+            return Err("the path must start with `/`".into());
+        }
+        if prefix && !path.is_empty() && !path.starts_with('/') {
+            return Err("the path must start with `/` (or be `*`)".into());
+        }
+        Ok(Self {
+            method,
+            path: path.to_owned(),
+            prefix,
+        })
+    }
+
+    fn matches(&self, method: &Method, path: &str) -> bool {
+        self.method.as_ref().is_none_or(|m| m == method)
+            && if self.prefix {
+                path.starts_with(&self.path)
+            } else {
+                path == self.path
+            }
+    }
+}
+
+/// Makes the request a bypass through the cache's own mechanism, the [`RequestContext`]
+/// extension, which wins over a task-local scope and the trusted headers.
+fn mark_bypass<B>(req: &mut Request<B>) {
+    let ctx = match req.extensions_mut().remove::<RequestContext>() {
+        Some(ctx) => ctx.bypass(),
+        None => RequestContext::bypass_all(),
+    };
+    req.extensions_mut().insert(ctx);
+}
+
+/// Reads the body (up to `max_body`) and marks the request a bypass when it asks the provider
+/// to store its result, or cannot be read whole to tell. The body goes on frame for frame.
+async fn read_store_intent(
+    req: Request<GatewayBody>,
+    path: &str,
+    max_body: usize,
+) -> Request<GatewayBody> {
+    let (parts, mut body) = req.into_parts();
+    let mut frames = std::collections::VecDeque::new();
+    let mut read = 0usize;
+    let mut error = None;
+    let whole = loop {
+        match body.frame().await {
+            None => break true,
+            Some(Ok(frame)) => {
+                read += frame.data_ref().map_or(0, Bytes::len);
+                frames.push_back(frame);
+                if read > max_body {
+                    break false;
+                }
+            }
+            Some(Err(e)) => {
+                error = Some(e);
+                break false;
+            }
+        }
+    };
+    let stores = !whole || {
+        let mut data = frames.iter().filter_map(|f| f.data_ref());
+        match (data.next(), data.next()) {
+            (None, _) => asks_to_store(path, b""),
+            (Some(only), None) => asks_to_store(path, only),
+            (Some(first), Some(second)) => {
+                let mut all = Vec::with_capacity(read);
+                for d in [first, second].into_iter().chain(data) {
+                    all.extend_from_slice(d);
+                }
+                asks_to_store(path, &all)
+            }
+        }
+    };
+    let body = RequestBody::replay(frames, error, Box::pin(body)).boxed_unsync();
+    let mut req = Request::from_parts(parts, body);
+    if stores {
+        mark_bypass(&mut req);
+    }
+    req
+}
+
+/// Whether a request body asks the provider to keep what it produces: `"store": true` at the
+/// top level, or no `"store": false` on the Responses API, which stores by default.
+fn asks_to_store(path: &str, body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Store {
+        store: Option<bool>,
+    }
+    let by_default = path.rsplit('/').next() == Some(STORES_BY_DEFAULT);
+    // Most bodies never name the field: skip the parse. A key spelled with `\u` escapes is the
+    // same key, so a body with escapes is parsed too.
+    let finder = |needle: &[u8]| memchr::memmem::find(body, needle).is_some();
+    if !finder(b"\"store\"") && !finder(b"\\u") {
+        return by_default;
+    }
+    match serde_json::from_slice::<Store>(body) {
+        Ok(Store { store }) => store.unwrap_or(by_default),
+        // Not JSON, or `store` not a boolean: the upstream decides what it means, the cache
+        // does not guess.
+        Err(_) => true,
     }
 }
 

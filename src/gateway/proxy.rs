@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 
 use super::{full, BoxError, GatewayBody, GatewayMetrics};
-use crate::auth::{bearer_token, X_CACHECORE_TOKEN};
+use crate::auth::{bearer_token, strip_key_prefix, X_CACHECORE_TOKEN};
 use crate::wire::{X_CACHECORE_BYPASS, X_CACHECORE_DEPS};
 use crate::RequestBody;
 
@@ -116,8 +116,7 @@ impl Proxy {
         parts.uri = self.upstream.uri(&parts.uri)?;
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
-        let tenant_key_in_authorization = !headers.contains_key(X_CACHECORE_TOKEN)
-            && bearer_token(headers).is_some_and(|t| t.starts_with("cc_"));
+        let tenant_credential_in_authorization = authorization_is_tenant_credential(headers);
         remove_hop_by_hop(headers);
         headers.remove(header::HOST);
         for name in [X_CACHECORE_TOKEN, X_CACHECORE_DEPS, X_CACHECORE_BYPASS] {
@@ -127,13 +126,42 @@ impl Proxy {
             Some(value) => {
                 headers.insert(header::AUTHORIZATION, value.clone());
             }
-            None if tenant_key_in_authorization => {
+            None if tenant_credential_in_authorization => {
                 headers.remove(header::AUTHORIZATION);
             }
             None => {}
         }
         Ok(Request::from_parts(parts, body.boxed_unsync()))
     }
+}
+
+/// Whether the request's `Authorization` carries the caller's tenant credential, which never
+/// leaves the gateway (the module docs of `gateway` say what is forwarded).
+///
+/// The rule follows where the authenticator looks ([`bearer_token`]), not what the token looks
+/// like, so that it holds for every authenticator and for tokens it rejects (an expired JWT is
+/// still a tenant's):
+/// - without `X-CacheCore-Token`, a `Bearer` value in `Authorization` is the tenant credential,
+///   whatever it holds;
+/// - with it, `Authorization` is the caller's own (a provider key) and is forwarded, unless it
+///   holds a `cc_`-prefixed tenant key or the same token as `X-CacheCore-Token`.
+fn authorization_is_tenant_credential(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return false;
+    };
+    // Parsed by the function the authenticators use, so that the two never disagree.
+    let mut only_authorization = HeaderMap::with_capacity(1);
+    only_authorization.insert(header::AUTHORIZATION, value.clone());
+    let Some(in_authorization) = bearer_token(&only_authorization) else {
+        // No `Bearer` scheme: nothing an authenticator reads as a token.
+        return false;
+    };
+    if !headers.contains_key(X_CACHECORE_TOKEN) {
+        return true;
+    }
+    in_authorization.starts_with("cc_")
+        || bearer_token(headers)
+            .is_some_and(|tenant| strip_key_prefix(tenant) == strip_key_prefix(in_authorization))
 }
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1), and those
