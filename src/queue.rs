@@ -10,11 +10,35 @@
 //! - pending events idle for longer than [`claim_idle`](QueueWorkerBuilder::claim_idle) are
 //!   taken over (`XAUTOCLAIM`) by a live worker, so nothing a crashed worker read is lost:
 //!   every event is applied at least once (applying one twice is harmless);
-//! - an event that failed [`max_deliveries`](QueueWorkerBuilder::max_deliveries) times, or
-//!   that cannot be parsed, is moved to a dead-letter stream (with the reason) and
-//!   acknowledged, in one `MULTI`;
 //! - [`QueueWorker::run`] returns when its shutdown future completes, after finishing the
 //!   event in progress.
+//!
+//! # Failures
+//!
+//! An event fails in one of three ways, and each is handled on its own terms:
+//!
+//! - **Poison**: the entry cannot be parsed, or its `dep_id` ([`validate_dep_id`]) or
+//!   `new_hash` ([`validate_new_hash`]) is invalid. No retry can help, so it is moved to the
+//!   dead-letter stream (with the reason) and acknowledged at once, in one `MULTI`; the cache
+//!   never sees it.
+//! - **Transient**: the store is down, timed out or unreachable (see [`is_transient`]). The
+//!   worker keeps the event, backs off exponentially from
+//!   [`DEFAULT_MIN_RETRY_BACKOFF`] to [`DEFAULT_MAX_RETRY_BACKOFF`] and tries it again, for as
+//!   long as the outage lasts. These retries do not count as deliveries: a valid event outlives
+//!   any outage and is never dead-lettered for one. While it waits, the worker re-claims the
+//!   event (`XCLAIM .. JUSTID`, which leaves the delivery counter alone) so no other worker
+//!   takes it over. Events behind it wait too, so order is kept: while the store is down
+//!   none of them could be applied anyway. (On a Redis Cluster store with one master down, the
+//!   tenants of the other masters wait with it until it is back or failed over.)
+//! - **Any other failure** the [`Invalidator`] reports (data it cannot read, a refusal of a
+//!   wrapper of your own): the event stays pending and is tried again once it has idled for
+//!   `claim_idle`, up to [`max_deliveries`](QueueWorkerBuilder::max_deliveries) deliveries,
+//!   then dead-lettered. Choose what counts as transient with
+//!   [`transient_when`](QueueWorkerBuilder::transient_when).
+//!
+//! Redis errors of the worker's own (reading, acknowledging) are logged and retried with
+//! backoff. A consumer group that has disappeared (Redis restarted without persistence, or the
+//! group was deleted) is created again, from the start of the stream, and the worker goes on.
 //!
 //! ```no_run
 //! # async fn run(cache: cachecore::CachecoreLayer) -> Result<(), cachecore::queue::QueueError> {
@@ -33,6 +57,22 @@
 //!
 //! Entries are hashes of `tenant`, `dep_id` and optionally `new_hash`, so any language can
 //! publish with a plain `XADD cachecore:invalidations * tenant acme dep_id doc:1 new_hash v2`.
+//!
+//! # Redis Cluster
+//!
+//! [`InvalidationQueue::connect_cluster`] and [`QueueWorker::cluster_builder`] take seed nodes,
+//! like [`RedisStore`](crate::RedisStore). All the queue's state lives in two keys: the stream
+//! (its consumer group and pending lists are part of it) and the dead-letter stream. Dead-lettering
+//! writes one and acknowledges on the other in a single `MULTI`, so the two must share a hash
+//! slot. The default dead-letter stream of a stream `s` is [`dead_letter_stream_for`]`(s)`:
+//! `{s}:dead`, whose hash tag is `s` itself, or `s:dead` when `s` already has a hash tag. On a
+//! cluster, [`build`](QueueWorkerBuilder::build) refuses a dead-letter stream whose hash tag
+//! differs from the stream's.
+//!
+//! ```text
+//! cachecore:invalidations              the stream, with the consumer group
+//! {cachecore:invalidations}:dead       its dead-letter stream, in the same slot
+//! ```
 
 use std::collections::HashMap;
 use std::fmt;
@@ -41,20 +81,24 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
-use redis::{RedisError, Value};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 use crate::invalidate::Invalidator;
+use crate::{validate_dep_id, validate_new_hash, InvalidationResult, StoreError, StoreErrorKind};
 
 /// Stream the events go to by default.
 pub const DEFAULT_STREAM: &str = "cachecore:invalidations";
 /// Consumer group of the workers by default.
 pub const DEFAULT_GROUP: &str = "cachecore-workers";
-/// Dead-letter stream by default.
-pub const DEFAULT_DEAD_LETTER_STREAM: &str = "cachecore:invalidations:dead";
-/// Deliveries before an event is dead-lettered by default: rides out a store blip or a
-/// restart, gives up on an event that fails for good.
+/// Dead-letter stream of [`DEFAULT_STREAM`]: [`dead_letter_stream_for`] it, so both share a
+/// Redis Cluster slot.
+pub const DEFAULT_DEAD_LETTER_STREAM: &str = "{cachecore:invalidations}:dead";
+/// Deliveries before an event that keeps failing (for a reason other than a transient one) is
+/// dead-lettered by default: a few chances for a fault that clears, then it is set aside.
 pub const DEFAULT_MAX_DELIVERIES: usize = 5;
 /// Idle time after which a pending event is taken from its consumer by default: far longer
 /// than one invalidation takes, so a live worker's event is not taken from it.
@@ -63,10 +107,19 @@ pub const DEFAULT_CLAIM_IDLE: Duration = Duration::from_secs(30);
 pub const DEFAULT_BATCH: usize = 100;
 /// How long one `XREADGROUP` waits for new events by default.
 pub const DEFAULT_BLOCK: Duration = Duration::from_secs(1);
+/// First pause before an event that failed transiently is tried again, by default: a blip
+/// (a failover, a reconnect) is over by then.
+pub const DEFAULT_MIN_RETRY_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest pause between two tries of an event that fails transiently, by default: an outage is
+/// noticed to be over within this, and a dead store sees one call per worker this often. Below
+/// half of [`DEFAULT_CLAIM_IDLE`], so the worker re-claims the event before anyone could take it.
+pub const DEFAULT_MAX_RETRY_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest pause after a Redis error before the worker tries again.
 const MAX_ERROR_BACKOFF: Duration = Duration::from_secs(5);
 /// First pause after a Redis error.
 const MIN_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// Shortest pause between two tries of an event, whatever the configuration: never spin.
+const MIN_RETRY_PAUSE: Duration = Duration::from_millis(1);
 /// Margin over the blocking time for a response to arrive.
 const RESPONSE_MARGIN: Duration = Duration::from_secs(5);
 /// Connect timeout of the worker's and the queue's connections.
@@ -74,25 +127,98 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Response timeout of the publisher's connection.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// A Redis error from the queue or the worker.
+/// An error from the queue or the worker: Redis failed, the configuration cannot work, or an
+/// event was refused before it was published.
 #[derive(Debug)]
-pub struct QueueError(RedisError);
+pub struct QueueError(Repr);
+
+#[derive(Debug)]
+enum Repr {
+    Redis(RedisError),
+    Config(String),
+    InvalidEvent(String),
+}
+
+impl QueueError {
+    /// Whether `publish` refused the event because it is invalid (nothing was published).
+    pub fn is_invalid_event(&self) -> bool {
+        matches!(self.0, Repr::InvalidEvent(_))
+    }
+
+    /// Whether Redis answered that the stream or its consumer group does not exist.
+    fn is_missing_group(&self) -> bool {
+        matches!(&self.0, Repr::Redis(e) if e.code() == Some("NOGROUP"))
+    }
+}
 
 impl fmt::Display for QueueError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalidation queue: {}", self.0)
+        match &self.0 {
+            Repr::Redis(e) => write!(f, "invalidation queue: {e}"),
+            Repr::Config(why) => write!(f, "invalidation queue configuration: {why}"),
+            Repr::InvalidEvent(why) => write!(f, "invalid invalidation event: {why}"),
+        }
     }
 }
 
 impl std::error::Error for QueueError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
+        match &self.0 {
+            Repr::Redis(e) => Some(e),
+            Repr::Config(_) | Repr::InvalidEvent(_) => None,
+        }
     }
 }
 
 impl From<RedisError> for QueueError {
     fn from(e: RedisError) -> Self {
-        Self(e)
+        Self(Repr::Redis(e))
+    }
+}
+
+/// Whether a failed invalidation is worth retrying as it is: the store timed out, was
+/// unreachable or answered with an error, or is being skipped by the circuit breaker (the
+/// [`StoreErrorKind`]s `Timeout`, `Backend` and `CircuitOpen`, as a
+/// [`CachecoreLayer`](crate::CachecoreLayer) reports them). The worker's default for
+/// [`transient_when`](QueueWorkerBuilder::transient_when).
+///
+/// An [`Invalidator`] of your own marks a failure transient by reporting such an error:
+/// `InvalidationResult::failed(id, StoreError::new(StoreErrorKind::Backend, why).to_string())`.
+pub fn is_transient(result: &InvalidationResult) -> bool {
+    let Some(error) = result.error.as_deref() else {
+        return false;
+    };
+    [
+        StoreErrorKind::Timeout,
+        StoreErrorKind::Backend,
+        StoreErrorKind::CircuitOpen,
+    ]
+    .into_iter()
+    .any(|kind| error.starts_with(&StoreError::new(kind, "").to_string()))
+}
+
+/// The part of `key` Redis Cluster hashes to pick its slot: the first `{...}` with something
+/// inside, else the whole key.
+fn hash_tag(key: &str) -> &str {
+    key.find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}')
+                .filter(|&len| len > 0)
+                .map(|len| &rest[..len])
+        })
+        .unwrap_or(key)
+}
+
+/// The default dead-letter stream of `stream`: `{stream}:dead`, whose hash tag is `stream`
+/// itself, or `stream:dead` when `stream` already has a hash tag. Either way it is in the
+/// stream's Redis Cluster slot, except for a stream without a hash tag that contains a `}`
+/// (`a{}b`), which cannot be wrapped in one: give such a stream a dead-letter stream yourself.
+pub fn dead_letter_stream_for(stream: &str) -> String {
+    if hash_tag(stream) != stream || stream.contains('}') {
+        format!("{stream}:dead")
+    } else {
+        format!("{{{stream}}}:dead")
     }
 }
 
@@ -132,6 +258,16 @@ impl InvalidationEvent {
         f
     }
 
+    /// Why no invalidation could ever apply this event, if so.
+    fn check(&self) -> Result<(), String> {
+        validate_dep_id(&self.dep_id).map_err(|e| format!("dep_id: {e}"))?;
+        if let Some(hash) = &self.new_hash {
+            validate_new_hash(hash).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// The event in `entry`, or why it is poison.
     fn from_entry(entry: &StreamId) -> Result<Self, String> {
         let field = |name: &str| -> Result<Option<String>, String> {
             match entry.map.get(name) {
@@ -141,32 +277,85 @@ impl InvalidationEvent {
                     .map_err(|_| format!("field {name} is not a string")),
             }
         };
-        let tenant = field("tenant")?.ok_or("missing field tenant")?;
-        let dep_id = field("dep_id")?.ok_or("missing field dep_id")?;
-        crate::validate_dep_id(&dep_id).map_err(|e| format!("dep_id: {e}"))?;
-        Ok(Self {
-            tenant,
-            dep_id,
+        let event = Self {
+            tenant: field("tenant")?.ok_or("missing field tenant")?,
+            dep_id: field("dep_id")?.ok_or("missing field dep_id")?,
             new_hash: field("new_hash")?,
-        })
+        };
+        event.check()?;
+        Ok(event)
     }
 }
 
-async fn connection(
-    url: &str,
-    response_timeout: Duration,
-) -> Result<ConnectionManager, QueueError> {
-    let client = redis::Client::open(url)?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(CONNECT_TIMEOUT))
-        .set_response_timeout(Some(response_timeout));
-    Ok(ConnectionManager::new_with_config(client, config).await?)
+/// A connection to a single Redis or to Redis Cluster; commands go through either the same way.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where a queue or a worker connects.
+#[derive(Clone, Debug)]
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    async fn connect(&self, response_timeout: Duration) -> Result<Conn, QueueError> {
+        match self {
+            Self::Single(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(response_timeout));
+                Ok(Conn::Single(
+                    ConnectionManager::new_with_config(client, config).await?,
+                ))
+            }
+            Self::Cluster(nodes) => {
+                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(response_timeout)
+                    .build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
 }
 
 /// The producer side: publishes invalidation events to a stream.
 #[derive(Clone)]
 pub struct InvalidationQueue {
-    conn: ConnectionManager,
+    conn: Conn,
     stream: String,
     max_len: Option<usize>,
 }
@@ -183,11 +372,32 @@ impl fmt::Debug for InvalidationQueue {
 impl InvalidationQueue {
     /// A queue on [`DEFAULT_STREAM`] of the Redis at `url`.
     pub async fn connect(url: &str) -> Result<Self, QueueError> {
-        Ok(Self::new(connection(url, PUBLISH_TIMEOUT).await?))
+        let target = Target::Single(url.to_owned());
+        Ok(Self::on(target.connect(PUBLISH_TIMEOUT).await?))
+    }
+
+    /// A queue on [`DEFAULT_STREAM`] of the Redis Cluster reached through `nodes` (seed URLs;
+    /// the rest of the topology is discovered).
+    pub async fn connect_cluster<I>(nodes: I) -> Result<Self, QueueError>
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        let target = Target::Cluster(nodes.into_iter().map(Into::into).collect());
+        Ok(Self::on(target.connect(PUBLISH_TIMEOUT).await?))
     }
 
     /// A queue on [`DEFAULT_STREAM`] over an existing connection.
     pub fn new(conn: ConnectionManager) -> Self {
+        Self::on(Conn::Single(conn))
+    }
+
+    /// A queue on [`DEFAULT_STREAM`] over an existing Redis Cluster connection.
+    pub fn new_cluster(conn: ClusterConnection) -> Self {
+        Self::on(Conn::Cluster(conn))
+    }
+
+    fn on(conn: Conn) -> Self {
         Self {
             conn,
             stream: DEFAULT_STREAM.to_owned(),
@@ -211,8 +421,13 @@ impl InvalidationQueue {
         self
     }
 
-    /// Publishes one event; returns its stream id.
+    /// Publishes one event; returns its stream id. An event no worker could apply (an invalid
+    /// dep id or new hash) is refused here ([`QueueError::is_invalid_event`]) rather than
+    /// dead-lettered later.
     pub async fn publish(&self, event: &InvalidationEvent) -> Result<String, QueueError> {
+        event
+            .check()
+            .map_err(|why| QueueError(Repr::InvalidEvent(why)))?;
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&self.stream);
         if let Some(n) = self.max_len {
@@ -230,15 +445,17 @@ impl InvalidationQueue {
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct QueueWorkerBuilder {
-    url: String,
+    target: Target,
     stream: String,
     group: String,
     consumer: Option<String>,
-    dead_letter: String,
+    dead_letter: Option<String>,
     max_deliveries: usize,
     claim_idle: Duration,
     batch: usize,
     block: Duration,
+    retry_backoff: (Duration, Duration),
+    transient: fn(&InvalidationResult) -> bool,
 }
 
 impl QueueWorkerBuilder {
@@ -249,7 +466,7 @@ impl QueueWorkerBuilder {
     }
 
     /// The consumer group (default [`DEFAULT_GROUP`]); created, from the start of the stream,
-    /// if missing.
+    /// if missing, at start-up and whenever it disappears.
     pub fn group(mut self, group: impl Into<String>) -> Self {
         self.group = group.into();
         self
@@ -263,21 +480,24 @@ impl QueueWorkerBuilder {
         self
     }
 
-    /// The dead-letter stream (default [`DEFAULT_DEAD_LETTER_STREAM`]).
+    /// The dead-letter stream (default: [`dead_letter_stream_for`] the stream). On Redis
+    /// Cluster it must share the stream's hash slot.
     pub fn dead_letter_stream(mut self, stream: impl Into<String>) -> Self {
-        self.dead_letter = stream.into();
+        self.dead_letter = Some(stream.into());
         self
     }
 
-    /// Deliveries after which a failing event is dead-lettered (default
-    /// [`DEFAULT_MAX_DELIVERIES`]; at least 1).
+    /// Deliveries after which an event that keeps failing for a reason that is not transient
+    /// is dead-lettered (default [`DEFAULT_MAX_DELIVERIES`]; at least 1). Transient failures
+    /// and poison events do not count against it.
     pub fn max_deliveries(mut self, n: usize) -> Self {
         self.max_deliveries = n.max(1);
         self
     }
 
     /// How long an event stays pending with a consumer before another takes it over, and
-    /// before a failed event is tried again (default [`DEFAULT_CLAIM_IDLE`]).
+    /// before an event that failed for a reason that is not transient is tried again (default
+    /// [`DEFAULT_CLAIM_IDLE`]).
     pub fn claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
         self
@@ -296,9 +516,41 @@ impl QueueWorkerBuilder {
         self
     }
 
-    /// Connects and builds the worker.
+    /// Pauses before retrying an event that failed transiently: `min` first, doubling up to
+    /// `max` (defaults [`DEFAULT_MIN_RETRY_BACKOFF`] and [`DEFAULT_MAX_RETRY_BACKOFF`]). Each
+    /// pause is also at most half of [`claim_idle`](Self::claim_idle), so the worker re-claims
+    /// the event before another could take it over.
+    pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
+        let min = min.max(MIN_RETRY_PAUSE);
+        self.retry_backoff = (min, max.max(min));
+        self
+    }
+
+    /// Which failures are transient: retried with backoff, without counting as a delivery and
+    /// without ever being dead-lettered (default [`is_transient`]).
+    pub fn transient_when(mut self, transient: fn(&InvalidationResult) -> bool) -> Self {
+        self.transient = transient;
+        self
+    }
+
+    /// Connects and builds the worker. On Redis Cluster, fails when the dead-letter stream
+    /// does not share the stream's hash tag.
     pub async fn build(self) -> Result<QueueWorker, QueueError> {
-        let conn = connection(&self.url, self.block + RESPONSE_MARGIN).await?;
+        let dead_letter = self
+            .dead_letter
+            .unwrap_or_else(|| dead_letter_stream_for(&self.stream));
+        if matches!(self.target, Target::Cluster(_))
+            && hash_tag(&dead_letter) != hash_tag(&self.stream)
+        {
+            return Err(QueueError(Repr::Config(format!(
+                "on Redis Cluster the dead-letter stream {dead_letter:?} must share the hash \
+                 slot of the stream {:?}: give both the same hash tag, or leave the dead-letter \
+                 stream to its default, {:?}",
+                self.stream,
+                dead_letter_stream_for(&self.stream)
+            ))));
+        }
+        let conn = self.target.connect(self.block + RESPONSE_MARGIN).await?;
         let consumer = self.consumer.unwrap_or_else(|| {
             use std::hash::BuildHasher;
             let r = std::collections::hash_map::RandomState::new().hash_one(0u8);
@@ -309,11 +561,13 @@ impl QueueWorkerBuilder {
             stream: self.stream,
             group: self.group,
             consumer,
-            dead_letter: self.dead_letter,
+            dead_letter,
             max_deliveries: self.max_deliveries,
             claim_idle: self.claim_idle,
             batch: self.batch,
             block: self.block,
+            retry_backoff: self.retry_backoff,
+            transient: self.transient,
             last_errors: HashMap::new(),
         })
     }
@@ -325,17 +579,21 @@ impl QueueWorkerBuilder {
 pub struct WorkerReport {
     /// Events applied and acknowledged.
     pub applied: u64,
-    /// Attempts that failed (the event stayed pending, or was dead-lettered).
+    /// Attempts that failed, transient ones included.
     pub failed_attempts: u64,
+    /// Of those, attempts that failed transiently and were retried in place.
+    pub transient_failures: u64,
     /// Events moved to the dead-letter stream.
     pub dead_lettered: u64,
     /// Events taken over from idle consumers (a crashed worker, or a failed earlier attempt).
     pub reclaimed: u64,
+    /// Times the consumer group was found missing and created again.
+    pub groups_recreated: u64,
 }
 
 /// Applies invalidation events from a stream. See the [module docs](self).
 pub struct QueueWorker {
-    conn: ConnectionManager,
+    conn: Conn,
     stream: String,
     group: String,
     consumer: String,
@@ -344,6 +602,8 @@ pub struct QueueWorker {
     claim_idle: Duration,
     batch: usize,
     block: Duration,
+    retry_backoff: (Duration, Duration),
+    transient: fn(&InvalidationResult) -> bool,
     /// The last error of events this worker failed, for the dead-letter entry.
     last_errors: HashMap<String, String>,
 }
@@ -357,6 +617,7 @@ impl fmt::Debug for QueueWorker {
             .field("dead_letter", &self.dead_letter)
             .field("max_deliveries", &self.max_deliveries)
             .field("claim_idle", &self.claim_idle)
+            .field("retry_backoff", &self.retry_backoff)
             .finish_non_exhaustive()
     }
 }
@@ -393,19 +654,44 @@ impl<F: Future<Output = ()>> Shutdown<F> {
     }
 }
 
+/// How one try of an event ended.
+enum Attempt {
+    Applied,
+    /// Failed for a reason that is not transient.
+    Failed(String),
+    /// Shutdown came while waiting to retry a transient failure.
+    Interrupted,
+}
+
 impl QueueWorker {
     /// A builder for a worker on the Redis at `url`, with the defaults.
     pub fn builder(url: impl Into<String>) -> QueueWorkerBuilder {
+        Self::builder_for(Target::Single(url.into()))
+    }
+
+    /// A builder for a worker on the Redis Cluster reached through `nodes` (seed URLs; the rest
+    /// of the topology is discovered), with the defaults.
+    pub fn cluster_builder<I>(nodes: I) -> QueueWorkerBuilder
+    where
+        I: IntoIterator,
+        I::Item: Into<String>,
+    {
+        Self::builder_for(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    }
+
+    fn builder_for(target: Target) -> QueueWorkerBuilder {
         QueueWorkerBuilder {
-            url: url.into(),
+            target,
             stream: DEFAULT_STREAM.to_owned(),
             group: DEFAULT_GROUP.to_owned(),
             consumer: None,
-            dead_letter: DEFAULT_DEAD_LETTER_STREAM.to_owned(),
+            dead_letter: None,
             max_deliveries: DEFAULT_MAX_DELIVERIES,
             claim_idle: DEFAULT_CLAIM_IDLE,
             batch: DEFAULT_BATCH,
             block: DEFAULT_BLOCK,
+            retry_backoff: (DEFAULT_MIN_RETRY_BACKOFF, DEFAULT_MAX_RETRY_BACKOFF),
+            transient: is_transient,
         }
     }
 
@@ -418,8 +704,10 @@ impl QueueWorker {
     ///
     /// Shutdown is checked between events: the event in progress is finished (and
     /// acknowledged) first; events read but not started stay pending for the next worker. A
-    /// wait for new events is cut short. Redis errors are logged and retried with backoff;
-    /// only a failure to create the consumer group at the start is returned.
+    /// wait for new events, or before retrying a transient failure, is cut short (that event
+    /// stays pending too). Redis errors are logged and retried with backoff, and a consumer
+    /// group that disappeared is created again; only a failure to create the group at the
+    /// start is returned.
     pub async fn run(
         mut self,
         target: impl Invalidator,
@@ -438,7 +726,7 @@ impl QueueWorker {
         let mut claim_cursor = String::from("0-0");
         let mut backoff = MIN_ERROR_BACKOFF;
         while !shutdown.requested().await {
-            let step = self
+            let mut step = self
                 .step(
                     &target,
                     &mut shutdown,
@@ -447,6 +735,19 @@ impl QueueWorker {
                     &mut claim_cursor,
                 )
                 .await;
+            if step.as_ref().is_err_and(QueueError::is_missing_group) {
+                // Redis lost the group (a restart without persistence, a flush, someone
+                // deleted it): nothing would ever be read again without it. Events published
+                // since are in the new stream, so it starts from the beginning.
+                tracing::warn!(target: "cachecore::queue", stream = %self.stream,
+                    group = %self.group, "invalidation worker: consumer group missing; creating it again");
+                own_pending = None;
+                claim_cursor = String::from("0-0");
+                step = self.ensure_group().await;
+                if step.is_ok() {
+                    report.groups_recreated += 1;
+                }
+            }
             match step {
                 Ok(()) => backoff = MIN_ERROR_BACKOFF,
                 Err(e) => {
@@ -507,7 +808,7 @@ impl QueueWorker {
             .arg(&self.stream)
             .arg(&self.group)
             .arg(&self.consumer)
-            .arg(u64::try_from(self.claim_idle.as_millis()).unwrap_or(u64::MAX))
+            .arg(millis(self.claim_idle))
             .arg(claim_cursor.as_str())
             .arg("COUNT")
             .arg(self.batch)
@@ -546,8 +847,7 @@ impl QueueWorker {
             .arg("COUNT")
             .arg(self.batch);
         if let Some(block) = block {
-            cmd.arg("BLOCK")
-                .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX));
+            cmd.arg("BLOCK").arg(millis(block));
         }
         cmd.arg("STREAMS").arg(&self.stream).arg(id);
         let reply: Option<StreamReadReply> = cmd.query_async(&mut self.conn).await?;
@@ -614,16 +914,11 @@ impl QueueWorker {
                 report.dead_lettered += 1;
                 continue;
             }
-            let result = target
-                .invalidate_many(
-                    &event.tenant,
-                    &[event.dep_id.as_str()],
-                    event.new_hash.as_deref(),
-                )
+            match self
+                .attempt(target, shutdown, report, &entry, &event, deliveries)
                 .await
-                .pop();
-            match result {
-                Some(r) if r.ok => {
+            {
+                Attempt::Applied => {
                     let _: i64 = redis::cmd("XACK")
                         .arg(&self.stream)
                         .arg(&self.group)
@@ -633,13 +928,7 @@ impl QueueWorker {
                     self.last_errors.remove(&entry.id);
                     report.applied += 1;
                 }
-                other => {
-                    report.failed_attempts += 1;
-                    let why = other
-                        .and_then(|r| r.error)
-                        .unwrap_or_else(|| "no result".to_owned());
-                    tracing::warn!(target: "cachecore::queue", id = %entry.id, tenant = %event.tenant,
-                        dep_id = %event.dep_id, deliveries, error = %why, "invalidation event failed");
+                Attempt::Failed(why) => {
                     if deliveries >= self.max_deliveries {
                         self.dead_letter(&entry, deliveries, &why).await?;
                         report.dead_lettered += 1;
@@ -648,9 +937,79 @@ impl QueueWorker {
                         self.last_errors.insert(entry.id.clone(), why);
                     }
                 }
+                Attempt::Interrupted => return Ok(()),
             }
         }
         Ok(())
+    }
+
+    /// Applies `event`, retrying in place for as long as it fails transiently.
+    async fn attempt<F: Future<Output = ()>>(
+        &mut self,
+        target: &impl Invalidator,
+        shutdown: &mut Shutdown<F>,
+        report: &mut WorkerReport,
+        entry: &StreamId,
+        event: &InvalidationEvent,
+        deliveries: usize,
+    ) -> Attempt {
+        let (mut backoff, max_backoff) = self.retry_backoff;
+        loop {
+            let result = target
+                .invalidate_many(
+                    &event.tenant,
+                    &[event.dep_id.as_str()],
+                    event.new_hash.as_deref(),
+                )
+                .await
+                .pop()
+                .unwrap_or_else(|| {
+                    InvalidationResult::failed(&event.dep_id, "the invalidator gave no result")
+                });
+            if result.ok {
+                return Attempt::Applied;
+            }
+            report.failed_attempts += 1;
+            let transient = (self.transient)(&result);
+            let why = result
+                .error
+                .unwrap_or_else(|| "failed without a reason".to_owned());
+            if !transient {
+                tracing::warn!(target: "cachecore::queue", id = %entry.id, tenant = %event.tenant,
+                    dep_id = %event.dep_id, deliveries, error = %why, "invalidation event failed");
+                return Attempt::Failed(why);
+            }
+            report.transient_failures += 1;
+            // Re-claimed before `claim_idle` runs out, so no other worker takes it meanwhile.
+            let pause = backoff.min(self.claim_idle / 2).max(MIN_RETRY_PAUSE);
+            tracing::warn!(target: "cachecore::queue", id = %entry.id, tenant = %event.tenant,
+                dep_id = %event.dep_id, error = %why, retry_in = ?pause,
+                "invalidation event failed transiently; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shutdown.wait() => return Attempt::Interrupted,
+            }
+            self.keep_claimed(&entry.id).await;
+            backoff = (backoff * 2).min(max_backoff);
+        }
+    }
+
+    /// Resets the idle time of pending event `id` without counting a delivery (`JUSTID`). A
+    /// failure only means another worker may take the event over: applied twice, harmlessly.
+    async fn keep_claimed(&mut self, id: &str) {
+        let claimed: Result<Value, RedisError> = redis::cmd("XCLAIM")
+            .arg(&self.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(id)
+            .arg("JUSTID")
+            .query_async(&mut self.conn)
+            .await;
+        if let Err(e) = claimed {
+            tracing::debug!(target: "cachecore::queue", id, error = %e,
+                "could not re-claim an event waiting for a retry");
+        }
     }
 
     /// Moves `entry` to the dead-letter stream and acknowledges it, atomically.
@@ -689,5 +1048,67 @@ impl QueueWorker {
         tracing::warn!(target: "cachecore::queue", id = %entry.id, deliveries, error = %why,
             dead_letter = %self.dead_letter, "invalidation event dead-lettered");
         Ok(())
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_dead_letter_stream_is_the_default_streams() {
+        assert_eq!(
+            dead_letter_stream_for(DEFAULT_STREAM),
+            DEFAULT_DEAD_LETTER_STREAM
+        );
+        assert_eq!(hash_tag(DEFAULT_DEAD_LETTER_STREAM), DEFAULT_STREAM);
+    }
+
+    #[test]
+    fn a_dead_letter_stream_hashes_like_its_stream() {
+        for stream in [
+            "inv",
+            "cachecore:{invalidations}",
+            "{tenant-a}:inv",
+            "a{b",
+            "x{tag}y",
+        ] {
+            let dead = dead_letter_stream_for(stream);
+            assert_eq!(hash_tag(&dead), hash_tag(stream), "{stream:?} -> {dead:?}");
+        }
+        // No hash tag, and a `}` that would close one early: not in the same slot, so a
+        // cluster worker refuses to build with it.
+        assert_ne!(hash_tag(&dead_letter_stream_for("a}b")), hash_tag("a}b"));
+    }
+
+    #[test]
+    fn hash_tags_follow_the_cluster_rules() {
+        assert_eq!(hash_tag("plain"), "plain");
+        assert_eq!(hash_tag("{user1000}.following"), "user1000");
+        assert_eq!(hash_tag("foo{}{bar}"), "foo{}{bar}");
+        assert_eq!(hash_tag("foo{{bar}}zap"), "{bar");
+        assert_eq!(hash_tag("foo{bar}{zap}"), "bar");
+        assert_eq!(hash_tag("no{close"), "no{close");
+    }
+
+    #[test]
+    fn store_outages_are_transient_and_bad_data_is_not() {
+        let failed = |kind| {
+            InvalidationResult::failed("doc:1", StoreError::new(kind, "something").to_string())
+        };
+        assert!(is_transient(&failed(StoreErrorKind::Timeout)));
+        assert!(is_transient(&failed(StoreErrorKind::Backend)));
+        assert!(is_transient(&failed(StoreErrorKind::CircuitOpen)));
+        assert!(!is_transient(&failed(StoreErrorKind::Corrupt)));
+        assert!(!is_transient(&failed(StoreErrorKind::InvalidInput)));
+        assert!(!is_transient(&InvalidationResult::failed(
+            "doc:1",
+            "dep id is empty"
+        )));
+        assert!(!is_transient(&InvalidationResult::ok("doc:1", 0)));
     }
 }
