@@ -256,7 +256,12 @@ impl JwtAuth {
             ));
         }
 
-        let signature = decode(signature, "signature")?;
+        // The signature is the one part the MAC does not cover, so it must have exactly one
+        // spelling: base64url without padding (RFC 7515 section 2), or padding appended to a
+        // valid token would make another token that verifies.
+        let signature = B64URL.decode(signature).map_err(|e| {
+            JwtError::Malformed(format!("signature is not unpadded base64url: {e}"))
+        })?;
         let signed_len = token.len() - signature_len(token);
         let mut mac = self.key.clone();
         mac.update(&token.as_bytes()[..signed_len]);
@@ -311,6 +316,8 @@ struct JoseHeader {
     crit: Option<serde_json::Value>,
 }
 
+/// Decodes the header or the payload. Padding is tolerated there: those segments are signed as
+/// written, so a padded spelling is a different token that needs its own signature.
 fn decode(segment: &str, what: &str) -> Result<Vec<u8>, JwtError> {
     B64URL_LENIENT
         .decode(segment)
