@@ -1,6 +1,8 @@
 //! Test doubles for the core tests: a counting upstream, a gate, a channel body, broken stores.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod watchdog;
+
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
