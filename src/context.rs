@@ -30,6 +30,26 @@ pub struct RequestContext {
     pub(crate) bypass: bool,
     pub(crate) refresh: bool,
     pub(crate) ttl: Option<Duration>,
+    pub(crate) semantic: SemanticRequest,
+}
+
+/// What one request asks of L2 (feature `semantic`): it may only make L2 stricter, or opt in
+/// to what L2 skips by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct SemanticRequest {
+    /// A threshold above the layer's, as `f32` bits (so the context stays `Eq`).
+    pub(crate) min_similarity_bits: Option<u32>,
+    pub(crate) allow_sampling: bool,
+    pub(crate) allow_tools: bool,
+    pub(crate) skip: bool,
+}
+
+impl SemanticRequest {
+    /// The threshold the request asks for, if any.
+    #[cfg_attr(not(feature = "semantic"), allow(dead_code))]
+    pub(crate) fn min_similarity(self) -> Option<f32> {
+        self.min_similarity_bits.map(f32::from_bits)
+    }
 }
 
 impl RequestContext {
@@ -86,6 +106,43 @@ impl RequestContext {
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
+    }
+
+    /// Raises the L2 similarity threshold for this request (feature `semantic`). A value at or
+    /// below the layer's threshold changes nothing: a request can make L2 stricter, never
+    /// looser. Not a number: ignored.
+    #[must_use]
+    pub fn min_similarity(mut self, threshold: f32) -> Self {
+        if !threshold.is_nan() {
+            self.semantic.min_similarity_bits = Some(threshold.to_bits());
+        }
+        self
+    }
+
+    /// Lets this request use L2 although it samples (a non-zero or absent `temperature`).
+    #[must_use]
+    pub fn semantic_sampling(mut self) -> Self {
+        self.semantic.allow_sampling = true;
+        self
+    }
+
+    /// Lets this request use L2 although it has tools.
+    #[must_use]
+    pub fn semantic_tools(mut self) -> Self {
+        self.semantic.allow_tools = true;
+        self
+    }
+
+    /// Keeps this request out of L2 (L1 still applies).
+    #[must_use]
+    pub fn no_semantic(mut self) -> Self {
+        self.semantic.skip = true;
+        self
+    }
+
+    /// The L2 threshold this request asks for, if any.
+    pub fn min_similarity_override(&self) -> Option<f32> {
+        self.semantic.min_similarity()
     }
 
     /// The declared deps.

@@ -307,6 +307,9 @@ pub(crate) struct Config {
     pub(crate) credential_headers: Vec<HeaderName>,
     pub(crate) coalesce_wait: Duration,
     pub(crate) coalesce_body_wait: Duration,
+    /// L2 (docs/design.md §5a), when turned on.
+    #[cfg(feature = "semantic")]
+    pub(crate) semantic: Option<Arc<crate::semantic::SemanticCache>>,
 }
 
 impl Config {
@@ -349,6 +352,8 @@ impl Default for Config {
             credential_headers: default_credential_headers(),
             coalesce_wait: defaults::COALESCE_WAIT,
             coalesce_body_wait: defaults::COALESCE_BODY_WAIT,
+            #[cfg(feature = "semantic")]
+            semantic: None,
         }
     }
 }
@@ -384,6 +389,8 @@ pub(crate) struct Plan {
     pub(crate) deps: Arc<[Dep]>,
     pub(crate) refresh: bool,
     pub(crate) fresh_ttl: Duration,
+    #[cfg_attr(not(feature = "semantic"), allow(dead_code))]
+    pub(crate) semantic: crate::context::SemanticRequest,
 }
 
 impl Plan {
@@ -424,6 +431,9 @@ pub(crate) enum Route {
 pub(crate) struct Forward {
     observed: Option<DepEpochs>,
     flight: Option<FlightGuard>,
+    /// The request's L2 vector, stored beside its entry if the entry is stored.
+    #[cfg(feature = "semantic")]
+    l2: Option<crate::semantic::L2Write>,
 }
 
 impl Forward {
@@ -433,6 +443,8 @@ impl Forward {
         Self {
             observed: Some(observed),
             flight: None,
+            #[cfg(feature = "semantic")]
+            l2: None,
         }
     }
 }
@@ -533,6 +545,7 @@ impl Engine {
             fresh_ttl: ctx.ttl.unwrap_or(self.config.fresh_ttl),
             deps: ctx.deps,
             refresh: ctx.refresh || directives.revalidate,
+            semantic: ctx.semantic,
         })
     }
 
@@ -584,8 +597,9 @@ impl Engine {
 
     /// Looks the key up and joins the single-flight: serve an entry, or forward.
     ///
-    /// `headers` are the request's: an entry whose response named request headers in `Vary`
-    /// is served only to a request with the same values for them.
+    /// `head` is the request's: an entry whose response named request headers in `Vary`
+    /// is served only to a request with the same values for them. `body` is the buffered
+    /// request body (L2 reads the question from it).
     ///
     /// `serve_stale`: whether the adapter can run a background refresh. When it cannot (the
     /// reqwest adapter: `Next` borrows the client), a stale entry is revalidated in line instead.
@@ -593,11 +607,16 @@ impl Engine {
         self: &Arc<Self>,
         key: &CacheKey,
         plan: &Plan,
-        headers: &HeaderMap,
+        head: &RequestHead<'_>,
+        body: &[u8],
         serve_stale: bool,
     ) -> Route {
+        let headers = head.headers;
         let deps = plan.dep_ids();
-        let observed = match self.lookup(key, &deps).await {
+        let found = self.lookup(key, &deps).await;
+        #[cfg(feature = "semantic")]
+        let l1_missed = matches!(found, Found::Miss(_));
+        let observed = match found {
             Found::Hit(entry, status)
                 if !plan.refresh
                     && (serve_stale || status != CacheStatus::StaleHit)
@@ -611,6 +630,30 @@ impl Engine {
             Found::Miss(epochs) => Some(epochs),
             Found::Unavailable => None,
         };
+        // L2 (docs/design.md §5a): on an L1 miss, an entry whose question means the same may
+        // answer. A match only names an entry; it is read through the L1 lookup, so expiry and
+        // every dep rule apply as to any hit. No embedding is paid on an L1 hit.
+        #[cfg(feature = "semantic")]
+        let l2 = match &self.config.semantic {
+            Some(semantic) if l1_missed => {
+                let probe = semantic.probe(plan, head, body, &self.config).await;
+                for m in probe.matches() {
+                    match self.lookup(&m.key, &deps).await {
+                        Found::Hit(entry, CacheStatus::Hit)
+                            if vary_matches(&entry.headers, headers) =>
+                        {
+                            return Route::Serve(m.answer(entry), CacheStatus::HitL2);
+                        }
+                        Found::Miss(_) => probe.gone(m),
+                        _ => {}
+                    }
+                }
+                probe.into_write()
+            }
+            _ => None,
+        };
+        #[cfg(not(feature = "semantic"))]
+        let _ = body;
         let mut flight = None;
         if observed.is_some() && !plan.refresh {
             match self.join_flight(key) {
@@ -638,7 +681,12 @@ impl Engine {
                 }
             }
         }
-        Route::Forward(Forward { observed, flight })
+        Route::Forward(Forward {
+            observed,
+            flight,
+            #[cfg(feature = "semantic")]
+            l2,
+        })
     }
 
     /// The recorder for a forwarded request's response, when it may be stored; `None` (and the
@@ -656,7 +704,12 @@ impl Engine {
         status: StatusCode,
         headers: &HeaderMap,
     ) -> Option<Recorder> {
-        let Forward { observed, flight } = forward;
+        let Forward {
+            observed,
+            flight,
+            #[cfg(feature = "semantic")]
+            l2,
+        } = forward;
         let observed = observed?;
         if !self.admits(status, headers) {
             return None;
@@ -671,6 +724,10 @@ impl Engine {
         let mut recorder = self.recorder(key, observed, fresh_ttl, status, headers, flight);
         if let Some(fingerprint) = vary_fingerprint(headers, request) {
             recorder.headers.insert(VARY_KEY, fingerprint);
+        }
+        #[cfg(feature = "semantic")]
+        {
+            recorder.l2 = l2;
         }
         Some(recorder)
     }
@@ -813,6 +870,8 @@ impl Engine {
                     .min(self.config.max_response),
             ),
             flight,
+            #[cfg(feature = "semantic")]
+            l2: None,
         }
     }
 
@@ -854,7 +913,8 @@ impl Engine {
     ) {
         self.metrics.count(status);
         headers.insert(X_CACHE, HeaderValue::from_static(status.as_str()));
-        if self.config.similarity_header {
+        // An L2 hit carries its own similarity, set when it matched.
+        if self.config.similarity_header && status != CacheStatus::HitL2 {
             let similarity = match status {
                 CacheStatus::Hit | CacheStatus::StaleHit => "1.00",
                 _ => "0.00",
@@ -903,6 +963,12 @@ impl Engine {
         }
         // Invalidation must not be skipped by the breaker or cut by the lookup timeout: a
         // caller told "ok" must be able to rely on it, so failures are reported, not hidden.
+        // L2 vectors of partitions that declare an invalidated dep are reclaimed with their
+        // entries (they could no longer be served anyway: a match is read through L1).
+        #[cfg(feature = "semantic")]
+        if let Some(semantic) = &self.config.semantic {
+            semantic.forget_deps(tenant, &valid);
+        }
         let mut done = if valid.is_empty() {
             Vec::new()
         } else {
@@ -1196,6 +1262,8 @@ pub(crate) struct Recorder {
     fresh_ttl: Duration,
     buf: BytesMut,
     flight: Option<FlightGuard>,
+    #[cfg(feature = "semantic")]
+    l2: Option<crate::semantic::L2Write>,
 }
 
 impl Recorder {
@@ -1222,6 +1290,8 @@ impl Recorder {
             fresh_ttl,
             buf,
             flight,
+            #[cfg(feature = "semantic")]
+            l2,
         } = self;
         if is_event_stream(&headers) && sse_reports_error(&buf) {
             // Dropping the flight guard releases the followers: nothing to read back.
@@ -1236,8 +1306,15 @@ impl Recorder {
             stale_window: engine.config.stale_window,
             deps: observed,
         };
+        #[cfg(feature = "semantic")]
+        let lifetime = entry.lifetime();
         PendingStore(Some(Box::pin(async move {
             let stored = engine.put(&key, entry).await;
+            // The vector goes beside the entry only once the entry is there (docs/design.md §5a).
+            #[cfg(feature = "semantic")]
+            if let (true, Some(l2)) = (stored, l2) {
+                l2.stored(&key, lifetime);
+            }
             if let Some(flight) = flight {
                 flight.finish(stored);
             }

@@ -21,6 +21,9 @@ pub mod queue;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub mod reqwest;
+#[cfg(feature = "semantic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "semantic")))]
+pub mod semantic;
 mod status;
 pub mod store;
 pub mod testing;

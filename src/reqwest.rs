@@ -188,7 +188,7 @@ async fn handle(
     };
     let key = engine.key(&plan, &head, body);
 
-    let forward = match engine.route(&key, &plan, req.headers(), false).await {
+    let forward = match engine.route(&key, &plan, &head, body, false).await {
         Route::Serve(entry, status) => {
             let res = engine.hit_response(entry, status, Body::from);
             return Ok(into_reqwest(res, req.url().clone()));

@@ -18,6 +18,10 @@ pub enum CacheStatus {
     /// Served from an entry past its fresh TTL, within its stale window, while one background
     /// refresh runs (`HIT_L1_STALE`).
     StaleHit,
+    /// Served from the entry of a request that means the same (`HIT_L2`, feature `semantic`):
+    /// its question was near enough and passed every guard, and the entry was valid by the L1
+    /// rules. `X-Cache-Similarity` says how near.
+    HitL2,
     /// Sent to the inner service; the response is stored if it may be (`MISS`).
     Miss,
     /// Not read from nor written to the cache (`BYPASS`).
@@ -30,6 +34,7 @@ impl CacheStatus {
         match self {
             Self::Hit => "HIT_L1",
             Self::StaleHit => "HIT_L1_STALE",
+            Self::HitL2 => "HIT_L2",
             Self::Miss => "MISS",
             Self::Bypass => "BYPASS",
         }
@@ -40,6 +45,7 @@ impl CacheStatus {
         Some(match value {
             "HIT_L1" => Self::Hit,
             "HIT_L1_STALE" => Self::StaleHit,
+            "HIT_L2" => Self::HitL2,
             "MISS" => Self::Miss,
             "BYPASS" => Self::Bypass,
             _ => return None,
@@ -48,7 +54,7 @@ impl CacheStatus {
 
     /// Whether the response came from the cache.
     pub const fn is_hit(self) -> bool {
-        matches!(self, Self::Hit | Self::StaleHit)
+        matches!(self, Self::Hit | Self::StaleHit | Self::HitL2)
     }
 }
 

@@ -59,6 +59,12 @@ pub const X_CACHECORE_DEPS: HeaderName = HeaderName::from_static("x-cachecore-de
 /// what the SDK's `request_context(bypass=True)` does.
 pub const X_CACHECORE_BYPASS: HeaderName = HeaderName::from_static("x-cachecore-bypass");
 
+/// `X-CacheCore-Min-Similarity`: a cosine similarity that raises the L2 threshold for this
+/// request (feature `semantic`); it can make L2 stricter, never looser. Not a number in
+/// `[-1, 1]`: `BYPASS` with `X-Cache-Error`.
+pub const X_CACHECORE_MIN_SIMILARITY: HeaderName =
+    HeaderName::from_static("x-cachecore-min-similarity");
+
 /// Most deps one request may declare. Each is read from the store on every lookup; real
 /// responses derive from a handful.
 pub const MAX_DEPS_PER_REQUEST: usize = 256;
@@ -145,8 +151,31 @@ pub fn encode_deps(deps: &[Dep]) -> String {
 }
 
 /// The [`RequestContext`] the trusted headers describe: deps from every `X-CacheCore-Deps`
-/// header, bypass from `X-CacheCore-Bypass`. `None` when neither is present.
+/// header, bypass from `X-CacheCore-Bypass`, a raised L2 threshold from
+/// `X-CacheCore-Min-Similarity`. `None` when none is present.
 pub fn context_from_headers(
+    headers: &HeaderMap,
+) -> Result<Option<RequestContext>, DepsHeaderError> {
+    let min_similarity = match headers.get(X_CACHECORE_MIN_SIMILARITY) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<f32>().ok())
+                .filter(|t| (-1.0..=1.0).contains(t))
+                .ok_or_else(|| {
+                    bad("X-CacheCore-Min-Similarity must be a cosine similarity in [-1, 1]")
+                })?,
+        ),
+    };
+    let ctx = context_from_deps_headers(headers)?;
+    Ok(match (ctx, min_similarity) {
+        (ctx, None) => ctx,
+        (ctx, Some(t)) => Some(ctx.unwrap_or_default().min_similarity(t)),
+    })
+}
+
+fn context_from_deps_headers(
     headers: &HeaderMap,
 ) -> Result<Option<RequestContext>, DepsHeaderError> {
     let bypass = headers.get_all(X_CACHECORE_BYPASS).iter().any(|v| {

@@ -143,7 +143,9 @@ const NO_DEFAULT_TENANT: &str = "this layer resolves tenants per request (namesp
 #[must_use]
 pub struct CachecoreBuilder {
     store: Option<Arc<dyn CacheStore>>,
-    config: Config,
+    // Crate-visible: optional parts (the `semantic` feature) add their builder methods where
+    // they live.
+    pub(crate) config: Config,
 }
 
 impl fmt::Debug for CachecoreBuilder {

@@ -227,7 +227,7 @@ where
         extensions: &parts.extensions,
     };
     let key = engine.key(&plan, &head, &body);
-    let forward = match engine.route(&key, &plan, &parts.headers, true).await {
+    let forward = match engine.route(&key, &plan, &head, &body, true).await {
         Route::Serve(entry, status) => {
             if status == CacheStatus::StaleHit {
                 spawn_refresh(

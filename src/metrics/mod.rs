@@ -8,6 +8,7 @@ use crate::CacheStatus;
 pub(crate) struct Metrics {
     pub(crate) hits: AtomicU64,
     pub(crate) stale_hits: AtomicU64,
+    pub(crate) l2_hits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) bypasses: AtomicU64,
     pub(crate) stored: AtomicU64,
@@ -25,6 +26,7 @@ impl Metrics {
         let c = match status {
             CacheStatus::Hit => &self.hits,
             CacheStatus::StaleHit => &self.stale_hits,
+            CacheStatus::HitL2 => &self.l2_hits,
             CacheStatus::Miss => &self.misses,
             CacheStatus::Bypass => &self.bypasses,
         };
@@ -36,6 +38,7 @@ impl Metrics {
         MetricsSnapshot {
             hits: g(&self.hits),
             stale_hits: g(&self.stale_hits),
+            l2_hits: g(&self.l2_hits),
             misses: g(&self.misses),
             bypasses: g(&self.bypasses),
             stored: g(&self.stored),
@@ -58,6 +61,9 @@ pub struct MetricsSnapshot {
     pub hits: u64,
     /// Requests served from a stale entry.
     pub stale_hits: u64,
+    /// Requests served from the entry of a request that means the same (L2, feature
+    /// `semantic`).
+    pub l2_hits: u64,
     /// Requests sent to the inner service through the cache.
     pub misses: u64,
     /// Requests that bypassed the cache.
