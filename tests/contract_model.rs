@@ -81,7 +81,7 @@ const OPS_PER_TASK: usize = 30;
 /// interleavings).
 const WORKERS: usize = 3;
 /// One seed normally takes well under a second; past this its requests are reported as stuck.
-const SEED_BOUND: Duration = Duration::from_secs(20);
+const SEED_BOUND: Duration = Duration::from_secs(15);
 /// The TTL of requests that do not set their own: longer than any program.
 const DEFAULT_TTL: Duration = Duration::from_secs(30);
 /// The layer's bound on one store call; the injected stalls last longer than this.
@@ -205,6 +205,14 @@ const TARGETS: [(&str, &str); 4] = [
 const AUTHORIZATIONS: [Option<&str>; 3] = [None, Some("Bearer sk-a"), Some("Bearer sk-b")];
 const COOKIES: [Option<&str>; 3] = [None, Some("sid=1"), Some("sid=2")];
 const API_KEYS: [Option<&str>; 3] = [None, Some("key-1"), Some("key-2")];
+/// The rest of the credential headers of DESIGN section 3, one at a time.
+const OTHER_CREDENTIALS: [Option<(&str, &str)>; 5] = [
+    None,
+    Some(("proxy-authorization", "Basic cHJveHk6cHc=")),
+    Some(("api-key", "azure-1")),
+    Some(("x-goog-api-key", "goog-1")),
+    Some(("x-cachecore-token", "cc-token-1")),
+];
 const ENCODINGS: [Option<&str>; 4] = [None, Some("gzip"), Some("br"), Some("gzip, br")];
 /// Values of `X-Tone`, a request header a response may name in `Vary`.
 const TONES: [Option<&str>; 3] = [None, Some("warm"), Some("cold")];
@@ -306,6 +314,7 @@ struct Req {
     authorization: usize,
     cookie: usize,
     api_key: usize,
+    other_credential: usize,
     encoding: usize,
     tone: usize,
     /// `(dep, pinned hash)` indices, as declared (order and duplicates included).
@@ -390,6 +399,7 @@ impl Req {
             ("x-tone", TONES[self.tone]),
         ];
         out.extend(optional.into_iter().filter_map(|(k, v)| Some((k, v?))));
+        out.extend(OTHER_CREDENTIALS[self.other_credential]);
         out
     }
 
@@ -436,6 +446,9 @@ impl Req {
         if API_KEYS[self.api_key] != API_KEYS[other.api_key] {
             out.push("x-api-key");
         }
+        if OTHER_CREDENTIALS[self.other_credential] != OTHER_CREDENTIALS[other.other_credential] {
+            out.push("another credential header");
+        }
         if ENCODINGS[self.encoding] != ENCODINGS[other.encoding] {
             out.push("accept-encoding");
         }
@@ -465,7 +478,8 @@ impl fmt::Display for Req {
         for part in [
             opt("auth", AUTHORIZATIONS[self.authorization]),
             opt("cookie", COOKIES[self.cookie]),
-            opt("api-key", API_KEYS[self.api_key]),
+            opt("x-api-key", API_KEYS[self.api_key]),
+            OTHER_CREDENTIALS[self.other_credential].map(|(k, v)| format!(" {k}={v:?}")),
             opt("ae", ENCODINGS[self.encoding]),
             opt("tone", TONES[self.tone]),
         ]
@@ -605,10 +619,13 @@ impl Program {
 
     fn describe(&self, done: &[usize]) -> String {
         let mut out = format!(
-            "  program of seed {}: {:?} stack, store faults {}/1000, stale window {}ms, \
+            "  program of seed {}: {} stack, store faults {}/1000, stale window {}ms, \
              single-flight wait after head {}ms, {} tasks\n",
             self.seed,
-            self.style,
+            match self.style {
+                Style::Client => "client (absolute URIs)",
+                Style::Server => "server (relative URIs, the authority in Host)",
+            },
             self.faults_per_mille,
             self.stale_window_ms,
             self.coalesce_after_head_ms,
@@ -703,6 +720,7 @@ fn gen_req(rng: &mut SmallRng, settings: &Settings) -> Req {
         authorization: 0,
         cookie: 0,
         api_key: 0,
+        other_credential: 0,
         encoding: 0,
         tone: 0,
         deps,
@@ -726,6 +744,7 @@ fn gen_req(rng: &mut SmallRng, settings: &Settings) -> Req {
         (&mut r.authorization, AUTHORIZATIONS.len()),
         (&mut r.cookie, COOKIES.len()),
         (&mut r.api_key, API_KEYS.len()),
+        (&mut r.other_credential, OTHER_CREDENTIALS.len()),
     ] {
         let v = pick(rng, n);
         if chance(rng, 0.1) && on("credentials") {
@@ -1194,14 +1213,19 @@ async fn upstream(model: Arc<Mutex<Model>>, req: UpReq) -> Result<Response<Chunk
             .unwrap_or("")
             .to_owned()
     };
+    let credentials: serde_json::Map<String, serde_json::Value> =
+        ["authorization", "cookie", "x-api-key"]
+            .into_iter()
+            .chain(OTHER_CREDENTIALS.iter().flatten().map(|(k, _)| *k))
+            .filter(|k| parts.headers.contains_key(*k))
+            .map(|k| (k.to_owned(), serde_json::Value::from(seen(k))))
+            .collect();
     let text = serde_json::json!({
         "call": call_id,
         "req": id.unwrap_or(0),
         "uri": parts.uri.to_string(),
         "host": seen("host"),
-        "authorization": seen("authorization"),
-        "cookie": seen("cookie"),
-        "x-api-key": seen("x-api-key"),
+        "credentials": credentials,
         "accept-encoding": seen("accept-encoding"),
         "x-tone": seen("x-tone"),
         "body": body.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default(),
@@ -1814,8 +1838,8 @@ fn blocking_runtime() -> tokio::runtime::Runtime {
 
 /// How long the race runs, and the window in which every thread must finish a step. A step
 /// takes microseconds; the window leaves room for a loaded 2-core machine.
-const STRESS_RUN: Duration = Duration::from_secs(4);
-const STRESS_WINDOW: Duration = Duration::from_secs(1);
+const STRESS_RUN: Duration = Duration::from_secs(5);
+const STRESS_WINDOW: Duration = Duration::from_secs(2);
 /// Keys each put thread cycles through. Bounded, so the tag set an invalidation sweeps stays
 /// bounded too: with fresh keys forever the sweep of one invalidation grows with the put rate
 /// and a slow step would look like a stuck one.
