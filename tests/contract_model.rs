@@ -1901,6 +1901,8 @@ fn memory_store_put_racing_invalidate_keeps_progressing() {
 // ---------------------------------------------------------------------------------------------
 // The watchdog itself: a hang must turn into a report that names what hung.
 
+type BoxedUnit = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
     match payload.downcast::<String>() {
         Ok(s) => *s,
@@ -1913,10 +1915,7 @@ fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
 #[test]
 fn watchdog_names_the_tasks_still_running() {
     watchdog::run("self-test", 2, Duration::from_secs(10), |wd| async move {
-        let tasks: Vec<(
-            String,
-            Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
-        )> = vec![
+        let tasks: Vec<(String, BoxedUnit)> = vec![
             ("quick".to_owned(), Box::pin(async {})),
             ("never".to_owned(), Box::pin(std::future::pending())),
         ];

@@ -122,7 +122,7 @@ impl Watchdog {
             .values()
             .map(|(label, since)| (label.clone(), now.duration_since(*since)))
             .collect();
-        out.sort_by(|a, b| b.1.cmp(&a.1));
+        out.sort_by_key(|(_, age)| std::cmp::Reverse(*age));
         out
     }
 
