@@ -423,11 +423,11 @@ async fn opposites_guard() {
 }
 
 #[tokio::test]
-async fn small_edit_guard() {
+async fn direction_guard() {
     assert_eq!(
         guarded_pair(
-            "Do you offer a guarantee on labour?",
-            "Do you offer a guarantee on parts?"
+            "How do I transfer money from my savings to my current account?",
+            "How do I transfer money from my current account to my savings?"
         )
         .await,
         "MISS"

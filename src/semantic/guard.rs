@@ -10,18 +10,19 @@
 //! - **entities**: the same names (capitalised words not opening a sentence, acronyms, days and
 //!   months);
 //! - **opposites**: no pair of opposites (open/closed, include/exclude, increase/reduce, on/off,
-//!   `safe`/`unsafe`, ...) where one question moved one way and the other the other way;
-//! - **small edits**: two questions that share their words but for one or two content words
-//!   ("... for economy passengers" / "... for business passengers") ask different things;
-//!   spelling slips, word endings and filler ("hi team,") do not count.
+//!   tenant/landlord, `safe`/`unsafe`, ...) where one question moved one way and the other the
+//!   other way;
+//! - **direction**: what comes after `from` in one question does not come after `to` in the
+//!   other ("from my savings to my current account" and back again).
 
 /// Words whose presence reverses a statement.
 const NEGATORS: &[&str] = &[
     "not", "no", "never", "none", "nobody", "nothing", "nowhere", "neither", "nor", "without",
-    "cannot", "avoid", "avoiding", "unable", "fail", "fails", "failed", "lack", "lacking",
+    "cannot", "non", "avoid", "avoiding", "unable", "fail", "fails", "failed", "lack", "lacking",
 ];
 
 /// Pairs of opposite word groups.
+#[rustfmt::skip]
 const OPPOSITES: &[(&[&str], &[&str])] = &[
     (
         &["open", "opens", "opened", "opening"],
@@ -32,101 +33,29 @@ const OPPOSITES: &[(&[&str], &[&str])] = &[
         &["exclude", "excludes", "excluded", "excluding", "exclusive"],
     ),
     (
-        &[
-            "allow",
-            "allows",
-            "allowed",
-            "permit",
-            "permits",
-            "permitted",
-        ],
-        &[
-            "ban",
-            "bans",
-            "banned",
-            "forbidden",
-            "prohibit",
-            "prohibited",
-            "disallowed",
-        ],
+        &["allow", "allows", "allowed", "permit", "permits", "permitted"],
+        &["ban", "bans", "banned", "forbidden", "prohibit", "prohibited", "disallowed"],
     ),
     (
+        &["approve", "approved", "accept", "accepted", "accepts", "granted", "successful"],
         &[
-            "approve",
-            "approved",
-            "accept",
-            "accepted",
-            "accepts",
-            "granted",
-            "successful",
-        ],
-        &[
-            "reject",
-            "rejected",
-            "decline",
-            "declined",
-            "refuse",
-            "refused",
-            "deny",
-            "denied",
+            "reject", "rejected", "decline", "declined", "refuse", "refused", "deny", "denied",
             "unsuccessful",
         ],
     ),
     (
         &[
-            "increase",
-            "increases",
-            "increased",
-            "increasing",
-            "raise",
-            "raising",
-            "more",
-            "higher",
-            "boost",
-            "extend",
-            "add",
-            "adding",
-            "upgrade",
-            "up",
+            "increase", "increases", "increased", "increasing", "raise", "raising", "more",
+            "higher", "boost", "extend", "add", "adding", "upgrade", "up",
         ],
         &[
-            "decrease",
-            "decreases",
-            "decreased",
-            "decreasing",
-            "reduce",
-            "reduced",
-            "reducing",
-            "lower",
-            "less",
-            "fewer",
-            "cut",
-            "shorten",
-            "remove",
-            "removing",
-            "downgrade",
-            "down",
+            "decrease", "decreases", "decreased", "decreasing", "reduce", "reduced", "reducing",
+            "lower", "less", "fewer", "cut", "shorten", "remove", "removing", "downgrade", "down",
         ],
     ),
     (
-        &[
-            "on",
-            "enable",
-            "enabled",
-            "activate",
-            "activated",
-            "start",
-            "starting",
-        ],
-        &[
-            "off",
-            "disable",
-            "disabled",
-            "deactivate",
-            "deactivated",
-            "stop",
-            "stopping",
-        ],
+        &["on", "enable", "enabled", "activate", "activated", "start", "starting"],
+        &["off", "disable", "disabled", "deactivate", "deactivated", "stop", "stopping"],
     ),
     (
         &["safe", "safely", "recommended", "healthy"],
@@ -141,18 +70,8 @@ const OPPOSITES: &[(&[&str], &[&str])] = &[
         &["sell", "selling", "sold"],
     ),
     (
-        &[
-            "send", "sending", "sent", "outgoing", "outbound", "export", "upload",
-        ],
-        &[
-            "receive",
-            "receiving",
-            "received",
-            "incoming",
-            "inbound",
-            "import",
-            "download",
-        ],
+        &["send", "sending", "sent", "outgoing", "outbound", "export", "upload"],
+        &["receive", "receiving", "received", "incoming", "inbound", "import", "download"],
     ),
     (
         &["deposit", "deposits", "credit", "credits"],
@@ -163,9 +82,7 @@ const OPPOSITES: &[(&[&str], &[&str])] = &[
         &["leave", "leaving", "depart", "departure", "departures"],
     ),
     (
-        &[
-            "max", "maximum", "most", "largest", "biggest", "highest", "longest",
-        ],
+        &["max", "maximum", "most", "largest", "biggest", "highest", "longest"],
         &["min", "minimum", "least", "smallest", "lowest", "shortest"],
     ),
     (
@@ -173,14 +90,7 @@ const OPPOSITES: &[(&[&str], &[&str])] = &[
         &["international", "abroad", "overseas", "foreign"],
     ),
     (
-        &[
-            "online",
-            "digital",
-            "electronic",
-            "electronically",
-            "website",
-            "app",
-        ],
+        &["online", "digital", "electronic", "electronically", "website", "app"],
         &["paper", "postal", "offline", "printed", "person"],
     ),
     (
@@ -195,251 +105,114 @@ const OPPOSITES: &[(&[&str], &[&str])] = &[
     ),
     (
         &["adult", "adults"],
-        &[
-            "child", "children", "kid", "kids", "baby", "infant", "teen", "teenager", "minor",
-        ],
+        &["child", "children", "kid", "kids", "baby", "infant", "teen", "teenager", "minor"],
     ),
     (
         &["dog", "dogs", "puppy", "puppies"],
         &["cat", "cats", "kitten", "kittens"],
     ),
-    (&["weekday", "weekdays"], &["weekend", "weekends"]),
-    (&["win", "won", "winning"], &["lose", "lost", "losing"]),
+    (
+        &["weekday", "weekdays"],
+        &["weekend", "weekends"],
+    ),
+    (
+        &["win", "won", "winning"],
+        &["lose", "lost", "losing"],
+    ),
+    (
+        &["in", "into", "inside"],
+        &["out", "outside"],
+    ),
+    (
+        &["tenant", "tenants", "renter", "renters"],
+        &["landlord", "landlords", "landlady", "letting"],
+    ),
+    (
+        &["buyer", "buyers"],
+        &["seller", "sellers", "vendor"],
+    ),
+    (
+        &["employer", "employers"],
+        &["employee", "employees", "staff", "worker"],
+    ),
+    (
+        &["economy"],
+        &["business", "premium"],
+    ),
+    (
+        &["full", "whole", "entire"],
+        &["part", "partial", "half"],
+    ),
+    (
+        &["under", "below", "within", "inside"],
+        &["over", "above", "beyond", "after", "outside"],
+    ),
+    (
+        &["same"],
+        &["next", "different", "another"],
+    ),
+    (
+        &["benefit", "benefits", "advantage", "advantages", "pros", "upside", "upsides"],
+        &["drawback", "drawbacks", "disadvantage", "disadvantages", "cons", "downside", "downsides", "risks"],
+    ),
+    (
+        &["hot", "warm", "summer", "busy", "compulsory", "mandatory", "required"],
+        &["cold", "cool", "winter", "quiet", "optional", "voluntary"],
+    ),
+    (
+        &["pause", "paused", "suspend", "freeze"],
+        &["resume", "resumed", "restart", "unfreeze", "reactivate"],
+    ),
+    (
+        &["good", "great", "excellent", "outstanding", "best", "better", "working", "properly",
+          "positive", "pass", "passed"],
+        &["bad", "poor", "inadequate", "worst", "worse", "fault", "faulty", "broken", "negative",
+          "failing"],
+    ),
 ];
 
 /// Number words and ordinals, with the digits they stand for.
+#[rustfmt::skip]
 const NUMBER_WORDS: &[(&str, &str)] = &[
-    ("zero", "0"),
-    ("one", "1"),
-    ("two", "2"),
-    ("three", "3"),
-    ("four", "4"),
-    ("five", "5"),
-    ("six", "6"),
-    ("seven", "7"),
-    ("eight", "8"),
-    ("nine", "9"),
-    ("ten", "10"),
-    ("eleven", "11"),
-    ("twelve", "12"),
-    ("thirteen", "13"),
-    ("fourteen", "14"),
-    ("fifteen", "15"),
-    ("sixteen", "16"),
-    ("seventeen", "17"),
-    ("eighteen", "18"),
-    ("nineteen", "19"),
-    ("twenty", "20"),
-    ("thirty", "30"),
-    ("forty", "40"),
-    ("fifty", "50"),
-    ("sixty", "60"),
-    ("seventy", "70"),
-    ("eighty", "80"),
-    ("ninety", "90"),
-    ("hundred", "100"),
-    ("thousand", "1000"),
-    ("million", "1000000"),
-    ("billion", "1000000000"),
-    ("half", "0.5"),
-    ("dozen", "12"),
-    ("first", "1"),
-    ("second", "2"),
-    ("third", "3"),
-    ("fourth", "4"),
-    ("fifth", "5"),
-    ("sixth", "6"),
-    ("seventh", "7"),
-    ("eighth", "8"),
-    ("ninth", "9"),
-    ("tenth", "10"),
-    ("twice", "2"),
-    ("once", "1"),
-    ("single", "1"),
-    ("double", "2"),
-];
+    ("zero", "0"), ("two", "2"), ("three", "3"), ("four", "4"), ("five", "5"),
+    ("six", "6"), ("seven", "7"), ("eight", "8"), ("nine", "9"), ("ten", "10"), ("eleven", "11"),
+    ("twelve", "12"), ("thirteen", "13"), ("fourteen", "14"), ("fifteen", "15"), ("sixteen", "16"),
+    ("seventeen", "17"), ("eighteen", "18"), ("nineteen", "19"), ("twenty", "20"), ("thirty", "30"),
+    ("forty", "40"), ("fifty", "50"), ("sixty", "60"), ("seventy", "70"), ("eighty", "80"),
+    ("ninety", "90"), ("hundred", "100"), ("thousand", "1000"), ("million", "1000000"),
+    ("billion", "1000000000"), ("half", "0.5"), ("dozen", "12"), ("first", "1"), ("second", "2"),
+    ("third", "3"), ("fourth", "4"), ("fifth", "5"), ("sixth", "6"), ("seventh", "7"),
+    ("eighth", "8"), ("ninth", "9"), ("tenth", "10"), ("twice", "2"),     ];
 
-/// Days, months and relative days: a time that differs is a different question. (`may` is
-/// left out: it is far more often the verb.)
+/// Days, months, relative days and colours: one that differs is a different question. (`may`
+/// is left out: it is far more often the verb.)
+#[rustfmt::skip]
 const TIME_WORDS: &[&str] = &[
-    "monday",
-    "tuesday",
-    "wednesday",
-    "thursday",
-    "friday",
-    "saturday",
-    "sunday",
-    "mondays",
-    "tuesdays",
-    "wednesdays",
-    "thursdays",
-    "fridays",
-    "saturdays",
-    "sundays",
-    "january",
-    "february",
-    "march",
-    "april",
-    "june",
-    "july",
-    "august",
-    "september",
-    "october",
-    "november",
-    "december",
-    "today",
-    "tomorrow",
-    "yesterday",
-    "tonight",
+    "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "mondays",
+    "tuesdays", "wednesdays", "thursdays", "fridays", "saturdays", "sundays", "january", "february",
+    "march", "april", "june", "july", "august", "september", "october", "november", "december",
+    "today", "tomorrow", "yesterday", "tonight", "red", "blue", "green", "yellow", "black", "white",
+    "orange", "purple", "pink", "grey", "gray", "brown", "silver", "gold",
 ];
 
 /// Words that carry no content of their own: differences in them are wording, not meaning.
+#[rustfmt::skip]
 const FUNCTION_WORDS: &[&str] = &[
-    "a",
-    "an",
-    "the",
-    "i",
-    "me",
-    "my",
-    "mine",
-    "we",
-    "us",
-    "our",
-    "you",
-    "your",
-    "yours",
-    "it",
-    "its",
-    "they",
-    "them",
-    "their",
-    "this",
-    "that",
-    "these",
-    "those",
-    "is",
-    "are",
-    "was",
-    "were",
-    "be",
-    "been",
-    "being",
-    "am",
-    "do",
-    "does",
-    "did",
-    "doing",
-    "have",
-    "has",
-    "had",
-    "having",
-    "can",
-    "could",
-    "will",
-    "would",
-    "shall",
-    "should",
-    "may",
-    "might",
-    "must",
-    "need",
-    "to",
-    "of",
-    "in",
-    "for",
-    "at",
-    "by",
-    "from",
-    "with",
-    "about",
-    "into",
-    "through",
-    "as",
-    "and",
-    "or",
-    "but",
-    "if",
-    "so",
-    "then",
-    "than",
-    "there",
-    "here",
-    "what",
-    "which",
-    "who",
-    "whom",
-    "whose",
-    "when",
-    "where",
-    "why",
-    "how",
-    "whats",
-    "any",
-    "some",
-    "all",
-    "each",
-    "every",
-    "just",
-    "also",
-    "too",
-    "very",
-    "really",
-    "please",
-    "hi",
-    "hello",
-    "hey",
-    "team",
-    "thanks",
-    "thank",
-    "there",
-    "anyone",
-    "someone",
-    "somebody",
-    "something",
-    "somewhere",
-    "anything",
-    "anywhere",
-    "way",
-    "quick",
-    "question",
-    "wondering",
-    "want",
-    "like",
-    "know",
-    "tell",
-    "get",
-    "got",
-    "go",
-    "going",
-    "possible",
-    "able",
-    "kindly",
-    "actually",
-    "exactly",
-    "basically",
-    "ok",
-    "okay",
-    "s",
-    "d",
-    "ll",
-    "re",
-    "ve",
-    "m",
-    "t",
-    "is",
-    "out",
-    "over",
-    "own",
-    "same",
-    "such",
-    "only",
-    "much",
-    "many",
-    "bit",
-    "help",
-    "now",
-    "currently",
-    "right",
+    "um", "uh", "er", "erm", "so", "yeah", "yes", "sorry", "silly", "bother", "cheers",
+    "morning", "hiya", "advance", "usually", "ok", "okay",
+    "a", "an", "the", "i", "me", "my", "mine", "we", "us", "our", "you", "your", "yours", "it",
+    "its", "they", "them", "their", "this", "that", "these", "those", "is", "are", "was", "were",
+    "be", "been", "being", "am", "do", "does", "did", "doing", "have", "has", "had", "having",
+    "can", "could", "will", "would", "shall", "should", "may", "might", "must", "need", "to", "of",
+    "in", "for", "at", "by", "from", "with", "about", "into", "through", "as", "and", "or", "but",
+    "if", "so", "then", "than", "there", "here", "what", "which", "who", "whom", "whose", "when",
+    "where", "why", "how", "whats", "any", "some", "all", "each", "every", "just", "also", "too",
+    "very", "really", "please", "hi", "hello", "hey", "team", "thanks", "thank", "there", "anyone",
+    "someone", "somebody", "something", "somewhere", "anything", "anywhere", "way", "quick",
+    "question", "wondering", "want", "like", "know", "tell", "get", "got", "go", "going",
+    "possible", "able", "kindly", "actually", "exactly", "basically", "ok", "okay", "s", "d", "ll",
+    "re", "ve", "m", "t", "is", "out", "over", "own", "same", "such", "only", "much", "many", "bit",
+    "help", "now", "currently", "right",
 ];
 
 /// What the guards need to know about one question, computed once.
@@ -450,8 +223,9 @@ pub(crate) struct Lexicon {
     entities: Vec<String>,
     /// Per pair of [`OPPOSITES`]: how many words of each side.
     opposites: Vec<(u16, u16)>,
-    /// Content words (not function words), stemmed, sorted.
-    content: Vec<String>,
+    /// The content words right after `from`, and after `to`/`into`/`onto`, stemmed.
+    from: Vec<String>,
+    to: Vec<String>,
     /// Every lower-case word, for the prefix-antonym check (`safe` / `unsafe`).
     words: Vec<String>,
 }
@@ -463,7 +237,7 @@ pub(crate) enum Veto {
     Negation,
     Entities,
     Opposites,
-    SmallEdit,
+    Direction,
 }
 
 /// One word of the text as written, and whether it opens a sentence.
@@ -549,8 +323,10 @@ fn stem(word: &str) -> &str {
 }
 
 /// Digits of a numeric word: `£250,000` → `250000`, `10MB` → `10`, `3pm` → `3`.
+/// A unit written onto its number stays with it: `7am` and `7pm`, `10MB` and `10GB` differ.
 fn numbers_in(word: &str, out: &mut Vec<String>) {
     let mut current = String::new();
+    let mut unit = false;
     let mut flush = |current: &mut String| {
         if !current.is_empty() {
             let n = current.trim_end_matches('.').to_owned();
@@ -560,11 +336,21 @@ fn numbers_in(word: &str, out: &mut Vec<String>) {
         }
     };
     for c in word.chars() {
-        if c.is_ascii_digit() || (c == '.' && !current.is_empty()) {
+        if c.is_ascii_digit() && !unit {
             current.push(c);
-        } else if c == ',' && !current.is_empty() {
+        } else if (c == '.' || c == ',') && !current.is_empty() && !unit {
+            if c == '.' {
+                current.push(c);
+            }
+        } else if c.is_alphabetic() && !current.is_empty() {
+            unit = true;
+            current.extend(c.to_lowercase());
         } else {
             flush(&mut current);
+            unit = false;
+            if c.is_ascii_digit() {
+                current.push(c);
+            }
         }
     }
     flush(&mut current);
@@ -576,6 +362,7 @@ impl Lexicon {
             opposites: vec![(0, 0); OPPOSITES.len()],
             ..Self::default()
         };
+        let mut pending: Option<bool> = None;
         for w in words_of(text) {
             let lower = w.text.to_lowercase();
             // Names: a capital letter not opening a sentence, or an acronym anywhere; digits
@@ -584,7 +371,9 @@ impl Lexicon {
             let acronym = w.text.chars().filter(|c| c.is_uppercase()).count() >= 2;
             if (first_upper && !w.opens_sentence && lower != "i") || acronym {
                 let name = expand(&lower).swap_remove(0);
-                if !name.chars().any(|c| c.is_ascii_digit()) {
+                if !name.chars().any(|c| c.is_ascii_digit())
+                    && !FUNCTION_WORDS.contains(&name.as_str())
+                {
                     lex.entities.push(name);
                 }
             }
@@ -612,15 +401,15 @@ impl Lexicon {
                         slot.1 += 1;
                     }
                 }
-                let is_number = number_word.is_some()
-                    || part
-                        .chars()
-                        .all(|c| c.is_ascii_digit() || c == '.' || c == ',');
-                if !FUNCTION_WORDS.contains(&part.as_str())
-                    && !NEGATORS.contains(&part.as_str())
-                    && !is_number
-                {
-                    lex.content.push(stem(&part).to_owned());
+                match part.as_str() {
+                    "from" => pending = Some(true),
+                    "to" | "into" | "onto" => pending = Some(false),
+                    p if !FUNCTION_WORDS.contains(&p) => match pending.take() {
+                        Some(true) => lex.from.push(stem(p).to_owned()),
+                        Some(false) => lex.to.push(stem(p).to_owned()),
+                        None => {}
+                    },
+                    _ => {}
                 }
                 lex.words.push(part);
             }
@@ -628,7 +417,6 @@ impl Lexicon {
         lex.numbers.sort();
         lex.entities.sort();
         lex.entities.dedup();
-        lex.content.sort();
         lex.words.sort();
         lex.words.dedup();
         lex
@@ -642,7 +430,10 @@ impl Lexicon {
         if self.negations != other.negations {
             return Err(Veto::Negation);
         }
-        if self.entities != other.entities {
+        // Casing is a hint, not a fact ("UK" / "uk", a title-cased question): a name of
+        // either side must be among the words of the other.
+        if !names_found(&self.entities, &other.words) || !names_found(&other.entities, &self.words)
+        {
             return Err(Veto::Entities);
         }
         for (a, b) in self.opposites.iter().zip(&other.opposites) {
@@ -655,10 +446,30 @@ impl Lexicon {
         if prefix_antonym(&self.words, &other.words) || prefix_antonym(&other.words, &self.words) {
             return Err(Veto::Opposites);
         }
-        if small_edit(&self.content, &other.content) {
-            return Err(Veto::SmallEdit);
+        if crossed(&self.from, &other.to) || crossed(&other.from, &self.to) {
+            return Err(Veto::Direction);
+        }
+        // Each sends to a name the other has elsewhere: swapped ends ("a Word document to PDF"
+        // and "a PDF to a Word document"). Names only: `to` is also the infinitive.
+        let (a, b) = (self.named_to(), other.named_to());
+        if a.iter().any(|t| !b.contains(t) && other.has_stem(t))
+            && b.iter().any(|t| !a.contains(t) && self.has_stem(t))
+        {
+            return Err(Veto::Direction);
         }
         Ok(())
+    }
+
+    fn named_to(&self) -> Vec<&str> {
+        self.to
+            .iter()
+            .filter(|t| self.entities.iter().any(|e| stem(e) == t.as_str()))
+            .map(String::as_str)
+            .collect()
+    }
+
+    fn has_stem(&self, s: &str) -> bool {
+        self.words.iter().any(|w| stem(w) == s)
     }
 }
 
@@ -677,63 +488,21 @@ fn prefix_antonym(a: &[String], b: &[String]) -> bool {
     })
 }
 
-/// The largest number of differing content words that still counts as a small edit.
-const SMALL_EDIT_WORDS: usize = 2;
-
-/// Whether two sorted content-word lists differ by a small edit: one or two words swapped in
-/// or out, while at least as many are shared. Spelling slips (an edit distance of one or two
-/// in a longer word) pair off and do not count.
-fn small_edit(a: &[String], b: &[String]) -> bool {
-    let (mut only_a, mut only_b, mut shared) = (Vec::new(), Vec::new(), 0usize);
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() || j < b.len() {
-        match (a.get(i), b.get(j)) {
-            (Some(x), Some(y)) if x == y => {
-                shared += 1;
-                i += 1;
-                j += 1;
-            }
-            (Some(x), Some(y)) if x < y => {
-                only_a.push(x.as_str());
-                i += 1;
-            }
-            (Some(_), Some(y)) => {
-                only_b.push(y.as_str());
-                j += 1;
-            }
-            (Some(x), None) => {
-                only_a.push(x.as_str());
-                i += 1;
-            }
-            (None, Some(y)) => {
-                only_b.push(y.as_str());
-                j += 1;
-            }
-            (None, None) => break,
-        }
-    }
-    // Pair off spelling slips.
-    only_a.retain(|x| {
-        if let Some(k) = only_b.iter().position(|y| is_slip(x, y)) {
-            only_b.swap_remove(k);
-            shared += 1;
-            false
-        } else {
-            true
-        }
-    });
-    let differing = only_a.len() + only_b.len();
-    differing > 0 && differing <= SMALL_EDIT_WORDS && shared >= differing
+/// Whether every name in `names` is one of `words` (word endings and, in longer names, one
+/// slip aside: `Mondays` / `Mondys`, not `Austria` / `Australia`).
+fn names_found(names: &[String], words: &[String]) -> bool {
+    names.iter().all(|n| {
+        words.iter().any(|w| {
+            w == n
+                || stem(w) == stem(n)
+                || (n.chars().count() >= 5 && edit_distance(stem(n), stem(w)) <= 1)
+        })
+    })
 }
 
-fn is_slip(a: &str, b: &str) -> bool {
-    let longest = a.chars().count().max(b.chars().count());
-    let allowed = match longest {
-        0..=3 => 0,
-        4..=6 => 1,
-        _ => 2,
-    };
-    allowed > 0 && edit_distance(a, b) <= allowed
+/// Whether one question goes from where the other goes to.
+fn crossed(from: &[String], to: &[String]) -> bool {
+    from.iter().any(|f| to.contains(f))
 }
 
 /// Damerau-Levenshtein (optimal string alignment) distance.
@@ -852,21 +621,32 @@ mod tests {
     }
 
     #[test]
-    fn a_small_edit_of_content_words_is_another_question() {
+    fn reversed_direction_is_another_question() {
         assert_eq!(
             veto(
-                "What's the deadline for filing an online tax return?",
-                "What's the deadline for filing a paper tax return?"
+                "Transfer £50 from my savings to my current account",
+                "Transfer £50 from my current account to my savings"
             ),
-            Some(Veto::Opposites)
+            Some(Veto::Direction)
         );
         assert_eq!(
             veto(
-                "Do you offer a guarantee on labour?",
-                "Do you offer a guarantee on parts?"
+                "How do I convert a Word document to PDF?",
+                "How do I convert a PDF to a Word document?"
             ),
-            Some(Veto::SmallEdit)
+            Some(Veto::Direction)
         );
+        assert_eq!(
+            veto(
+                "Can I add my partner to my car insurance policy?",
+                "To my car insurance policy, can I add my partner?"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn wording_slips_and_filler_pass() {
         assert_eq!(
             veto(
                 "How do I request a repeat prescription?",
@@ -887,6 +667,14 @@ mod tests {
                 "What does the refunds process involve?"
             ),
             None
+        );
+        assert_eq!(
+            veto("Do you accept Apple Pay?", "DO YOU ACCEPT APPLE PAY?"),
+            None
+        );
+        assert_eq!(
+            veto("Remind me at 7am", "Remind me at 7pm"),
+            Some(Veto::Numbers)
         );
     }
 }

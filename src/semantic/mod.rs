@@ -42,8 +42,8 @@
 //!
 //! Cosine alone serves "Don't cancel my order" the answer to "Cancel my order". Every
 //! candidate must also pass lexical guards: the same numbers, the same count of negations,
-//! the same names, no flipped pair of opposites, and no one- or two-word swap of content
-//! words. They cost recall on purpose; [`lexical_guards(false)`](SemanticCache::lexical_guards)
+//! the same names, no flipped pair of opposites, and no reversed direction ("from A to B"
+//! and "from B to A"). They cost recall on purpose; [`lexical_guards(false)`](SemanticCache::lexical_guards)
 //! turns them off for measurements.
 //!
 //! # Threshold
@@ -448,8 +448,8 @@ pub enum GuardVeto {
     Entities,
     /// One moves one way where the other moves the other (open/closed, safe/unsafe, ...).
     Opposites,
-    /// They share their words but for one or two content words.
-    SmallEdit,
+    /// One goes from where the other goes to ("from savings to current" and back).
+    Direction,
 }
 
 impl From<guard::Veto> for GuardVeto {
@@ -459,7 +459,7 @@ impl From<guard::Veto> for GuardVeto {
             guard::Veto::Negation => Self::Negation,
             guard::Veto::Entities => Self::Entities,
             guard::Veto::Opposites => Self::Opposites,
-            guard::Veto::SmallEdit => Self::SmallEdit,
+            guard::Veto::Direction => Self::Direction,
         }
     }
 }
@@ -471,7 +471,7 @@ impl fmt::Display for GuardVeto {
             Self::Negation => "negation differs",
             Self::Entities => "names differ",
             Self::Opposites => "opposites",
-            Self::SmallEdit => "a content word was swapped",
+            Self::Direction => "direction reversed",
         })
     }
 }
