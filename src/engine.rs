@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::auth::{AuthError, Authenticator};
 use crate::key::{self, to_hex, BodyKeying, KeyMemo, KeyParts};
-use crate::metrics::Metrics;
+use crate::metrics::{LatencyHistogram, Metrics, StoreOp};
 use crate::store::{
     duration_ms, now_ms, CacheKey, CacheStore, DepEpochs, Entry, InvalidationResult, Lookup,
     PutOutcome,
@@ -587,7 +587,10 @@ impl Engine {
     /// Looks the key up, failing open: a store error, a timeout or an open breaker is
     /// `Unavailable`, never an error.
     pub(crate) async fn lookup(&self, key: &CacheKey, deps: &[&str]) -> Found {
-        match self.guarded(self.store.lookup(key, deps)).await {
+        match self
+            .guarded(StoreOp::Lookup, self.store.lookup(key, deps))
+            .await
+        {
             Some(Lookup::Fresh(entry)) => Found::Hit(entry, CacheStatus::Hit),
             Some(Lookup::Stale(entry)) => Found::Hit(entry, CacheStatus::StaleHit),
             Some(Lookup::Miss(epochs)) => Found::Miss(epochs),
@@ -732,14 +735,26 @@ impl Engine {
         Some(recorder)
     }
 
+    /// Whether the circuit breaker is skipping the store now (for the metrics).
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub(crate) fn breaker_open(&self) -> bool {
+        !self.breaker.allows()
+    }
+
     /// Runs one store call under the timeout and the circuit breaker.
-    async fn guarded<T>(&self, mut call: crate::store::StoreFuture<'_, T>) -> Option<T> {
+    async fn guarded<T>(
+        &self,
+        op: StoreOp,
+        mut call: crate::store::StoreFuture<'_, T>,
+    ) -> Option<T> {
         if !self.breaker.allows() {
             self.metrics.store_skipped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
+        let latency = self.metrics.latency(op);
         // In-process stores answer on the first poll: they need no timer (and no clock read).
         let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        let _timed = TimeOnDrop(first.is_pending().then(Instant::now), latency);
         let outcome = match first {
             Poll::Ready(result) => result.map_err(|e| e.to_string()),
             // A store with its own timeout needs no second timer. Without a Tokio runtime there
@@ -766,6 +781,7 @@ impl Engine {
             .breaker
             .failure(self.config.breaker_failures, self.config.breaker_cooldown)
         {
+            self.metrics.breaker_opened.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(target: "cachecore", %error, cooldown = ?self.config.breaker_cooldown,
                 "cache store failing; skipping it for a cool-down");
         } else {
@@ -776,7 +792,7 @@ impl Engine {
 
     /// Writes an entry with the epochs observed at lookup; returns whether it was stored.
     pub(crate) async fn put(&self, key: &CacheKey, entry: Entry) -> bool {
-        match self.guarded(self.store.put(key, entry)).await {
+        match self.guarded(StoreOp::Put, self.store.put(key, entry)).await {
             Some(PutOutcome::Stored) => {
                 self.metrics.stored.fetch_add(1, Ordering::Relaxed);
                 true
@@ -991,6 +1007,9 @@ impl Engine {
         for r in &out {
             self.metrics.invalidations.fetch_add(1, Ordering::Relaxed);
             if r.ok {
+                self.metrics
+                    .invalidated_entries
+                    .fetch_add(r.deleted, Ordering::Relaxed);
                 tracing::info!(target: "cachecore", tenant, dep_id = %r.dep_id, deleted = r.deleted, "invalidated");
             } else {
                 self.metrics
@@ -1362,6 +1381,18 @@ impl PendingStore {
 impl Drop for PendingStore {
     fn drop(&mut self) {
         self.spawn_rest();
+    }
+}
+
+/// Records a store call's time in its histogram when the call ends, however it ends (a caller
+/// that gives up drops the future). A call answered on the first poll counts as zero: timing it
+/// would put a clock read on the in-process hit path.
+struct TimeOnDrop<'a>(Option<Instant>, &'a LatencyHistogram);
+
+impl Drop for TimeOnDrop<'_> {
+    fn drop(&mut self) {
+        self.1
+            .observe(self.0.map_or(Duration::ZERO, |started| started.elapsed()));
     }
 }
 

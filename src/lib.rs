@@ -14,7 +14,7 @@ pub mod gateway;
 pub mod invalidate;
 pub mod key;
 pub mod layer;
-mod metrics;
+pub mod metrics;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod queue;

@@ -1,7 +1,8 @@
-//! End to end through the gateway (`cachecore::gateway`, as `examples/gateway.rs` serves it)
-//! against a stand-in OpenAI-compatible upstream, all on 127.0.0.1: the six recipes of the
-//! hosted product's "Invalidation Patterns" one by one, tenant isolation, every bad input of
-//! the invalidation API, and streaming.
+//! End to end through the gateway (`cachecore::gateway`, served by `cachecore::gateway::serve`
+//! as the `cachecore-gateway` binary serves it) against a stand-in OpenAI-compatible upstream,
+//! all on 127.0.0.1: the six recipes of the hosted product's "Invalidation Patterns" one by
+//! one, tenant isolation, every bad input of the invalidation API, streaming, graceful
+//! shutdown, the limits towards the upstream and the metrics exposition.
 #![cfg(all(feature = "gateway", feature = "jwt"))]
 
 mod support;
@@ -21,7 +22,8 @@ use axum::Router;
 use bytes::Bytes;
 use cachecore::auth::jwt::{Claims, JwtAuth};
 use cachecore::client::CachecoreClient;
-use cachecore::gateway::Gateway;
+use cachecore::gateway::{serve, Gateway, ServeOptions, ServeReport};
+use cachecore::metrics::QueueMetrics;
 use cachecore::wire::encode_deps;
 use cachecore::{CachecoreBuilder, CachecoreLayer, Dep};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
@@ -87,6 +89,9 @@ async fn chat(
     let n = up.calls.fetch_add(1, Ordering::SeqCst) + 1;
     up.seen.lock().unwrap().push(headers);
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if let Some(ms) = req["delay_ms"].as_u64() {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     if req["stream"] == true {
         let (tx, rx) = mpsc::channel(4);
         let gate = Arc::clone(&up.sse_gate);
@@ -141,6 +146,8 @@ struct Env {
     addr: SocketAddr,
     http: Client<HttpConnector, Full<Bytes>>,
     jwt: JwtAuth,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<ServeReport>>,
 }
 
 struct Reply {
@@ -176,6 +183,15 @@ impl Env {
         cache: CachecoreBuilder,
         configure: impl FnOnce(cachecore::gateway::GatewayBuilder) -> cachecore::gateway::GatewayBuilder,
     ) -> Self {
+        Self::serving(cache, configure, ServeOptions::default()).await
+    }
+
+    /// The gateway served by [`serve`], as the binary serves it, until [`Env::shutdown`].
+    async fn serving(
+        cache: CachecoreBuilder,
+        configure: impl FnOnce(cachecore::gateway::GatewayBuilder) -> cachecore::gateway::GatewayBuilder,
+        options: ServeOptions,
+    ) -> Self {
         let (up, up_addr) = start_upstream().await;
         let jwt = JwtAuth::new(SECRET);
         let gateway =
@@ -184,15 +200,31 @@ impl Env {
                 .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = Router::new().fallback_service(gateway.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(listener, gateway.clone(), options, async move {
+            let _ = stopped.await;
+        }));
         Self {
             up,
             gateway,
             addr,
             http: Client::builder(TokioExecutor::new()).build_http(),
             jwt,
+            stop: Some(stop),
+            server: Some(server),
         }
+    }
+
+    /// Sends the shutdown signal; the handle completes when the server has stopped.
+    fn shutdown(&mut self) -> tokio::task::JoinHandle<ServeReport> {
+        let _ = self.stop.take().expect("shut down once").send(());
+        self.server.take().unwrap()
+    }
+
+    /// The `/metrics` text.
+    async fn metrics(&self) -> String {
+        let res = self.send(Method::GET, "/metrics", &[], "").await;
+        String::from_utf8(res.body.to_vec()).unwrap()
     }
 
     /// A tenant token as the hosted product hands it out: `cc_live_<id>.<jwt>`.
@@ -1182,9 +1214,9 @@ async fn health_and_metrics() {
         .starts_with("text/plain"));
     let text = String::from_utf8(res.body.to_vec()).unwrap();
     for line in [
-        "cachecore_hits_total 1",
-        "cachecore_misses_total 1",
-        "cachecore_bypasses_total 1",
+        r#"cachecore_requests_total{status="HIT_L1"} 1"#,
+        r#"cachecore_requests_total{status="MISS"} 1"#,
+        r#"cachecore_requests_total{status="BYPASS"} 1"#,
         "cachecore_invalidations_total 1",
         "# TYPE cachecore_gateway_requests_total counter",
     ] {
@@ -1206,8 +1238,12 @@ async fn an_unreachable_upstream_is_a_502_never_cached() {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = Router::new().fallback_service(gateway.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    tokio::spawn(serve(
+        listener,
+        gateway.clone(),
+        ServeOptions::default(),
+        std::future::pending(),
+    ));
     let http: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let token = JwtAuth::new(SECRET).mint(&Claims::new("acme", Duration::from_secs(60)));
@@ -1229,7 +1265,7 @@ async fn an_unreachable_upstream_is_a_502_never_cached() {
     assert_eq!(gateway.cache().metrics().stored, 0);
     assert!(gateway
         .prometheus()
-        .contains("cachecore_gateway_upstream_errors_total 2"));
+        .contains(r#"cachecore_gateway_upstream_errors_total{reason="unreachable"} 2"#));
 }
 
 #[test]
@@ -1241,4 +1277,368 @@ fn https_upstreams_need_a_connector() {
     assert!(Gateway::builder("not a url", JwtAuth::new(SECRET))
         .build()
         .is_err());
+}
+
+// Serving: graceful shutdown, connection limits, limits towards the upstream, metrics.
+
+/// A streamed chat completion request; the stand-in holds its second event until
+/// `sse_gate` gets a permit.
+fn stream_request(env: &Env, token: &str, prompt: &str) -> Request<Full<Bytes>> {
+    let body = json!({"model": "m", "stream": true,
+        "messages": [{"role": "user", "content": prompt}]})
+    .to_string();
+    Request::post(format!("http://{}/v1/chat/completions", env.addr))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// Opens a stream and returns its body once the first event has arrived.
+async fn open_stream(env: &Env, token: &str, prompt: &str) -> hyper::body::Incoming {
+    let res = env
+        .http
+        .request(stream_request(env, token, prompt))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first event in time")
+        .unwrap()
+        .unwrap();
+    assert!(first.data_ref().unwrap().starts_with(b"data: {"));
+    body
+}
+
+/// Waits (bounded) until connecting to `addr` is refused.
+async fn until_refused(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new connections still accepted after the shutdown signal"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn shutdown_finishes_an_open_stream_and_refuses_new_connections() {
+    let mut env = Env::start().await;
+    let token = env.token("acme", "v1");
+    let body = open_stream(&env, &token, "drain me").await;
+
+    let server = env.shutdown();
+    until_refused(env.addr).await;
+    assert!(env.gateway.is_draining());
+
+    // The stream that was in flight runs to its end, and is cached whole.
+    env.up.sse_gate.add_permits(1);
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("the stream ends")
+        .unwrap()
+        .to_bytes();
+    assert!(rest.ends_with(b"data: [DONE]\n\n"), "{rest:?}");
+    let report = tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops once the stream is done")
+        .unwrap();
+    assert_eq!(report.cut, 0, "{report:?}");
+    assert!(report.open_at_shutdown >= 1, "{report:?}");
+    assert_eq!(env.gateway.cache().metrics().stored, 1);
+}
+
+#[tokio::test]
+async fn the_shutdown_bound_closes_what_is_still_running() {
+    let mut env = Env::serving(
+        CachecoreLayer::builder(),
+        |b| b,
+        ServeOptions::default().shutdown_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    let token = env.token("acme", "v1");
+    let body = open_stream(&env, &token, "never ends").await;
+    let started = tokio::time::Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(5), env.shutdown())
+        .await
+        .expect("the bound holds")
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(report.cut, 1, "{report:?}");
+    // The caller sees the stream cut, and nothing partial was stored.
+    assert!(tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .unwrap()
+        .is_err());
+    assert_eq!(env.gateway.cache().metrics().stored, 0);
+}
+
+#[tokio::test]
+async fn draining_health_is_a_503() {
+    let mut env = Env::start().await;
+    let token = env.token("acme", "v1");
+    // A kept-alive connection that is busy with a stream when the signal comes.
+    let body = open_stream(&env, &token, "keep busy").await;
+    let server = env.shutdown();
+    until_refused(env.addr).await;
+    assert_eq!(
+        health_in_process(env.gateway.clone()).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    env.up.sse_gate.add_permits(1);
+    body.collect().await.unwrap();
+    server.await.unwrap();
+}
+
+/// `GET /health` straight to the service (the listener is closed by then).
+async fn health_in_process(gateway: Gateway) -> StatusCode {
+    use tower::ServiceExt;
+    gateway
+        .oneshot(
+            Request::get("/health")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .status()
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_for_a_free_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let env = Env::serving(
+        CachecoreLayer::builder(),
+        |b| b,
+        ServeOptions::default().max_connections(1),
+    )
+    .await;
+    const HEALTH: &[u8] = b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n";
+    async fn answer(conn: &mut tokio::net::TcpStream) -> String {
+        let mut buf = vec![0; 1024];
+        let n = conn.read(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    // The first connection takes the only slot and keeps it (kept alive).
+    let mut first = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    first.write_all(HEALTH).await.unwrap();
+    assert!(answer(&mut first).await.starts_with("HTTP/1.1 200"));
+
+    // The second is queued by the kernel, not served...
+    let mut second = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    second.write_all(HEALTH).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), answer(&mut second))
+            .await
+            .is_err(),
+        "served past the connection limit"
+    );
+    // ...until the first closes.
+    drop(first);
+    let reply = tokio::time::timeout(Duration::from_secs(5), answer(&mut second))
+        .await
+        .expect("served once a slot is free");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+}
+
+#[tokio::test]
+async fn an_upstream_slower_than_the_head_timeout_is_a_504() {
+    let env = Env::with(CachecoreLayer::builder(), |b| {
+        b.upstream_timeout(Duration::from_millis(200))
+    })
+    .await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    let started = tokio::time::Instant::now();
+    let res = env
+        .send(
+            Method::POST,
+            "/v1/chat/completions",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            r#"{"model": "m", "delay_ms": 3000}"#,
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(res.json()["error"]["code"], "upstream_timeout");
+    assert_eq!(env.gateway.cache().metrics().stored, 0);
+    assert!(env
+        .metrics()
+        .await
+        .contains(r#"cachecore_gateway_upstream_errors_total{reason="timeout"} 1"#));
+}
+
+#[tokio::test]
+async fn a_stream_that_goes_silent_is_cut_after_the_idle_timeout_and_not_stored() {
+    let env = Env::with(CachecoreLayer::builder(), |b| {
+        b.upstream_idle_timeout(Duration::from_millis(200))
+    })
+    .await;
+    let token = env.token("acme", "v1");
+    let body = open_stream(&env, &token, "silence").await;
+    // The stand-in never sends the second event: the gateway cuts the stream.
+    let outcome = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("cut within the bound");
+    assert!(outcome.is_err(), "the caller sees the stream end in error");
+    assert_eq!(env.gateway.cache().metrics().stored, 0);
+    assert!(env
+        .metrics()
+        .await
+        .contains(r#"cachecore_gateway_upstream_errors_total{reason="idle_timeout"} 1"#));
+}
+
+#[tokio::test]
+async fn requests_past_the_upstream_slots_wait_within_the_head_timeout() {
+    let env = Env::with(CachecoreLayer::builder(), |b| {
+        b.upstream_max_inflight(1)
+            .upstream_timeout(Duration::from_millis(400))
+    })
+    .await;
+    let token = env.token("acme", "v1");
+    // A stream holds the only upstream slot until its body ends.
+    let body = open_stream(&env, &token, "hold the slot").await;
+    assert!(env
+        .metrics()
+        .await
+        .contains("cachecore_gateway_upstream_inflight 1"));
+    let waited = env.chat(Some(&token), &[], "behind it").await;
+    assert_eq!(waited.status, StatusCode::GATEWAY_TIMEOUT);
+
+    env.up.sse_gate.add_permits(1);
+    body.collect().await.unwrap();
+    let res = env.chat(Some(&token), &[], "behind it").await;
+    assert_eq!((res.status, res.x_cache()), (StatusCode::OK, "MISS"));
+    assert!(env
+        .metrics()
+        .await
+        .contains("cachecore_gateway_upstream_inflight 0"));
+}
+
+/// Checks one line of the text exposition: a comment, or `name{labels} value`.
+fn parse_sample(line: &str) -> Option<(&str, f64)> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+    let value: f64 = value
+        .parse()
+        .unwrap_or_else(|_| panic!("value of {line:?}"));
+    let name = series.split('{').next().unwrap();
+    assert!(
+        !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+        "metric name in {line:?}"
+    );
+    if let Some(labels) = series.strip_prefix(name) {
+        assert!(
+            labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+            "labels of {line:?}"
+        );
+    }
+    Some((name, value))
+}
+
+#[tokio::test]
+async fn metrics_exposition_parses_and_names_what_an_operator_needs() {
+    let queue = QueueMetrics::default();
+    let env = Env::with(CachecoreLayer::builder(), |b| {
+        b.queue_metrics(queue.clone())
+    })
+    .await;
+    let token = env.token("acme", "v1");
+    env.chat(Some(&token), &[], "q").await;
+    env.chat(Some(&token), &[], "q").await;
+    env.chat(None, &[], "q").await;
+    env.client(&token).invalidate("doc:1", None).await.unwrap();
+    queue.applied(2);
+    queue.set_lag(Some(7));
+    queue.set_pending(Some(1));
+    queue.set_dead_letters(Some(0));
+
+    // The Prometheus text format by default.
+    let res = env.send(Method::GET, "/metrics", &[], "").await;
+    assert_eq!(
+        res.headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let text = String::from_utf8(res.body.to_vec()).unwrap();
+    let samples: Vec<(&str, f64)> = text.lines().filter_map(parse_sample).collect();
+    for name in [
+        "cachecore_requests_total",
+        "cachecore_store_writes_total",
+        "cachecore_store_errors_total",
+        "cachecore_store_skipped_total",
+        "cachecore_store_breaker_open",
+        "cachecore_store_breaker_opened_total",
+        "cachecore_store_call_duration_seconds_bucket",
+        "cachecore_store_call_duration_seconds_sum",
+        "cachecore_store_call_duration_seconds_count",
+        "cachecore_coalesced_total",
+        "cachecore_invalidations_total",
+        "cachecore_invalidation_errors_total",
+        "cachecore_invalidated_entries_total",
+        "cachecore_queue_applied_total",
+        "cachecore_queue_dead_lettered_total",
+        "cachecore_queue_lag",
+        "cachecore_queue_pending",
+        "cachecore_queue_dead_letters",
+        "cachecore_gateway_requests_total",
+        "cachecore_gateway_upstream_inflight",
+        "cachecore_gateway_connections",
+    ] {
+        assert!(
+            samples.iter().any(|(n, _)| *n == name),
+            "{name} missing from\n{text}"
+        );
+    }
+    for line in [
+        r#"cachecore_requests_total{status="HIT_L1"} 1"#,
+        r#"cachecore_requests_total{status="MISS"} 1"#,
+        r#"cachecore_requests_total{status="BYPASS"} 1"#,
+        r#"cachecore_store_writes_total{outcome="stored"} 1"#,
+        r#"cachecore_store_call_duration_seconds_count{op="lookup"} 2"#,
+        r#"cachecore_store_call_duration_seconds_bucket{op="put",le="+Inf"} 1"#,
+        "cachecore_store_breaker_open 0",
+        "cachecore_queue_applied_total 2",
+        "cachecore_queue_lag 7",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from\n{text}"
+        );
+    }
+    assert!(text.contains("# TYPE cachecore_store_call_duration_seconds histogram"));
+
+    // OpenMetrics for a scraper that asks for it.
+    let res = env
+        .send(
+            Method::GET,
+            "/metrics",
+            &[(
+                "accept",
+                "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+            )],
+            "",
+        )
+        .await;
+    assert!(res.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let text = String::from_utf8(res.body.to_vec()).unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    for line in text.lines() {
+        parse_sample(line);
+    }
+    assert!(text.contains(r#"cachecore_requests_total{status="HIT_L1"} 1"#));
 }

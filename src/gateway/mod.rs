@@ -6,8 +6,8 @@
 //! | path | what |
 //! |---|---|
 //! | `POST /v1/invalidate` | the invalidation API ([`InvalidateService`]) |
-//! | `GET /health` | `200 {"status":"ok"}` |
-//! | `GET /metrics` | the counters in Prometheus text format |
+//! | `GET /health` | `200 {"status":"ok"}`; `503 {"status":"draining"}` once [`serve`] is shutting down |
+//! | `GET /metrics` | the cache's and the gateway's metrics ([`PrometheusCollector`]), in the Prometheus text format, or OpenMetrics when the scraper asks for it |
 //! | anything else | forwarded to the upstream in trusted-header mode ([`crate::wire`]), streaming included: through the cache when it is a [cacheable path](GatewayBuilder::cacheable_paths), as a `BYPASS` otherwise |
 //!
 //! Every request logs one `tracing` event (target `cachecore::gateway`) with method, path,
@@ -64,13 +64,33 @@
 //! The upstream is reached over plain HTTP/1.1. For an `https://` upstream, pass a TLS
 //! connector to [`GatewayBuilder::build_with_connector`].
 //!
+//! # Serving it
+//!
+//! [`serve`] runs the gateway on a listener the way the `cachecore-gateway` binary does: at most
+//! [`ServeOptions::max_connections`] connections at a time, a bound on reading a request head,
+//! and a graceful shutdown (stop accepting, let in-flight requests and streams finish within a
+//! bound, then close what is left).
+//!
+//! # Limits towards the upstream
+//!
+//! | setting | default |
+//! |---|---|
+//! | [`upstream_connect_timeout`](GatewayBuilder::upstream_connect_timeout) | [`DEFAULT_UPSTREAM_CONNECT_TIMEOUT`], 5 s |
+//! | [`upstream_timeout`](GatewayBuilder::upstream_timeout) (response head) | [`DEFAULT_UPSTREAM_TIMEOUT`], 10 min |
+//! | [`upstream_idle_timeout`](GatewayBuilder::upstream_idle_timeout) (between body chunks) | [`DEFAULT_UPSTREAM_IDLE_TIMEOUT`], 5 min |
+//! | [`upstream_max_inflight`](GatewayBuilder::upstream_max_inflight) | [`DEFAULT_UPSTREAM_MAX_INFLIGHT`], 256 |
+//! | [`upstream_pool_max_idle`](GatewayBuilder::upstream_pool_max_idle) | [`DEFAULT_UPSTREAM_POOL_MAX_IDLE`], 64 |
+//!
+//! Each constant's docs say where its number comes from.
+//!
 //! [`InvalidateService`]: crate::invalidate::InvalidateService
+//! [`PrometheusCollector`]: crate::metrics::PrometheusCollector
 
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -86,11 +106,19 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 mod proxy;
+mod serve;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
 use crate::auth::Authenticator;
 use crate::invalidate::InvalidateService;
+use crate::metrics::{PrometheusCollector, QueueMetrics};
 use crate::{Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, RequestContext, X_CACHE};
-use proxy::{Proxy, Upstream};
+use proxy::{Proxy, ProxyOptions, Upstream};
+pub use serve::{serve, ServeOptions, ServeReport};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -115,6 +143,32 @@ pub const DEFAULT_CACHEABLE_PATHS: &[&str] = &[
     "POST /v1/responses",
 ];
 
+/// Longest wait for a TCP connection to the upstream by default. A reachable host answers in
+/// milliseconds; Linux retransmits an unanswered SYN after 1 s and again after 3 s, so 5 s
+/// covers two retransmissions and then gives the caller a `502` rather than a hang.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait for the upstream's response head by default: 10 minutes, the request timeout
+/// the OpenAI SDKs use themselves, so the gateway never cuts a call its client would still
+/// wait for (a long non-streamed completion sends nothing until it is done).
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Longest silence between two chunks of an upstream response body by default: 5 minutes.
+/// Longer than a reasoning model thinks before its first streamed token, short enough that a
+/// connection the upstream dropped without a FIN frees its slot. The stream then ends with an
+/// error, and is not stored.
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Upstream requests in flight at once by default (more wait for a slot, within the head
+/// timeout). With [`DEFAULT_UPSTREAM_POOL_MAX_IDLE`] idle sockets and
+/// [`ServeOptions::DEFAULT_MAX_CONNECTIONS`] callers, the gateway stays under the 1024 open
+/// files that most systems allow a process by default.
+pub const DEFAULT_UPSTREAM_MAX_INFLIGHT: usize = 256;
+
+/// Idle upstream connections kept for reuse by default (hyper keeps any number otherwise):
+/// enough to absorb a burst without new handshakes, bounded for the open-file budget above.
+pub const DEFAULT_UPSTREAM_POOL_MAX_IDLE: usize = 64;
+
 /// The last path segment of the Responses API, which keeps every response unless the request
 /// says `"store": false` (the gateway docs, "What is cached").
 const STORES_BY_DEFAULT: &str = "responses";
@@ -134,20 +188,23 @@ impl std::error::Error for GatewayError {}
 /// Configures a [`Gateway`].
 #[must_use]
 pub struct GatewayBuilder {
-    upstream: String,
+    upstream_url: String,
     auth: Arc<dyn Authenticator>,
     cache: CachecoreBuilder,
     upstream_authorization: Option<HeaderValue>,
-    upstream_timeout: Option<Duration>,
+    upstream_connect_timeout: Duration,
+    upstream: ProxyOptions,
     cacheable_paths: Vec<String>,
+    queue_metrics: Option<QueueMetrics>,
 }
 
 impl fmt::Debug for GatewayBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GatewayBuilder")
-            .field("upstream", &self.upstream)
+            .field("upstream", &self.upstream_url)
             .field("cache", &self.cache)
-            .field("upstream_timeout", &self.upstream_timeout)
+            .field("upstream_connect_timeout", &self.upstream_connect_timeout)
+            .field("limits", &self.upstream)
             .field("cacheable_paths", &self.cacheable_paths)
             .finish_non_exhaustive()
     }
@@ -170,10 +227,47 @@ impl GatewayBuilder {
         self
     }
 
-    /// Longest wait for the upstream's response head (default: none; LLM calls can be long).
-    /// Past it the caller gets `504`.
+    /// Longest wait for the upstream's response head, a free upstream slot included (default
+    /// [`DEFAULT_UPSTREAM_TIMEOUT`]). Past it the caller gets `504`.
     pub fn upstream_timeout(mut self, timeout: Duration) -> Self {
-        self.upstream_timeout = Some(timeout);
+        self.upstream.head_timeout = timeout;
+        self
+    }
+
+    /// Longest wait for a TCP connection to the upstream (default
+    /// [`DEFAULT_UPSTREAM_CONNECT_TIMEOUT`]); past it the caller gets `502`. Applies to
+    /// [`build`](Self::build); a connector given to
+    /// [`build_with_connector`](Self::build_with_connector) brings its own.
+    pub fn upstream_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.upstream_connect_timeout = timeout;
+        self
+    }
+
+    /// Longest silence between two chunks of an upstream response body (default
+    /// [`DEFAULT_UPSTREAM_IDLE_TIMEOUT`]). Past it the response ends with an error (the caller
+    /// sees the connection cut) and nothing is stored.
+    pub fn upstream_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.upstream.idle_timeout = timeout;
+        self
+    }
+
+    /// Upstream requests in flight at once, bodies included (default
+    /// [`DEFAULT_UPSTREAM_MAX_INFLIGHT`]; at least 1). A request past it waits for a slot,
+    /// within the [head timeout](Self::upstream_timeout).
+    pub fn upstream_max_inflight(mut self, n: usize) -> Self {
+        self.upstream.max_inflight = n.max(1);
+        self
+    }
+
+    /// Idle upstream connections kept for reuse (default [`DEFAULT_UPSTREAM_POOL_MAX_IDLE`]).
+    pub fn upstream_pool_max_idle(mut self, n: usize) -> Self {
+        self.upstream.pool_max_idle = n;
+        self
+    }
+
+    /// Adds a queue worker's numbers to `/metrics` (see [`QueueMetrics`]).
+    pub fn queue_metrics(mut self, queue: QueueMetrics) -> Self {
+        self.queue_metrics = Some(queue);
         self
     }
 
@@ -205,14 +299,15 @@ impl GatewayBuilder {
 
     /// Builds a gateway that reaches the upstream over plain HTTP.
     pub fn build(self) -> Result<Gateway, GatewayError> {
-        if !self.upstream.trim().starts_with("http://") {
+        if !self.upstream_url.trim().starts_with("http://") {
             return Err(GatewayError(format!(
                 "upstream {:?} is not an http:// URL; for https pass a TLS connector to build_with_connector",
-                self.upstream
+                self.upstream_url
             )));
         }
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(self.upstream_connect_timeout));
         self.build_with_connector(connector)
     }
 
@@ -221,7 +316,7 @@ impl GatewayBuilder {
     where
         C: Connect + Clone + Send + Sync + 'static,
     {
-        let upstream = Upstream::parse(&self.upstream).map_err(GatewayError)?;
+        let upstream = Upstream::parse(&self.upstream_url).map_err(GatewayError)?;
         let routes = self
             .cacheable_paths
             .iter()
@@ -233,11 +328,18 @@ impl GatewayBuilder {
         let cache = self.cache.trusted_headers(Arc::clone(&self.auth)).build();
         let max_body = cache.engine().config.max_body;
         let metrics = Arc::new(GatewayMetrics::default());
+        let mut registry = Registry::default();
+        let mut collector = PrometheusCollector::new(&cache);
+        if let Some(queue) = self.queue_metrics {
+            collector = collector.queue(queue);
+        }
+        registry.register_collector(Box::new(collector));
+        metrics.register(&mut registry);
         let proxy = Proxy::new(
             connector,
             upstream,
             self.upstream_authorization,
-            self.upstream_timeout,
+            self.upstream,
             Arc::clone(&metrics),
         );
         Ok(Gateway {
@@ -245,17 +347,63 @@ impl GatewayBuilder {
             invalidate: InvalidateService::from_shared(Arc::new(cache.clone()), self.auth),
             cache,
             metrics,
+            registry: Arc::new(registry),
+            draining: Arc::new(AtomicBool::new(false)),
             routes: routes.into(),
             max_body,
         })
     }
 }
 
-/// Counters of the gateway itself, on top of the cache's.
+/// Why a forwarded request got no (whole) answer from the upstream: the `reason` label of
+/// `cachecore_gateway_upstream_errors_total`.
+type ReasonLabel = [(&'static str, &'static str); 1];
+
+/// The gateway's own metrics, on top of the cache's.
 #[derive(Debug, Default)]
 pub(crate) struct GatewayMetrics {
-    requests: AtomicU64,
-    pub(crate) upstream_errors: AtomicU64,
+    requests: Counter,
+    upstream_errors: Family<ReasonLabel, Counter>,
+    pub(crate) upstream_inflight: Gauge,
+    pub(crate) connections: Gauge,
+    pub(crate) connections_refused: Counter,
+}
+
+impl GatewayMetrics {
+    fn register(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register(
+            "cachecore_gateway_requests",
+            "Requests received by the gateway",
+            self.requests.clone(),
+        );
+        registry.register(
+            "cachecore_gateway_upstream_errors",
+            "Forwarded requests the upstream did not answer whole: reason unreachable (502), \
+             timeout (504: no response head in time), idle_timeout (body cut after a silence)",
+            self.upstream_errors.clone(),
+        );
+        registry.register(
+            "cachecore_gateway_upstream_inflight",
+            "Upstream requests in flight, bodies included",
+            self.upstream_inflight.clone(),
+        );
+        registry.register(
+            "cachecore_gateway_connections",
+            "Client connections open",
+            self.connections.clone(),
+        );
+        registry.register(
+            "cachecore_gateway_connection_errors",
+            "Client connections that could not be accepted (e.g. out of file descriptors)",
+            self.connections_refused.clone(),
+        );
+    }
+
+    pub(crate) fn upstream_error(&self, reason: &'static str) {
+        self.upstream_errors
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
 }
 
 /// The caching proxy as a tower service. See the [module docs](self).
@@ -267,6 +415,9 @@ pub struct Gateway {
     cached: Cachecore<Proxy>,
     invalidate: InvalidateService,
     metrics: Arc<GatewayMetrics>,
+    registry: Arc<Registry>,
+    /// Set by [`serve`] when it starts shutting down: `/health` answers `503`.
+    draining: Arc<AtomicBool>,
     routes: Arc<[Route]>,
     /// The cache's body limit: a larger body is never read whole, so never cached.
     max_body: usize,
@@ -286,15 +437,17 @@ impl Gateway {
     /// in it is prefixed to every forwarded path), whose callers `auth` identifies.
     pub fn builder(upstream: impl Into<String>, auth: impl Authenticator) -> GatewayBuilder {
         GatewayBuilder {
-            upstream: upstream.into(),
+            upstream_url: upstream.into(),
             auth: Arc::new(auth),
             cache: CachecoreLayer::builder(),
             upstream_authorization: None,
-            upstream_timeout: None,
+            upstream_connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
+            upstream: ProxyOptions::default(),
             cacheable_paths: DEFAULT_CACHEABLE_PATHS
                 .iter()
                 .map(|&p| p.to_owned())
                 .collect(),
+            queue_metrics: None,
         }
     }
 
@@ -303,28 +456,47 @@ impl Gateway {
         &self.cache
     }
 
-    /// The `/metrics` text: the cache's counters and the gateway's.
+    /// The `/metrics` text in the Prometheus text format (version 0.0.4): the cache's metrics
+    /// and the gateway's.
     pub fn prometheus(&self) -> String {
-        let mut out = self.cache.metrics().to_prometheus();
-        for (name, help, value) in [
-            (
-                "cachecore_gateway_requests_total",
-                "Requests received by the gateway.",
-                &self.metrics.requests,
-            ),
-            (
-                "cachecore_gateway_upstream_errors_total",
-                "Forwarded requests that got no response from the upstream.",
-                &self.metrics.upstream_errors,
-            ),
-        ] {
-            let value = value.load(Ordering::Relaxed);
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-            ));
-        }
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
+
+    /// The same metrics in the OpenMetrics text format.
+    pub fn openmetrics(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// Whether [`serve`] is shutting down (then `/health` answers `503`).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn metrics(&self) -> &GatewayMetrics {
+        &self.metrics
+    }
+
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The `Content-Type` of the OpenMetrics text format.
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Whether a scraper's `Accept` asks for OpenMetrics (Prometheus does, ahead of the text format).
+fn wants_openmetrics(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
 }
 
 fn full(
@@ -358,7 +530,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        self.metrics.requests.inc();
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
@@ -374,17 +546,29 @@ where
                     }
                 })
             } else if own && path == HEALTH_PATH {
-                Box::pin(std::future::ready(full(
-                    StatusCode::OK,
-                    "application/json",
-                    &br#"{"status":"ok"}"#[..],
-                )))
+                Box::pin(std::future::ready(if self.is_draining() {
+                    full(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "application/json",
+                        &br#"{"status":"draining"}"#[..],
+                    )
+                } else {
+                    full(
+                        StatusCode::OK,
+                        "application/json",
+                        &br#"{"status":"ok"}"#[..],
+                    )
+                }))
             } else if own {
-                Box::pin(std::future::ready(full(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4",
-                    self.prometheus(),
-                )))
+                Box::pin(std::future::ready(if wants_openmetrics(req.headers()) {
+                    full(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, self.openmetrics())
+                } else {
+                    full(
+                        StatusCode::OK,
+                        prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                        self.prometheus(),
+                    )
+                }))
             } else {
                 let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
                 let routed = self.routes.iter().any(|r| r.matches(&method, &path));

@@ -3,10 +3,14 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -61,6 +65,26 @@ impl Upstream {
     }
 }
 
+/// The limits of the proxy towards the upstream (the gateway builder's docs say each one).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ProxyOptions {
+    pub(super) head_timeout: Duration,
+    pub(super) idle_timeout: Duration,
+    pub(super) max_inflight: usize,
+    pub(super) pool_max_idle: usize,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            head_timeout: super::DEFAULT_UPSTREAM_TIMEOUT,
+            idle_timeout: super::DEFAULT_UPSTREAM_IDLE_TIMEOUT,
+            max_inflight: super::DEFAULT_UPSTREAM_MAX_INFLIGHT,
+            pool_max_idle: super::DEFAULT_UPSTREAM_POOL_MAX_IDLE,
+        }
+    }
+}
+
 /// Forwards to the upstream; an upstream that cannot be reached is a `502` (or `504` past
 /// the timeout), never an error, so the gateway stays infallible.
 #[derive(Clone)]
@@ -68,7 +92,9 @@ pub(crate) struct Proxy {
     send: SendFn,
     upstream: Upstream,
     authorization: Option<HeaderValue>,
-    timeout: Option<Duration>,
+    options: ProxyOptions,
+    /// One permit per upstream request in flight, held until its body ends.
+    slots: Arc<Semaphore>,
     metrics: Arc<GatewayMetrics>,
 }
 
@@ -85,13 +111,15 @@ impl Proxy {
         connector: C,
         upstream: Upstream,
         authorization: Option<HeaderValue>,
-        timeout: Option<Duration>,
+        options: ProxyOptions,
         metrics: Arc<GatewayMetrics>,
     ) -> Self
     where
         C: Connect + Clone + Send + Sync + 'static,
     {
-        let client: Client<C, GatewayBody> = Client::builder(TokioExecutor::new()).build(connector);
+        let client: Client<C, GatewayBody> = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(options.pool_max_idle)
+            .build(connector);
         let send: SendFn = Arc::new(move |req| {
             let fut = client.request(req);
             Box::pin(async move {
@@ -103,7 +131,8 @@ impl Proxy {
             send,
             upstream,
             authorization,
-            timeout,
+            slots: Arc::new(Semaphore::new(options.max_inflight.max(1))),
+            options,
             metrics,
         }
     }
@@ -218,37 +247,138 @@ impl Service<Request<RequestBody<GatewayBody>>> for Proxy {
                 return Box::pin(std::future::ready(Ok(res)));
             }
         };
-        let send = (self.send)(req);
-        let timeout = self.timeout;
+        let send = Arc::clone(&self.send);
+        let slots = Arc::clone(&self.slots);
+        let options = self.options;
         let metrics = Arc::clone(&self.metrics);
         Box::pin(async move {
-            let outcome = match timeout {
-                Some(t) => tokio::time::timeout(t, send).await.ok(),
-                None => Some(send.await),
+            // The wait for a slot counts against the head timeout: the caller waits once.
+            let head = async {
+                let permit = slots.acquire_owned().await.ok();
+                let guard = Inflight::new(permit, Arc::clone(&metrics));
+                (send(req).await, guard)
             };
-            Ok(match outcome {
-                Some(Ok(mut res)) => {
-                    remove_hop_by_hop(res.headers_mut());
-                    res
-                }
-                Some(Err(e)) => {
-                    metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(target: "cachecore::gateway", error = %e, "upstream unreachable");
-                    error_response(
-                        StatusCode::BAD_GATEWAY,
-                        "upstream_unavailable",
-                        &format!("the upstream could not be reached: {e}"),
-                    )
-                }
-                None => {
-                    metrics.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                    error_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_timeout",
-                        "the upstream did not answer in time",
-                    )
-                }
-            })
+            Ok(
+                match tokio::time::timeout(options.head_timeout, head).await {
+                    Ok((Ok(mut res), guard)) => {
+                        remove_hop_by_hop(res.headers_mut());
+                        res.map(|body| {
+                            UpstreamBody {
+                                inner: body,
+                                idle: options.idle_timeout,
+                                timer: None,
+                                armed: false,
+                                _guard: guard,
+                            }
+                            .boxed_unsync()
+                        })
+                    }
+                    Ok((Err(e), _)) => {
+                        metrics.upstream_error("unreachable");
+                        tracing::warn!(target: "cachecore::gateway", error = %e, "upstream unreachable");
+                        error_response(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream_unavailable",
+                            &format!("the upstream could not be reached: {e}"),
+                        )
+                    }
+                    Err(_) => {
+                        metrics.upstream_error("timeout");
+                        tracing::warn!(target: "cachecore::gateway", timeout = ?options.head_timeout,
+                        "upstream did not answer in time");
+                        error_response(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream_timeout",
+                            "the upstream did not answer in time",
+                        )
+                    }
+                },
+            )
         })
+    }
+}
+
+/// An upstream request in flight: its slot and its place in the gauge, given back on drop
+/// (when the response body ends or is dropped).
+struct Inflight {
+    _permit: Option<OwnedSemaphorePermit>,
+    metrics: Arc<GatewayMetrics>,
+}
+
+impl Inflight {
+    fn new(permit: Option<OwnedSemaphorePermit>, metrics: Arc<GatewayMetrics>) -> Self {
+        metrics.upstream_inflight.inc();
+        Self {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.metrics.upstream_inflight.dec();
+    }
+}
+
+/// An upstream response body that ends with an error after `idle` without a chunk, and holds
+/// its request's slot until it ends.
+struct UpstreamBody {
+    inner: GatewayBody,
+    idle: Duration,
+    /// Allocated on the first wait, then reset: one timer per response.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether the timer runs: from the first wait after a chunk until the next chunk.
+    armed: bool,
+    _guard: Inflight,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        // The upstream is asked first: a chunk that is ready wins over a timer that also fired
+        // (the caller may have been slow to read, which is not the upstream's silence).
+        if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
+            this.armed = false;
+            return Poll::Ready(frame);
+        }
+        let deadline = Instant::now() + this.idle;
+        let timer = match &mut this.timer {
+            Some(timer) if this.armed => timer,
+            Some(timer) => {
+                timer.as_mut().reset(deadline);
+                timer
+            }
+            None => this
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        this.armed = true;
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        this.armed = false;
+        this._guard.metrics.upstream_error("idle_timeout");
+        tracing::warn!(target: "cachecore::gateway", idle = ?this.idle,
+            "upstream body went silent; cutting the response");
+        Poll::Ready(Some(Err(format!(
+            "the upstream sent nothing for {:?}",
+            this.idle
+        )
+        .into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -1,0 +1,1 @@
+//! The `cachecore-gateway` binary, run as a user runs it.
