@@ -359,29 +359,36 @@ mod tests {
     }
 
     /// Property tests: what a corrupt or foreign value does to the decoder, and that every entry
-    /// the encoder can write reads back. `CACHECORE_SOAK=<seconds>` raises the case count the
-    /// way it does for `tests/decoders_prop.rs`.
+    /// the encoder can write reads back. `CACHECORE_SOAK=<seconds>` raises the case counts the
+    /// way it does for `tests/decoders_prop.rs`:
+    /// `CACHECORE_SOAK=600 cargo test --all-features --lib codec::tests::prop`.
     mod prop {
         use proptest::collection::vec;
         use proptest::prelude::*;
 
         use super::*;
 
-        /// Cases per property in CI; about a tenth of a second for all of them.
+        /// Cases per property in CI; about a second for all of them in a debug build.
         const CI_CASES: u32 = 256;
 
-        /// Cases per property per second of `CACHECORE_SOAK`, at about the rate the slowest
-        /// property here runs on a 2-core machine.
-        const SOAK_CASES_PER_SECOND: u64 = 2_000;
+        /// Properties below, which share a soak run's time, and the test threads they share it
+        /// over (cargo's default on a 2-core machine).
+        const PROPERTIES: u64 = 4;
+        const THREADS: u64 = 2;
 
-        fn config() -> ProptestConfig {
+        /// The config of a property that gets through about `cases_per_second` cases a second
+        /// (debug build, 2-core machine, measured one at a time): [`CI_CASES`], or under
+        /// `CACHECORE_SOAK=<seconds>` as many as fit in its share of that time.
+        fn config(cases_per_second: u64) -> ProptestConfig {
             let soak = std::env::var("CACHECORE_SOAK")
                 .ok()
                 .and_then(|s| s.trim().parse::<u64>().ok());
             let cases = soak.map_or(CI_CASES, |secs| {
-                u32::try_from(secs.saturating_mul(SOAK_CASES_PER_SECOND))
-                    .unwrap_or(u32::MAX)
-                    .max(CI_CASES)
+                let cases = secs
+                    .saturating_mul(THREADS)
+                    .saturating_mul(cases_per_second)
+                    / PROPERTIES;
+                u32::try_from(cases).unwrap_or(u32::MAX).max(CI_CASES)
             });
             ProptestConfig {
                 cases,
@@ -489,13 +496,17 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(config())]
+            #![proptest_config(config(400))]
 
             #[test]
             fn every_entry_round_trips(e in entry()) {
                 let decoded = decode(Bytes::from(encode(&e))).expect("an encoded entry decodes");
                 assert_same(&decoded, &e);
             }
+        }
+
+        proptest! {
+            #![proptest_config(config(8_000))]
 
             #[test]
             fn arbitrary_bytes_decode_or_are_refused_without_panicking(
@@ -506,6 +517,10 @@ mod tests {
                 raw.extend_from_slice(&tail);
                 let _ = decode(Bytes::from(raw));
             }
+        }
+
+        proptest! {
+            #![proptest_config(config(2_000))]
 
             #[test]
             fn crafted_counts_and_lengths_are_refused_without_panicking(
@@ -524,6 +539,10 @@ mod tests {
                 raw.extend_from_slice(&rest);
                 let _ = decode(Bytes::from(raw));
             }
+        }
+
+        proptest! {
+            #![proptest_config(config(400))]
 
             /// A value damaged anywhere is an error or some entry, never a panic; and an entry
             /// it decodes to encodes to a value that decodes to the same entry.
