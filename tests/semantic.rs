@@ -924,3 +924,87 @@ async fn with_the_real_model_a_paraphrase_hits_and_a_negation_does_not() {
     ask(&svc, "Track order 48213").await;
     assert_eq!(ask(&svc, "Track order 48231").await.x_cache, "MISS");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The OpenAI-compatible embedder, through a tower service.
+
+fn embeddings_endpoint(
+    hang: bool,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>,
+    >,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    tower::service_fn(move |req: Request<Full<Bytes>>| {
+        Box::pin(async move {
+            assert_eq!(req.uri().path(), "/v1/embeddings");
+            assert_eq!(req.headers()["authorization"], "Bearer sk-test");
+            if hang {
+                std::future::pending::<()>().await;
+            }
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(v["model"], "embed-small");
+            // "parcel" and "package" questions land together; anything else elsewhere.
+            let data: Vec<serde_json::Value> = v["input"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, text)| {
+                    let t = text.as_str().unwrap();
+                    let e = if t.contains("parcel") || t.contains("package") {
+                        [3.0, 4.0]
+                    } else {
+                        [4.0, -3.0]
+                    };
+                    serde_json::json!({"index": i, "embedding": e})
+                })
+                .collect();
+            let out = serde_json::json!({ "data": data }).to_string();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(out))))
+        }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+    })
+}
+
+#[tokio::test]
+async fn the_openai_compatible_embedder_answers_through_any_tower_service() {
+    let embedder = cachecore::semantic::OpenAiEmbedder::new(
+        embeddings_endpoint(false),
+        "http://127.0.0.1:9/v1/embeddings".parse().unwrap(),
+        "embed-small",
+    )
+    .bearer_token("sk-test");
+    assert!(embedder.id().contains("embed-small"));
+    let svc = stack(
+        &layer_with(SemanticCache::new(embedder)),
+        &Upstream::default(),
+    );
+    assert_eq!(ask(&svc, Q).await.x_cache, "MISS");
+    let got = ask(&svc, PARAPHRASE).await;
+    assert_eq!(got.x_cache, "HIT_L2");
+    assert_eq!(got.similarity.as_deref(), Some("1.00"));
+}
+
+#[tokio::test]
+async fn a_dead_embeddings_endpoint_does_not_stall_requests() {
+    let embedder = cachecore::semantic::OpenAiEmbedder::new(
+        embeddings_endpoint(true),
+        "http://127.0.0.1:9/v1/embeddings".parse().unwrap(),
+        "embed-small",
+    )
+    .bearer_token("sk-test");
+    let l2 = SemanticCache::new(embedder).timeout(Duration::from_millis(50));
+    let svc = stack(&layer_with(l2.clone()), &Upstream::default());
+    let started = Instant::now();
+    assert_eq!(ask(&svc, Q).await.x_cache, "MISS");
+    assert_eq!(ask(&svc, PARAPHRASE).await.x_cache, "MISS");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(l2.stats().embed_failures, 2);
+}
