@@ -24,7 +24,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The cache (in memory here; `.store(RedisStore::connect(url).await?)` to share it), the
     // tenants' authenticator, and the limits towards the upstream.
-    let gateway = Gateway::builder(upstream, JwtAuth::new(secret))
+    let gateway = Gateway::builder(upstream, JwtAuth::new(secret)?)
         .cache(CachecoreLayer::builder().default_ttl(Duration::from_secs(600)))
         .upstream_timeout(Duration::from_secs(120))
         .build()?;

@@ -1,1 +1,270 @@
-//! The `cachecore-gateway` binary, run as a user runs it.
+//! The `cachecore-gateway` binary, run as an operator runs it: its `--help`, its refusal of a
+//! weak secret, and a SIGTERM while a stream is in flight. Everything on 127.0.0.1.
+#![cfg(all(feature = "gateway", unix))]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use cachecore::auth::jwt::{Claims, JwtAuth};
+use http::{Request, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{mpsc, Semaphore};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cachecore-gateway");
+const SECRET: &str = "gateway-bin-secret-0123456789abcdef";
+
+/// Every flag of the binary and the variable it can come from.
+const FLAGS: &[(&str, &str)] = &[
+    ("--listen", "CACHECORE_LISTEN"),
+    ("--upstream", "CACHECORE_UPSTREAM"),
+    ("--jwt-secret", "CACHECORE_JWT_SECRET"),
+    ("--jwt-audience", "CACHECORE_JWT_AUDIENCE"),
+    ("--jwt-issuer", "CACHECORE_JWT_ISSUER"),
+    ("--upstream-api-key", "CACHECORE_UPSTREAM_API_KEY"),
+    ("--cacheable-paths", "CACHECORE_CACHEABLE_PATHS"),
+    ("--default-ttl", "CACHECORE_DEFAULT_TTL"),
+    ("--store-timeout", "CACHECORE_STORE_TIMEOUT"),
+    #[cfg(feature = "redis")]
+    ("--redis", "CACHECORE_REDIS_URL"),
+    #[cfg(feature = "redis")]
+    ("--queue-stream", "CACHECORE_QUEUE_STREAM"),
+    #[cfg(feature = "redis")]
+    ("--queue-group", "CACHECORE_QUEUE_GROUP"),
+    #[cfg(feature = "redis")]
+    ("--no-queue-worker", "CACHECORE_NO_QUEUE_WORKER"),
+    (
+        "--upstream-connect-timeout",
+        "CACHECORE_UPSTREAM_CONNECT_TIMEOUT",
+    ),
+    ("--upstream-timeout", "CACHECORE_UPSTREAM_TIMEOUT"),
+    ("--upstream-idle-timeout", "CACHECORE_UPSTREAM_IDLE_TIMEOUT"),
+    ("--upstream-max-inflight", "CACHECORE_UPSTREAM_MAX_INFLIGHT"),
+    (
+        "--upstream-pool-max-idle",
+        "CACHECORE_UPSTREAM_POOL_MAX_IDLE",
+    ),
+    ("--max-connections", "CACHECORE_MAX_CONNECTIONS"),
+    ("--header-read-timeout", "CACHECORE_HEADER_READ_TIMEOUT"),
+    ("--shutdown-timeout", "CACHECORE_SHUTDOWN_TIMEOUT"),
+];
+
+#[test]
+fn help_lists_every_flag_with_its_environment_variable() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    // Each flag's entry runs from its line to the next flag's: its variable is in it.
+    let entries: Vec<&str> = help.split("\n      -").collect();
+    for (flag, env) in FLAGS {
+        let entry = entries
+            .iter()
+            .find(|e| {
+                let name = e.trim_start_matches('-');
+                name.starts_with(&flag[2..])
+                    && name[flag.len() - 2..].starts_with([' ', '\n'])
+            })
+            .unwrap_or_else(|| panic!("{flag} missing from\n{help}"));
+        assert!(
+            entry.contains(&format!("[env: {env}")),
+            "{flag} does not name {env}:\n{entry}"
+        );
+    }
+    let documented = help.matches("[env: ").count();
+    assert_eq!(documented, FLAGS.len(), "a flag is not in FLAGS:\n{help}");
+    // Secrets never show their value, even when set.
+    let out = Command::new(BIN)
+        .arg("--help")
+        .env("CACHECORE_JWT_SECRET", "do-not-print-me")
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("do-not-print-me"));
+}
+
+#[test]
+fn a_weak_secret_or_a_bad_duration_is_refused_at_start_up() {
+    let out = Command::new(BIN)
+        .args(["--upstream", "http://127.0.0.1:9", "--jwt-secret", "short"])
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("CACHECORE_LISTEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 32"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["--upstream", "http://127.0.0.1:9", "--jwt-secret", SECRET])
+        .args(["--shutdown-timeout", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--shutdown-timeout"));
+}
+
+/// A body fed by a channel: each message is one frame.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// An upstream whose streamed answer holds its last events until `gate` gets a permit.
+async fn start_upstream(gate: Arc<Semaphore>) -> SocketAddr {
+    let app = Router::new().route(
+        "/v1/chat/completions",
+        post(move || {
+            let gate = Arc::clone(&gate);
+            async move {
+                let (tx, rx) = mpsc::channel(4);
+                tokio::spawn(async move {
+                    let _ = tx
+                        .send(Bytes::from_static(b"data: {\"delta\":\"Hel\"}\n\n"))
+                        .await;
+                    gate.acquire().await.unwrap().forget();
+                    let _ = tx
+                        .send(Bytes::from_static(b"data: {\"delta\":\"lo\"}\n\n"))
+                        .await;
+                    let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+                });
+                (
+                    [("content-type", "text/event-stream")],
+                    axum::body::Body::new(ChannelBody(rx)),
+                )
+                    .into_response()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Kills the gateway if a test fails before it exits.
+struct Gateway(Child);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_stream_in_flight_and_refuses_new_connections() {
+    let gate = Arc::new(Semaphore::new(0));
+    let upstream = start_upstream(Arc::clone(&gate)).await;
+    let addr = free_addr();
+    let mut gateway = Gateway(
+        Command::new(BIN)
+            .args(["--listen", &addr.to_string()])
+            .args(["--upstream", &format!("http://{upstream}")])
+            .args(["--shutdown-timeout", "10s"])
+            .env("CACHECORE_JWT_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let http: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+
+    // Ready when /health answers.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let res = http
+            .request(
+                Request::get(format!("http://{addr}/health"))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await;
+        if matches!(res, Ok(ref r) if r.status() == StatusCode::OK) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the gateway never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let token = JwtAuth::new(SECRET)
+        .unwrap()
+        .mint(&Claims::new("acme", Duration::from_secs(60)));
+    let res = http
+        .request(
+            Request::post(format!("http://{addr}/v1/chat/completions"))
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(
+                    br#"{"model":"m","stream":true,"messages":[]}"#,
+                )))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.data_ref().unwrap().starts_with(b"data: "));
+
+    let killed = Command::new("kill")
+        .args(["-TERM", &gateway.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    // New connections are refused while the stream is still open.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(gateway.0.try_wait().unwrap().is_none(), "exited mid-stream");
+
+    // The stream completes, then the process exits cleanly.
+    gate.add_permits(1);
+    let rest = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert!(rest.ends_with(b"data: [DONE]\n\n"), "{rest:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = gateway.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the gateway did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}

@@ -193,7 +193,7 @@ impl Env {
         options: ServeOptions,
     ) -> Self {
         let (up, up_addr) = start_upstream().await;
-        let jwt = JwtAuth::new(SECRET);
+        let jwt = JwtAuth::new(SECRET).unwrap();
         let gateway =
             configure(Gateway::builder(format!("http://{up_addr}"), jwt.clone()).cache(cache))
                 .build()
@@ -634,6 +634,7 @@ async fn tenant_isolation() {
 
     // A token claiming B's tenant but not signed with the secret is refused.
     let forged = JwtAuth::new("not-the-gateway-secret-0123456789")
+        .unwrap()
         .mint(&Claims::new("tenant-b", Duration::from_secs(60)));
     let res = env.curl_invalidate(&forged, r#"{"dep_id": "doc:1"}"#).await;
     assert_eq!(res.status, StatusCode::UNAUTHORIZED);
@@ -1159,7 +1160,7 @@ async fn the_cacheable_paths_are_configurable() {
     assert_eq!(chat().await.x_cache(), "BYPASS");
 
     for bad in ["v1/no-slash", "POST /v1/a /v1/b", "/v1/*/messages"] {
-        let e = Gateway::builder("http://127.0.0.1:9", JwtAuth::new(SECRET))
+        let e = Gateway::builder("http://127.0.0.1:9", JwtAuth::new(SECRET).unwrap())
             .cacheable_paths([bad])
             .build()
             .unwrap_err();
@@ -1233,7 +1234,7 @@ async fn an_unreachable_upstream_is_a_502_never_cached() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let gateway = Gateway::builder(format!("http://{dead}"), JwtAuth::new(SECRET))
+    let gateway = Gateway::builder(format!("http://{dead}"), JwtAuth::new(SECRET).unwrap())
         .build()
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1246,7 +1247,9 @@ async fn an_unreachable_upstream_is_a_502_never_cached() {
     ));
     let http: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let token = JwtAuth::new(SECRET).mint(&Claims::new("acme", Duration::from_secs(60)));
+    let token = JwtAuth::new(SECRET)
+        .unwrap()
+        .mint(&Claims::new("acme", Duration::from_secs(60)));
     for _ in 0..2 {
         let res = http
             .request(
@@ -1270,11 +1273,11 @@ async fn an_unreachable_upstream_is_a_502_never_cached() {
 
 #[test]
 fn https_upstreams_need_a_connector() {
-    let e = Gateway::builder("https://api.openai.com", JwtAuth::new(SECRET))
+    let e = Gateway::builder("https://api.openai.com", JwtAuth::new(SECRET).unwrap())
         .build()
         .unwrap_err();
     assert!(e.to_string().contains("TLS connector"), "{e}");
-    assert!(Gateway::builder("not a url", JwtAuth::new(SECRET))
+    assert!(Gateway::builder("not a url", JwtAuth::new(SECRET).unwrap())
         .build()
         .is_err());
 }

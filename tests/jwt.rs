@@ -28,7 +28,7 @@ fn now() -> u64 {
 }
 
 fn auth() -> JwtAuth {
-    JwtAuth::new(SECRET)
+    JwtAuth::new(SECRET).unwrap()
 }
 
 fn token(tenant: &str) -> String {
@@ -229,7 +229,9 @@ fn minted_tokens_verify_under_the_same_secret_only() {
     assert_eq!(t.split('.').count(), 3);
     assert!(!t.contains('='));
     assert_eq!(
-        JwtAuth::new("a-different-secret-of-32-bytes!!").verify(&t),
+        JwtAuth::new("a-different-secret-of-32-bytes!!")
+            .unwrap()
+            .verify(&t),
         Err(JwtError::BadSignature)
     );
 }
@@ -452,4 +454,81 @@ async fn an_authenticator_gives_the_layer_its_namespace_without_trusted_headers(
         x_cache(&send(&svc, &[("authorization", &globex)]).await),
         "HIT_L1"
     );
+}
+
+// Start-up checks and the claims a deployment may require.
+
+#[test]
+fn a_secret_shorter_than_32_bytes_is_refused_at_start_up() {
+    for short in ["", "secret", &"x".repeat(31)] {
+        let e = JwtAuth::new(short).unwrap_err();
+        assert_eq!(e.len, short.len());
+        assert!(e.to_string().contains("at least 32"), "{e}");
+    }
+    assert!(JwtAuth::new("x".repeat(32)).is_ok());
+}
+
+#[test]
+fn audience_and_issuer_are_checked_when_configured() {
+    let strict = auth()
+        .audience("cachecore")
+        .issuer("https://issuer.example");
+    let base = || Claims::new("acme", Duration::from_secs(60));
+    let good = auth().mint(
+        &base()
+            .audience("cachecore")
+            .issuer("https://issuer.example"),
+    );
+    assert_eq!(strict.verify(&good).unwrap().tenant_id, "acme");
+    // Without the check, the claims are not required.
+    assert!(auth().verify(&token("acme")).is_ok());
+
+    for claims in [
+        base(),
+        base().issuer("https://issuer.example"),
+        base().audience("cachecore"),
+        base()
+            .audience("another-service")
+            .issuer("https://issuer.example"),
+        base().audience("cachecore").issuer("https://someone.else"),
+    ] {
+        let t = auth().mint(&claims);
+        assert!(
+            matches!(strict.verify(&t), Err(JwtError::InvalidClaims(_))),
+            "{claims:?}: {:?}",
+            strict.verify(&t)
+        );
+    }
+
+    // `aud` may be a list that names this service among others.
+    let exp = now() + 60;
+    let listed = forge(
+        r#"{"alg":"HS256"}"#,
+        &format!(
+            r#"{{"tenant_id":"acme","exp":{exp},"iss":"https://issuer.example","aud":["x","cachecore"]}}"#
+        ),
+        SECRET,
+    );
+    assert!(strict.verify(&listed).is_ok());
+    // `iss` must be a string.
+    let typed = forge(
+        r#"{"alg":"HS256"}"#,
+        &format!(r#"{{"tenant_id":"acme","exp":{exp},"iss":7,"aud":"cachecore"}}"#),
+        SECRET,
+    );
+    assert!(matches!(
+        strict.verify(&typed),
+        Err(JwtError::InvalidClaims(_))
+    ));
+}
+
+#[test]
+fn padded_segments_are_malformed() {
+    let t = token("acme");
+    let mut parts: Vec<String> = t.split('.').map(str::to_owned).collect();
+    parts[2].push('=');
+    assert!(matches!(
+        auth().verify(&parts.join(".")),
+        Err(JwtError::Malformed(_))
+    ));
 }

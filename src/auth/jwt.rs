@@ -1,29 +1,41 @@
-//! HS256 JWT tenants, as the hosted product issues them.
+//! HS256 JWT tenants, as the hosted product issues them, verified with `jsonwebtoken`.
 //!
 //! A token is read from `X-CacheCore-Token: [cc_live_<id>.]<jwt>` or
 //! `Authorization: Bearer [cc_live_<id>.]<jwt>` (see [`bearer_token`]). It must be signed with
-//! HS256 under the shared secret (any other `alg`, `none` included, is rejected) and carry:
+//! HS256 under the shared secret (any other `alg`, `none` included, is rejected, whatever the
+//! signature) and carry:
 //!
 //! | claim | meaning |
 //! |---|---|
-//! | `tenant_id` | the tenant: every key and dep the token touches lives in it (required) |
-//! | `policy_version` | the policy version keys are scoped to (optional, default `"1"`) |
+//! | `tenant_id` | the tenant: every key and dep the token touches lives in it (required, a string) |
+//! | `policy_version` | the policy version keys are scoped to (optional, a string or a number; default `"1"`) |
 //! | `exp` | expiry, seconds since the Unix epoch (required; [`CLOCK_LEEWAY`] allowed) |
 //! | `nbf` | not before (optional) |
+//! | `aud`, `iss` | checked when the verifier asks for them ([`JwtAuth::audience`], [`JwtAuth::issuer`]) |
+//!
+//! The secret must be at least [`MIN_SECRET_LEN`] bytes: a shorter one is refused when the
+//! verifier is built, not warned about.
 //!
 //! ```
 //! use cachecore::auth::jwt::{Claims, JwtAuth};
 //! use cachecore::auth::Authenticator;
 //! use std::time::Duration;
 //!
-//! let auth = JwtAuth::new("a secret of at least 32 bytes, please!!");
+//! let auth = JwtAuth::new("a secret of at least 32 bytes, please!!").unwrap();
 //! let token = auth.mint(&Claims::new("acme", Duration::from_secs(3600)).policy_version("v2"));
 //!
 //! let mut headers = http::HeaderMap::new();
 //! headers.insert("authorization", format!("Bearer cc_live_k1.{token}").parse().unwrap());
 //! let ns = auth.authenticate(&headers).unwrap();
 //! assert_eq!((ns.tenant(), ns.policy_version()), ("acme", "v2"));
+//!
+//! assert!(JwtAuth::new("too short").is_err());
 //! ```
+//!
+//! Signatures, the algorithm list, base64url segments and `aud`/`iss` are checked by
+//! `jsonwebtoken` (pure-Rust crypto backend). Two checks stay here, because the errors say more
+//! than its own: the header is read first, so a token naming another algorithm is refused as
+//! such; and time is checked against a clock the caller may give ([`JwtAuth::verify_at`]).
 //!
 //! [`bearer_token`]: super::bearer_token
 
@@ -31,13 +43,13 @@ use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use hmac::{Hmac, KeyInit, Mac};
 use http::HeaderMap;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
-use sha2::Sha256;
 
 use super::{bearer_token, strip_key_prefix, AuthError, Authenticator};
-use crate::wire::{B64URL, B64URL_LENIENT};
+use crate::wire::B64URL;
 use crate::Namespace;
 
 /// How far past `exp` (and before `nbf`) a token is still accepted: covers the clock drift
@@ -50,6 +62,10 @@ pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// Longest `tenant_id` accepted, in bytes.
 pub const MAX_TENANT_LEN: usize = 256;
+
+/// Shortest HS256 secret accepted, in bytes: RFC 7518 section 3.2 asks for a key at least as
+/// long as the hash output (256 bits).
+pub const MIN_SECRET_LEN: usize = 32;
 
 /// The only algorithm accepted.
 const ALG: &str = "HS256";
@@ -86,6 +102,14 @@ pub struct Claims {
         deserialize_with = "opt_seconds"
     )]
     pub iat: Option<u64>,
+    /// The issuer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    /// The audience a minted token names. On verification `aud` (a string or a list) is
+    /// checked by the verifier when it [asks for one](JwtAuth::audience), and not read back
+    /// here.
+    #[serde(default, skip_serializing_if = "Option::is_none", skip_deserializing)]
+    pub aud: Option<String>,
 }
 
 impl Claims {
@@ -98,6 +122,8 @@ impl Claims {
             exp: now.saturating_add(ttl.as_secs()),
             nbf: None,
             iat: Some(now),
+            iss: None,
+            aud: None,
         }
     }
 
@@ -122,6 +148,20 @@ impl Claims {
         self
     }
 
+    /// Sets the issuer (`iss`).
+    #[must_use]
+    pub fn issuer(mut self, iss: impl Into<String>) -> Self {
+        self.iss = Some(iss.into());
+        self
+    }
+
+    /// Sets the audience (`aud`).
+    #[must_use]
+    pub fn audience(mut self, aud: impl Into<String>) -> Self {
+        self.aud = Some(aud.into());
+        self
+    }
+
     /// The namespace these claims grant.
     pub fn namespace(&self) -> Namespace {
         Namespace::new(
@@ -132,6 +172,26 @@ impl Claims {
         )
     }
 }
+
+/// The secret given to [`JwtAuth::new`] is too short to sign with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeakSecret {
+    /// Its length, in bytes.
+    pub len: usize,
+}
+
+impl fmt::Display for WeakSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the JWT secret is {} bytes long; HS256 needs at least {MIN_SECRET_LEN} \
+             (RFC 7518 section 3.2)",
+            self.len
+        )
+    }
+}
+
+impl std::error::Error for WeakSecret {}
 
 /// Why a token was rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -192,34 +252,70 @@ impl std::error::Error for JwtError {}
 /// [module docs](self).
 #[derive(Clone)]
 pub struct JwtAuth {
-    key: Hmac<Sha256>,
+    decoding: DecodingKey,
+    encoding: EncodingKey,
+    validation: Validation,
 }
 
 impl fmt::Debug for JwtAuth {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JwtAuth").finish_non_exhaustive()
+        f.debug_struct("JwtAuth")
+            .field("aud", &self.validation.aud)
+            .field("iss", &self.validation.iss)
+            .finish_non_exhaustive()
     }
 }
 
 impl JwtAuth {
-    /// A verifier for tokens signed with `secret`.
-    ///
-    /// RFC 7518 section 3.2 asks for a secret of at least 32 bytes; a shorter one is accepted
-    /// but logged as a warning.
-    ///
-    /// # Panics
-    ///
-    /// If `secret` is empty: every token would then be forgeable.
-    pub fn new(secret: impl AsRef<[u8]>) -> Self {
+    /// A verifier for tokens signed with `secret`, which must be at least [`MIN_SECRET_LEN`]
+    /// bytes long (RFC 7518 section 3.2): anything shorter can be brute-forced from one token.
+    pub fn new(secret: impl AsRef<[u8]>) -> Result<Self, WeakSecret> {
         let secret = secret.as_ref();
-        assert!(!secret.is_empty(), "JwtAuth: the HS256 secret is empty");
-        if secret.len() < 32 {
-            tracing::warn!(target: "cachecore", len = secret.len(),
-                "JWT secret shorter than 32 bytes; HS256 wants at least 32 (RFC 7518 section 3.2)");
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(WeakSecret { len: secret.len() });
         }
-        Self {
-            key: Hmac::<Sha256>::new_from_slice(secret).expect("HMAC accepts keys of any length"),
+        // `jsonwebtoken` picks its crypto backend from its features; a build that enables
+        // both of its backends picks none, so ours is installed (once per process).
+        if jsonwebtoken::crypto::CryptoProvider::try_get_default().is_none() {
+            let _ = jsonwebtoken::crypto::CryptoProvider::install_default(
+                &jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER,
+            );
         }
+        let mut validation = Validation::new(Algorithm::HS256);
+        // Time is checked by `verify_at`, against the clock it is given; `exp` is required by
+        // the `Claims` type itself.
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        validation.leeway = 0;
+        Ok(Self {
+            // Refuses only an empty key, which the length check above already did.
+            decoding: DecodingKey::from_secret(secret).expect("a non-empty HMAC key"),
+            encoding: EncodingKey::from_secret(secret).expect("a non-empty HMAC key"),
+            validation,
+        })
+    }
+
+    /// Accepts only tokens whose `aud` (a string, or a list) names `audience`.
+    #[must_use]
+    pub fn audience(mut self, audience: &str) -> Self {
+        self.validation.set_audience(&[audience]);
+        self.validation.validate_aud = true;
+        self.validation
+            .required_spec_claims
+            .insert("aud".to_owned());
+        self
+    }
+
+    /// Accepts only tokens whose `iss` is `issuer`.
+    #[must_use]
+    pub fn issuer(mut self, issuer: &str) -> Self {
+        self.validation.set_issuer(&[issuer]);
+        self.validation
+            .required_spec_claims
+            .insert("iss".to_owned());
+        self
     }
 
     /// Verifies `token` (with or without a `cc_live_<id>.` prefix) and returns its claims.
@@ -237,40 +333,43 @@ impl JwtAuth {
             )));
         }
         let mut parts = token.split('.');
-        let (Some(header), Some(payload), Some(signature), None) =
+        let (Some(header), Some(_payload), Some(_signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(JwtError::Malformed(
                 "a JWT has three dot-separated segments".into(),
             ));
         };
+        check_header(header)?;
 
-        let header: JoseHeader = serde_json::from_slice(&decode(header, "header")?)
-            .map_err(|e| JwtError::Malformed(format!("header: {e}")))?;
-        if header.alg != ALG {
-            return Err(JwtError::UnsupportedAlgorithm(header.alg));
-        }
-        if header.crit.is_some() {
-            return Err(JwtError::Malformed(
-                "critical header extensions are not supported".into(),
-            ));
-        }
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.into_kind() {
+                ErrorKind::InvalidSignature => JwtError::BadSignature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    JwtError::UnsupportedAlgorithm(ALG.to_owned())
+                }
+                ErrorKind::Base64(e) => {
+                    JwtError::Malformed(format!("a segment is not unpadded base64url: {e}"))
+                }
+                ErrorKind::Utf8(e) => JwtError::Malformed(format!("not UTF-8: {e}")),
+                ErrorKind::Json(e) => JwtError::InvalidClaims(e.to_string()),
+                ErrorKind::InvalidAudience => {
+                    JwtError::InvalidClaims("aud does not name this service".into())
+                }
+                ErrorKind::InvalidIssuer => {
+                    JwtError::InvalidClaims("iss is not the accepted issuer".into())
+                }
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    JwtError::InvalidClaims(format!("{claim} is required"))
+                }
+                ErrorKind::InvalidClaimFormat(claim) => {
+                    JwtError::InvalidClaims(format!("{claim} has the wrong type"))
+                }
+                ErrorKind::InvalidToken => JwtError::Malformed("not a compact JWS".into()),
+                other => JwtError::Malformed(format!("{other:?}")),
+            })?
+            .claims;
 
-        // The signature is the one part the MAC does not cover, so it must have exactly one
-        // spelling: base64url without padding (RFC 7515 section 2), or padding appended to a
-        // valid token would make another token that verifies.
-        let signature = B64URL.decode(signature).map_err(|e| {
-            JwtError::Malformed(format!("signature is not unpadded base64url: {e}"))
-        })?;
-        let signed_len = token.len() - signature_len(token);
-        let mut mac = self.key.clone();
-        mac.update(&token.as_bytes()[..signed_len]);
-        // Constant-time comparison (the `Mac` trait's verify).
-        mac.verify_slice(&signature)
-            .map_err(|_| JwtError::BadSignature)?;
-
-        let claims: Claims = serde_json::from_slice(&decode(payload, "payload")?)
-            .map_err(|e| JwtError::InvalidClaims(e.to_string()))?;
         let leeway = CLOCK_LEEWAY.as_secs();
         if now > claims.exp.saturating_add(leeway) {
             return Err(JwtError::Expired {
@@ -290,13 +389,8 @@ impl JwtAuth {
     /// Signs `claims` into a compact JWT (no key prefix). For issuing tokens to tenants, and
     /// for tests.
     pub fn mint(&self, claims: &Claims) -> String {
-        let header = B64URL.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
-        let payload = B64URL.encode(serde_json::to_vec(claims).expect("claims serialize"));
-        let signing_input = format!("{header}.{payload}");
-        let mut mac = self.key.clone();
-        mac.update(signing_input.as_bytes());
-        let signature = B64URL.encode(mac.finalize().into_bytes());
-        format!("{signing_input}.{signature}")
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.encoding)
+            .expect("HS256 signs any claims that serialize")
     }
 }
 
@@ -316,17 +410,24 @@ struct JoseHeader {
     crit: Option<serde_json::Value>,
 }
 
-/// Decodes the header or the payload. Padding is tolerated there: those segments are signed as
-/// written, so a padded spelling is a different token that needs its own signature.
-fn decode(segment: &str, what: &str) -> Result<Vec<u8>, JwtError> {
-    B64URL_LENIENT
+/// Reads the header before anything else: a token that names another algorithm is refused as
+/// such, whatever its signature, and critical extensions (which `jsonwebtoken` ignores) are
+/// refused.
+fn check_header(segment: &str) -> Result<(), JwtError> {
+    let bytes = B64URL
         .decode(segment)
-        .map_err(|e| JwtError::Malformed(format!("{what} is not base64url: {e}")))
-}
-
-/// Length of the signature segment and the dot before it.
-fn signature_len(token: &str) -> usize {
-    token.rfind('.').map_or(0, |i| token.len() - i)
+        .map_err(|e| JwtError::Malformed(format!("header is not unpadded base64url: {e}")))?;
+    let header: JoseHeader =
+        serde_json::from_slice(&bytes).map_err(|e| JwtError::Malformed(format!("header: {e}")))?;
+    if header.alg != ALG {
+        return Err(JwtError::UnsupportedAlgorithm(header.alg));
+    }
+    if header.crit.is_some() {
+        return Err(JwtError::Malformed(
+            "critical header extensions are not supported".into(),
+        ));
+    }
+    Ok(())
 }
 
 fn check_tenant(tenant: &str) -> Result<(), JwtError> {
@@ -393,7 +494,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_tamper() {
-        let auth = JwtAuth::new(SECRET);
+        let auth = JwtAuth::new(SECRET).unwrap();
         let token = auth.mint(&Claims::new("t1", Duration::from_secs(60)));
         assert_eq!(auth.verify(&token).unwrap().tenant_id, "t1");
         let mut bad = token.clone();
@@ -404,7 +505,7 @@ mod tests {
 
     #[test]
     fn leeway_applies_to_exp() {
-        let auth = JwtAuth::new(SECRET);
+        let auth = JwtAuth::new(SECRET).unwrap();
         let token = auth.mint(&Claims::new("t", Duration::ZERO).expires_at(1000));
         assert!(auth
             .verify_at(&token, 1000 + CLOCK_LEEWAY.as_secs())

@@ -24,7 +24,7 @@ use http::HeaderValue;
 /// An OpenAI-compatible caching proxy: tenants from HS256 JWTs, deps from X-CacheCore-Deps,
 /// invalidation at POST /v1/invalidate, health at GET /health, metrics at GET /metrics.
 #[derive(Debug, Parser)]
-#[command(name = "cachecore-gateway", version, about, long_about = None)]
+#[command(name = "cachecore-gateway", version)]
 struct Args {
     /// Address to listen on (loopback by default, so a gateway is never exposed by accident).
     #[arg(long, env = "CACHECORE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -202,9 +202,13 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
-    // JWT_PENDING: constructor and aud/iss checks arrive with the jsonwebtoken rewrite.
-    let auth = JwtAuth::new(&args.jwt_secret);
-    let _ = (&args.jwt_audience, &args.jwt_issuer);
+    let mut auth = JwtAuth::new(&args.jwt_secret)?;
+    if let Some(aud) = &args.jwt_audience {
+        auth = auth.audience(aud);
+    }
+    if let Some(iss) = &args.jwt_issuer {
+        auth = auth.issuer(iss);
+    }
 
     let mut cache = CachecoreLayer::builder()
         .default_ttl(args.default_ttl)

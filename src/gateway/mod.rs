@@ -19,7 +19,7 @@
 //! use cachecore::gateway::Gateway;
 //! use cachecore::CachecoreLayer;
 //!
-//! let gateway = Gateway::builder("http://127.0.0.1:9000", JwtAuth::new("the shared HS256 secret"))
+//! let gateway = Gateway::builder("http://127.0.0.1:9000", JwtAuth::new("the shared HS256 secret, 32 bytes or more")?)
 //!     .cache(CachecoreLayer::builder().default_ttl(std::time::Duration::from_secs(600)))
 //!     .build()?;
 //! let app = axum::Router::new().fallback_service(gateway);
@@ -282,7 +282,7 @@ impl GatewayBuilder {
     /// ```
     /// # use cachecore::auth::jwt::JwtAuth;
     /// # use cachecore::gateway::{Gateway, DEFAULT_CACHEABLE_PATHS};
-    /// let gateway = Gateway::builder("http://127.0.0.1:9000", JwtAuth::new("secret"))
+    /// let gateway = Gateway::builder("http://127.0.0.1:9000", JwtAuth::new("a shared secret of 32 bytes or more").unwrap())
     ///     .cacheable_paths(DEFAULT_CACHEABLE_PATHS.iter().copied().chain(["GET /v1/models"]))
     ///     .build()
     ///     .unwrap();
