@@ -928,15 +928,17 @@ async fn with_the_real_model_a_paraphrase_hits_and_a_negation_does_not() {
 // ---------------------------------------------------------------------------------------------
 // The OpenAI-compatible embedder, through a tower service.
 
+type EndpointFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>,
+>;
+
 fn embeddings_endpoint(
     hang: bool,
 ) -> impl tower::Service<
     Request<Full<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
-    Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>,
-    >,
+    Future = EndpointFuture,
 > + Clone
        + Send
        + Sync

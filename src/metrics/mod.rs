@@ -140,7 +140,6 @@ impl Metrics {
         let c = match status {
             CacheStatus::Hit => &self.hits,
             CacheStatus::StaleHit => &self.stale_hits,
-            CacheStatus::HitL2 => &self.l2_hits,
             CacheStatus::Miss => &self.misses,
             CacheStatus::Bypass => &self.bypasses,
             _ => &self.l2_hits,
