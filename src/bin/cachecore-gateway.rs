@@ -210,14 +210,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         auth = auth.issuer(iss);
     }
 
-    let mut cache = CachecoreLayer::builder()
+    let cache = CachecoreLayer::builder()
         .default_ttl(args.default_ttl)
         .store_timeout(args.store_timeout);
     #[cfg(feature = "redis")]
-    if let Some(url) = &args.redis {
-        tracing::info!(redis = %url, "entries in Redis");
-        cache = cache.store(cachecore::RedisStore::connect(url).await?);
-    }
+    let cache = match &args.redis {
+        Some(url) => {
+            tracing::info!(redis = %url, "entries in Redis");
+            cache.store(cachecore::RedisStore::connect(url).await?)
+        }
+        None => cache,
+    };
     #[cfg(not(feature = "redis"))]
     tracing::info!("entries in memory (built without the `redis` feature)");
 
