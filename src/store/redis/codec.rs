@@ -455,10 +455,10 @@ mod tests {
         fn mutation() -> impl Strategy<Value = Mutation> {
             let at = any::<usize>();
             prop_oneof![
-                (at.clone(), any::<u8>()).prop_map(|(i, b)| Mutation::Replace(i, b)),
-                (at.clone(), any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
-                at.clone().prop_map(Mutation::Remove),
-                (at.clone(), count()).prop_map(|(i, n)| Mutation::Splice(i, n)),
+                (at, any::<u8>()).prop_map(|(i, b)| Mutation::Replace(i, b)),
+                (at, any::<u8>()).prop_map(|(i, b)| Mutation::Insert(i, b)),
+                at.prop_map(Mutation::Remove),
+                (at, count()).prop_map(|(i, n)| Mutation::Splice(i, n)),
                 at.prop_map(Mutation::Truncate),
             ]
         }
