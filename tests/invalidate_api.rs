@@ -489,9 +489,19 @@ async fn control_characters_are_422() {
         json_req(r#"{"dep_id":"doc:1","new_hash":"v\r\n2"}"#),
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid_new_hash",
-        "control character",
+        "new_hash has white space",
     )
     .await;
+    // The same rule as the layer and the queue: printable ASCII, no spaces, 1 to 256 bytes.
+    for hash in ["\"v 2\"", "\"\"", "\"caf\u{e9}\""] {
+        f.rejects(
+            json_req(&format!(r#"{{"dep_id":"doc:1","new_hash":{hash}}}"#)),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_new_hash",
+            "new_hash",
+        )
+        .await;
+    }
 }
 
 #[tokio::test]

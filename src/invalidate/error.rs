@@ -25,7 +25,7 @@ use super::MAX_BATCH;
 /// | 413 | `payload_too_large` | body over [`MAX_BODY_BYTES`](super::MAX_BODY_BYTES) |
 /// | 415 | `unsupported_media_type` | a content type other than JSON |
 /// | 422 | `invalid_dep_id` | a dep id is empty, over 512 bytes, or has a control character |
-/// | 422 | `invalid_new_hash` | `new_hash` over 512 bytes or with a control character |
+/// | 422 | `invalid_new_hash` | `new_hash` empty, over 256 bytes, or not printable ASCII without white space |
 /// | 422 | `empty_batch` | `dep_ids` is `[]` |
 /// | 422 | `batch_too_large` | `dep_ids` has over [`MAX_BATCH`] ids |
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -52,8 +52,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// (and its time holding a connection) predictable.
 pub const MAX_BATCH: usize = 1000;
 
-/// Longest `new_hash` accepted, in bytes (the same bound as a dep id).
-pub const MAX_NEW_HASH_LEN: usize = crate::MAX_DEP_ID_LEN;
+/// Longest `new_hash` accepted, in bytes: the crate-wide [`crate::MAX_NEW_HASH_LEN`].
+pub const MAX_NEW_HASH_LEN: usize = crate::MAX_NEW_HASH_LEN;
 
 /// The future an [`Invalidator`] returns.
 pub type InvalidateFuture<'a> = Pin<Box<dyn Future<Output = Vec<InvalidationResult>> + Send + 'a>>;

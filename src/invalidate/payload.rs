@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{ApiError, MAX_BATCH, MAX_NEW_HASH_LEN};
+use super::{ApiError, MAX_BATCH};
 use crate::{validate_dep_id, InvalidationResult};
 
 /// A request, validated whole before anything is invalidated.
@@ -124,21 +124,9 @@ impl InvalidateRequest {
             }
         };
         if let Some(h) = new_hash {
-            if h.len() > MAX_NEW_HASH_LEN {
-                return Err(ApiError::unprocessable(
-                    "invalid_new_hash",
-                    format!(
-                        "new_hash is {} bytes long; the limit is {MAX_NEW_HASH_LEN}",
-                        h.len()
-                    ),
-                ));
-            }
-            if h.chars().any(char::is_control) {
-                return Err(ApiError::unprocessable(
-                    "invalid_new_hash",
-                    "new_hash contains a control character",
-                ));
-            }
+            // The same rule as every other path (layer, queue): docs/design.md §4 rule 2.
+            crate::validate_new_hash(h)
+                .map_err(|e| ApiError::unprocessable("invalid_new_hash", e.to_string()))?;
         }
         Ok(())
     }
