@@ -456,7 +456,7 @@ pub(crate) struct Engine {
     pub(crate) config: Config,
     flights: Mutex<HashMap<CacheKey, watch::Receiver<FlightState>>>,
     refreshing: Mutex<HashSet<CacheKey>>,
-    breaker: Breaker,
+    breaker: Breakers,
     key_memo: KeyMemo,
     pub(crate) metrics: Metrics,
 }
@@ -482,11 +482,11 @@ impl Engine {
     pub(crate) fn new(store: Arc<dyn CacheStore>, config: Config) -> Self {
         Self {
             self_bounded: store.bounds_its_own_calls(),
+            breaker: Breakers::new(store.failure_domains()),
             store,
             config,
             flights: Mutex::new(HashMap::new()),
             refreshing: Mutex::new(HashSet::new()),
-            breaker: Breaker::default(),
             key_memo: KeyMemo::default(),
             metrics: Metrics::default(),
         }
@@ -588,7 +588,7 @@ impl Engine {
     /// `Unavailable`, never an error.
     pub(crate) async fn lookup(&self, key: &CacheKey, deps: &[&str]) -> Found {
         match self
-            .guarded(StoreOp::Lookup, self.store.lookup(key, deps))
+            .guarded(StoreOp::Lookup, key.tenant(), self.store.lookup(key, deps))
             .await
         {
             Some(Lookup::Fresh(entry)) => Found::Hit(entry, CacheStatus::Hit),
@@ -741,13 +741,16 @@ impl Engine {
         !self.breaker.allows()
     }
 
-    /// Runs one store call under the timeout and the circuit breaker.
+    /// Runs one store call for `tenant` under the timeout and the circuit breaker of the store's
+    /// part that holds the tenant.
     async fn guarded<T>(
         &self,
         op: StoreOp,
+        tenant: &str,
         mut call: crate::store::StoreFuture<'_, T>,
     ) -> Option<T> {
-        if !self.breaker.allows() {
+        let breaker = self.breaker.domain(self.store.failure_domain(tenant));
+        if !breaker.allows() {
             self.metrics.store_skipped.fetch_add(1, Ordering::Relaxed);
             return None;
         }
@@ -771,16 +774,13 @@ impl Engine {
         };
         let error = match outcome {
             Ok(value) => {
-                self.breaker.success();
+                breaker.success();
                 return Some(value);
             }
             Err(error) => error,
         };
         self.metrics.store_errors.fetch_add(1, Ordering::Relaxed);
-        if self
-            .breaker
-            .failure(self.config.breaker_failures, self.config.breaker_cooldown)
-        {
+        if breaker.failure(self.config.breaker_failures, self.config.breaker_cooldown) {
             self.metrics.breaker_opened.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(target: "cachecore", %error, cooldown = ?self.config.breaker_cooldown,
                 "cache store failing; skipping it for a cool-down");
@@ -792,7 +792,10 @@ impl Engine {
 
     /// Writes an entry with the epochs observed at lookup; returns whether it was stored.
     pub(crate) async fn put(&self, key: &CacheKey, entry: Entry) -> bool {
-        match self.guarded(StoreOp::Put, self.store.put(key, entry)).await {
+        match self
+            .guarded(StoreOp::Put, key.tenant(), self.store.put(key, entry))
+            .await
+        {
             Some(PutOutcome::Stored) => {
                 self.metrics.stored.fetch_add(1, Ordering::Relaxed);
                 true
@@ -1396,52 +1399,80 @@ impl Drop for TimeOnDrop<'_> {
     }
 }
 
-/// Skips the store for a cool-down after repeated consecutive failures.
+/// One circuit breaker per failure domain of the store ([`CacheStore::failure_domain`]): a part
+/// that keeps failing is skipped for a cool-down while the others keep serving (on Redis
+/// Cluster, a dead master costs only the tenants whose slots it holds).
 #[derive(Debug)]
-struct Breaker {
-    failures: AtomicU32,
-    open_until_ms: AtomicU64,
+struct Breakers {
+    domains: Box<[Breaker]>,
     epoch: Instant,
 }
 
-impl Default for Breaker {
-    fn default() -> Self {
+/// Skips one failure domain for a cool-down after repeated consecutive failures in it.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: AtomicU32,
+    open_until_ms: AtomicU64,
+}
+
+/// The breaker of one domain.
+struct DomainBreaker<'a> {
+    breaker: &'a Breaker,
+    breakers: &'a Breakers,
+}
+
+impl Breakers {
+    fn new(domains: usize) -> Self {
         Self {
-            failures: AtomicU32::new(0),
-            open_until_ms: AtomicU64::new(0),
+            domains: (0..domains.max(1)).map(|_| Breaker::default()).collect(),
             epoch: Instant::now(),
         }
     }
-}
 
-impl Breaker {
     fn now(&self) -> u64 {
         duration_ms(self.epoch.elapsed())
     }
 
+    /// The breaker of `domain` (a domain past the store's count wraps around rather than panic).
+    fn domain(&self, domain: usize) -> DomainBreaker<'_> {
+        DomainBreaker {
+            breaker: &self.domains[domain % self.domains.len()],
+            breakers: self,
+        }
+    }
+
+    /// Whether no domain is being skipped.
+    fn allows(&self) -> bool {
+        (0..self.domains.len()).all(|d| self.domain(d).allows())
+    }
+}
+
+impl DomainBreaker<'_> {
     fn allows(&self) -> bool {
         // Zero: never opened, or closed again. Checked first so a healthy store costs no clock
         // read. Past the cool-down the breaker is half-open: calls go through, and the next
         // failure opens it again straight away (the failure count is still at the threshold).
-        let until = self.open_until_ms.load(Ordering::Relaxed);
-        until == 0 || until <= self.now()
+        let until = self.breaker.open_until_ms.load(Ordering::Relaxed);
+        until == 0 || until <= self.breakers.now()
     }
 
     fn success(&self) {
-        if self.failures.load(Ordering::Relaxed) != 0 {
-            self.failures.store(0, Ordering::Relaxed);
-            self.open_until_ms.store(0, Ordering::Relaxed);
+        if self.breaker.failures.load(Ordering::Relaxed) != 0 {
+            self.breaker.failures.store(0, Ordering::Relaxed);
+            self.breaker.open_until_ms.store(0, Ordering::Relaxed);
         }
     }
 
     /// Records a failure; true when it opened the breaker.
     fn failure(&self, threshold: u32, cooldown: Duration) -> bool {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let n = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n < threshold.max(1) {
             return false;
         }
-        self.open_until_ms
-            .store(self.now() + duration_ms(cooldown), Ordering::Relaxed);
+        self.breaker.open_until_ms.store(
+            self.breakers.now() + duration_ms(cooldown),
+            Ordering::Relaxed,
+        );
         true
     }
 }

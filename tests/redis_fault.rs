@@ -1,6 +1,7 @@
 //! Redis dies in the middle of a steady stream of requests through the layer and comes back:
 //! no client request fails at any point, and hits resume once Redis is back. Once with a single
-//! Redis, once with one master of a three-master Redis Cluster.
+//! Redis, once with one master of a three-master Redis Cluster, where the tenants on the other
+//! masters keep their hits however often the dead master's tenants fail.
 
 mod support;
 
@@ -28,6 +29,10 @@ const PROMPTS: usize = 8;
 const PACE: Duration = Duration::from_millis(5);
 /// Header the test's namespace resolver reads the tenant from.
 const TENANT_HEADER: &str = "x-test-tenant";
+/// Consecutive store failures that open the layer's circuit breaker.
+const BREAKER_FAILURES: u32 = 5;
+/// How long an open breaker skips the store.
+const BREAKER_COOLDOWN: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
 struct Tally {
@@ -102,6 +107,17 @@ async fn stream_through(store: RedisStoreBuilder, tenants: &'static [&'static st
     Stream::start(svc, tenants)
 }
 
+/// One request for `tenant` with prompt number `n`, as the stream sends it.
+fn request(tenant: &str, n: usize) -> (Request<Full<Bytes>>, String) {
+    let prompt = format!("{{\"prompt\":\"question {}\"}}", n % PROMPTS);
+    let req = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .header(TENANT_HEADER, tenant)
+        .body(Full::new(Bytes::from(prompt.clone())))
+        .unwrap();
+    (req, prompt)
+}
+
 /// The layer under test: short store timeout, a circuit breaker, the tenant from a header.
 fn layer(store: RedisStore) -> CachecoreLayer {
     CachecoreLayer::builder()
@@ -111,7 +127,7 @@ fn layer(store: RedisStore) -> CachecoreLayer {
             Some(Namespace::new(tenant.to_owned(), "1"))
         })
         .store_timeout(Duration::from_millis(250))
-        .circuit_breaker(5, Duration::from_millis(500))
+        .circuit_breaker(BREAKER_FAILURES, BREAKER_COOLDOWN)
         .build()
 }
 
@@ -120,6 +136,7 @@ fn layer(store: RedisStore) -> CachecoreLayer {
 struct Stream {
     tally: Arc<Mutex<Tally>>,
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
     phase: Arc<AtomicU8>,
     clients: Vec<JoinHandle<()>>,
 }
@@ -136,26 +153,27 @@ impl Stream {
     {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
         let phase = Arc::new(AtomicU8::new(0));
         let clients = (0..CLIENTS)
             .map(|c| {
-                let (svc, tally, stop, phase) = (
+                let (svc, tally, stop, paused, phase) = (
                     svc.clone(),
                     Arc::clone(&tally),
                     Arc::clone(&stop),
+                    Arc::clone(&paused),
                     Arc::clone(&phase),
                 );
                 tokio::spawn(async move {
                     let mut i = c;
                     while !stop.load(Ordering::Relaxed) {
+                        if paused.load(Ordering::Relaxed) {
+                            tokio::time::sleep(PACE).await;
+                            continue;
+                        }
                         let tenant = tenants[i % tenants.len()];
-                        let prompt = format!("{{\"prompt\":\"question {}\"}}", i % PROMPTS);
+                        let (req, prompt) = request(tenant, i);
                         i += 1;
-                        let req = Request::post("/v1/chat/completions")
-                            .header("content-type", "application/json")
-                            .header(TENANT_HEADER, tenant)
-                            .body(Full::new(Bytes::from(prompt.clone())))
-                            .unwrap();
                         let started = Instant::now();
                         let started_in = phase.load(Ordering::SeqCst);
                         let outcome = ask(svc.clone(), req, &prompt).await;
@@ -184,9 +202,15 @@ impl Stream {
         Self {
             tally,
             stop,
+            paused,
             phase,
             clients,
         }
+    }
+
+    /// Stops sending (requests in flight finish) or starts again.
+    fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
     }
 
     /// Starts a new phase: requests already in flight are not counted in it, and neither is
@@ -303,24 +327,28 @@ async fn redis_dies_mid_stream_and_no_request_fails() {
 const CLUSTER_TENANTS: &[&str] = &["t0", "t1", "t2", "t3", "t4", "t5", "t6", "t7", "t8"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cluster_master_dies_mid_stream_and_no_request_fails() {
+async fn a_cluster_master_dies_and_only_its_tenants_lose_their_hits() {
     let mut cluster = RedisCluster::start();
     let killed = 1;
     let port = cluster.nodes()[killed].port();
-    let on_killed: Vec<&str> = CLUSTER_TENANTS
+    let (on_killed, healthy): (Vec<&str>, Vec<&str>) = CLUSTER_TENANTS
         .iter()
         .copied()
-        .filter(|t| cluster.node_for_tag(t) == port)
-        .collect();
+        .partition(|t| cluster.node_for_tag(t) == port);
     assert!(
-        !on_killed.is_empty() && on_killed.len() < CLUSTER_TENANTS.len(),
+        !on_killed.is_empty() && !healthy.is_empty(),
         "the test tenants must land on the killed master and on the others: {on_killed:?}"
     );
-    let stream = stream_through(
-        RedisStore::builder().cluster(cluster.urls()),
-        CLUSTER_TENANTS,
-    )
-    .await;
+    let store = RedisStore::builder()
+        .cluster(cluster.urls())
+        .timeout(Duration::from_millis(250))
+        .build()
+        .await
+        .unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer(store))
+        .service(upstream());
+    let stream = Stream::start(svc.clone(), CLUSTER_TENANTS);
 
     // Every tenant settles into hits.
     stream
@@ -328,6 +356,13 @@ async fn a_cluster_master_dies_mid_stream_and_no_request_fails() {
             t.hit_tenants.len() == CLUSTER_TENANTS.len()
         })
         .await;
+    // The probes below ask each healthy tenant its first prompt: make sure it is stored.
+    for t in &healthy {
+        let (req, prompt) = request(t, 0);
+        ask(svc.clone(), req, &prompt).await.unwrap();
+        let (req, prompt) = request(t, 0);
+        assert_eq!(ask(svc.clone(), req, &prompt).await.unwrap(), "HIT_L1");
+    }
 
     // One master dies (well inside the cluster's node timeout, so the others keep serving their
     // slots). Its tenants cannot hit; no request fails.
@@ -342,6 +377,33 @@ async fn a_cluster_master_dies_mid_stream_and_no_request_fails() {
             "{t} lives on the dead master, yet hit"
         );
     }
+
+    // The dead master's tenants fail many times in a row, with nothing in between (the stream
+    // paused, its requests in flight finished): far more consecutive store failures than the
+    // breaker's threshold. That must not stop the other tenants' hits: the dead master is not
+    // theirs.
+    stream.pause(true);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let burst: Vec<_> = (0..3 * BREAKER_FAILURES as usize)
+        .map(|n| {
+            let (req, prompt) = request(on_killed[n % on_killed.len()], n);
+            let svc = svc.clone();
+            tokio::spawn(async move { ask(svc, req, &prompt).await })
+        })
+        .collect();
+    for call in burst {
+        let x_cache = call.await.unwrap().expect("no request fails");
+        assert_ne!(x_cache, "HIT_L1");
+    }
+    for t in &healthy {
+        let (req, prompt) = request(t, 0);
+        assert_eq!(
+            ask(svc.clone(), req, &prompt).await.unwrap(),
+            "HIT_L1",
+            "{t} is on a live master, yet lost its hit after failures on the dead one"
+        );
+    }
+    stream.pause(false);
 
     // It comes back (empty, same slots); the same store reconnects and every tenant hits again.
     cluster.restart_node(killed);

@@ -186,17 +186,20 @@ async fn keys_follow_the_schema() {
             format!("cc:{{acme-prod}}:l1:{}", k.hex()),
         ]
     );
-    assert_eq!(
-        server.cli(&["--raw", "GET", "cc:{acme-prod}:dep:ver:doc:other"]),
-        "1:h1\n"
-    );
-    // Epochs never expire.
-    assert_eq!(
-        server
-            .cli(&["TTL", "cc:{acme-prod}:dep:ver:doc:other"])
-            .trim(),
-        "-1"
-    );
+    // `<epoch>.<life>:<hash>`, the life a random non-zero number.
+    let ver = server.cli(&["--raw", "GET", "cc:{acme-prod}:dep:ver:doc:other"]);
+    let (version, hash) = ver.trim_end().split_once(':').unwrap();
+    let (epoch, life) = version.split_once('.').unwrap();
+    assert_eq!((epoch, hash), ("1", "h1"), "{ver}");
+    assert!(life.parse::<u64>().is_ok_and(|l| l > 0), "{ver}");
+    // An epoch no entry records expires after the retention: the default put deadline (ten
+    // minutes) plus a minute for puts under way.
+    let ttl: i64 = server
+        .cli(&["TTL", "cc:{acme-prod}:dep:ver:doc:other"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((650..=660).contains(&ttl), "ttl {ttl}");
     assert_eq!(
         server
             .cli(&["--raw", "TYPE", &format!("cc:{{acme-prod}}:l1:{}", k.hex())])
@@ -340,12 +343,13 @@ async fn reclamation_runs_in_bounded_batches() {
     assert_eq!(
         calls_since_reset(&server),
         BTreeMap::from([
-            // One round trip bumps the epoch (GET, SET) and detaches the tag set (EXISTS,
-            // RENAME) ...
+            // One round trip bumps the epoch (GET, SET), sets its expiry from its own and the
+            // tag set's (PTTL twice; the tag set's also says whether it exists) and detaches
+            // the tag set (RENAME) ...
             ("evalsha".to_owned(), 1),
             ("get".to_owned(), 1),
+            ("pttl".to_owned(), 2),
             ("set".to_owned(), 1),
-            ("exists".to_owned(), 1),
             ("rename".to_owned(), 1),
             // ... then bounded batches reclaim the entries.
             ("zpopmin".to_owned(), batches),
@@ -370,6 +374,95 @@ async fn reclamation_runs_in_bounded_batches() {
         store.lookup(&key("t", 0), &deps).await.unwrap(),
         Lookup::Miss(_)
     ));
+
+    // A dep that tags no entry: the raise is the only round trip, nothing to reclaim.
+    reset_stats(&server);
+    let result = store.invalidate("t", "row:8271", "h").await.unwrap();
+    assert_eq!((result.ok, result.deleted), (true, 0));
+    let calls = calls_since_reset(&server);
+    assert_eq!(
+        (calls["evalsha"], calls.get("zpopmin")),
+        (1, None),
+        "{calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn ver_keys_expire_but_never_before_an_entry_that_records_their_dep() {
+    const DEADLINE: Duration = Duration::from_millis(200);
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(Duration::from_secs(2))
+        .put_deadline(DEADLINE)
+        .build()
+        .await
+        .unwrap();
+    let pttl = |name: &str| -> i64 { server.cli(&["PTTL", name]).trim().parse().unwrap() };
+    let ver = |dep: &str| format!("cc:{{t}}:dep:ver:{dep}");
+
+    // No entry: kept for the retention (twice the deadline here), then gone.
+    store.invalidate("t", "row:1", "h").await.unwrap();
+    let left = pttl(&ver("row:1"));
+    assert!(left > 0 && left <= 400, "pttl {left}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.cli(&["EXISTS", &ver("row:1")]).trim(), "0");
+
+    // Entries of the epoch before: kept as long as the tag set the raise detaches.
+    fill(
+        &store,
+        &key("t", 1),
+        &[POLICY_DEP, DOC],
+        Duration::from_secs(60),
+    )
+    .await;
+    store.invalidate("t", DOC, "h").await.unwrap();
+    assert!(pttl(&ver(DOC)) > 59_000, "pttl {}", pttl(&ver(DOC)));
+
+    // Entries of the current epoch: each put extends it to the entry's lifetime.
+    fill(
+        &store,
+        &key("t", 2),
+        &[POLICY_DEP, DOC],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(pttl(&ver(DOC)) > 119_000, "pttl {}", pttl(&ver(DOC)));
+    // A shorter entry never shortens it.
+    fill(
+        &store,
+        &key("t", 3),
+        &[POLICY_DEP, DOC],
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(pttl(&ver(DOC)) > 119_000);
+    // Nor does another raise.
+    store.invalidate("t", DOC, "h2").await.unwrap();
+    assert!(pttl(&ver(DOC)) > 119_000);
+
+    // A value written before ver keys expired keeps no expiry, and gets a life on its next
+    // raise; a put that observed it before is refused after.
+    assert_eq!(server.cli(&["SET", &ver("legacy"), "4:h"]).trim(), "OK");
+    let Lookup::Miss(before) = store.lookup(&key("t", 4), &["legacy"]).await.unwrap() else {
+        panic!("expected a miss");
+    };
+    assert_eq!(before.get("legacy"), Some(4));
+    store.invalidate("t", "legacy", "h2").await.unwrap();
+    assert_eq!(pttl(&ver("legacy")), -1);
+    let value = server.cli(&["--raw", "GET", &ver("legacy")]);
+    assert!(
+        value.starts_with("5.") && value.trim_end().ends_with(":h2"),
+        "{value}"
+    );
+    let outcome = store
+        .put(&key("t", 4), entry(before, b"x", Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        PutOutcome::Refused(RefusedReason::DepChanged("legacy".into()))
+    );
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cachecore::store::redis::RedisStore;
-use cachecore::store::{now_ms, RefusedReason};
+use cachecore::store::{now_ms, RefusedReason, DEFAULT_PUT_DEADLINE};
 use cachecore::{
     CacheKey, CacheStore, DepEpochs, Entry, Lookup, MemoryStore, PutOutcome, MAX_DEP_ID_LEN,
     POLICY_DEP,
@@ -36,17 +36,30 @@ enum Raw {
 
 impl Fixture {
     async fn memory() -> Self {
+        Self::memory_with(DEFAULT_PUT_DEADLINE).await
+    }
+
+    async fn redis() -> Self {
+        Self::redis_with(DEFAULT_PUT_DEADLINE).await
+    }
+
+    async fn cluster() -> Self {
+        Self::cluster_with(DEFAULT_PUT_DEADLINE).await
+    }
+
+    async fn memory_with(put_deadline: Duration) -> Self {
         Self {
-            store: Arc::new(MemoryStore::new()),
+            store: Arc::new(MemoryStore::builder().put_deadline(put_deadline).build()),
             raw: None,
         }
     }
 
-    async fn redis() -> Self {
+    async fn redis_with(put_deadline: Duration) -> Self {
         let server = support::shared_redis();
         let store = RedisStore::builder()
             .url(server.url())
             .timeout(TEST_TIMEOUT)
+            .put_deadline(put_deadline)
             .build()
             .await
             .expect("connect to the test redis");
@@ -61,11 +74,12 @@ impl Fixture {
         }
     }
 
-    async fn cluster() -> Self {
+    async fn cluster_with(put_deadline: Duration) -> Self {
         let cluster = support::shared_cluster();
         let store = RedisStore::builder()
             .cluster(cluster.urls())
             .timeout(TEST_TIMEOUT)
+            .put_deadline(put_deadline)
             .build()
             .await
             .expect("connect to the test cluster");
@@ -633,6 +647,132 @@ async fn put_replaces_and_unknown_keys_miss_at_epoch_zero(fx: Fixture) {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rule 8: bounded epoch state. These run on stores with a short put deadline.
+
+/// The put deadline of the stores below: the epoch retention is twice this.
+const SHORT_DEADLINE: Duration = Duration::from_millis(1_000);
+
+/// Polls until the store has forgotten `dep`'s epoch (it reads 0 again), writing to the tenant
+/// meanwhile (an in-process store forgets on writes). Panics after `limit`.
+async fn wait_until_forgotten(fx: &Fixture, t: &str, dep: &str, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let now = epochs(&fx.lookup(&key(t, 999), &[dep]).await).get(dep);
+        if now == Some(0) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{dep} still at epoch {now:?} after {limit:?}: epoch state is never forgotten"
+        );
+        fx.store.invalidate(t, "doc:tick", "t").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A put presented more than the put deadline after its lookup is refused: the store may have
+/// forgotten the epochs it observed, so it can no longer check them.
+async fn a_put_after_its_deadline_is_refused(fx: Fixture) {
+    let t = tenant();
+    let deps = [POLICY_DEP, DOC];
+    let k = key(&t, 1);
+    let late = epochs(&fx.lookup(&k, &deps).await).clone();
+    tokio::time::sleep(SHORT_DEADLINE + Duration::from_millis(100)).await;
+    let e = entry(late, "late", Duration::from_secs(60), Duration::ZERO);
+    assert_eq!(
+        fx.put(&k, e).await,
+        PutOutcome::Refused(RefusedReason::DeadlinePassed)
+    );
+    assert!(matches!(fx.lookup(&k, &deps).await, Lookup::Miss(_)));
+    // In time, the same put is stored; a hit counts as a new observation for a refresh.
+    fx.fill(&k, &deps, "on time").await;
+    let Lookup::Fresh(hit) = fx.lookup(&k, &deps).await else {
+        panic!("expected a hit");
+    };
+    tokio::time::sleep(SHORT_DEADLINE / 2).await;
+    let Lookup::Fresh(again) = fx.lookup(&k, &deps).await else {
+        panic!("expected a hit");
+    };
+    assert!(again.deps.observed_at() > hit.deps.observed_at());
+    let refresh = entry(
+        again.deps,
+        "refreshed",
+        Duration::from_secs(60),
+        Duration::ZERO,
+    );
+    assert_eq!(fx.put(&k, refresh).await, PutOutcome::Stored);
+}
+
+/// A raised epoch that no entry records is forgotten after the retention (it reads 0 again),
+/// and a put that observed it before is refused after the dep is raised again, even though the
+/// epoch number is the same (a new life).
+async fn epochs_are_forgotten_and_a_put_from_the_old_life_is_refused(fx: Fixture) {
+    let t = tenant();
+    let deps = [POLICY_DEP, DOC];
+    let k = key(&t, 1);
+    assert!(fx.store.invalidate(&t, DOC, "v1").await.unwrap().ok);
+    // Observed late in the retention, so the put below is still within its deadline.
+    tokio::time::sleep(SHORT_DEADLINE * 3 / 2).await;
+    let old_life = epochs(&fx.lookup(&k, &deps).await).clone();
+    assert_eq!(old_life.get(DOC), Some(1));
+    wait_until_forgotten(&fx, &t, DOC, SHORT_DEADLINE * 3).await;
+    assert!(fx.store.invalidate(&t, DOC, "v2").await.unwrap().ok);
+    assert_eq!(epochs(&fx.lookup(&k, &deps).await).get(DOC), Some(1));
+    let e = entry(old_life, "stale", Duration::from_secs(60), Duration::ZERO);
+    assert_eq!(
+        fx.put(&k, e).await,
+        PutOutcome::Refused(RefusedReason::DepChanged(DOC.to_owned()))
+    );
+    assert!(matches!(fx.lookup(&k, &deps).await, Lookup::Miss(_)));
+}
+
+/// An epoch is remembered as long as an entry records it, or records an older one: an entry
+/// written at epoch 0 that outlives its invalidation (reclamation missed it) is never served
+/// again, however long after the retention; an entry of the current epoch keeps it current.
+async fn an_epoch_outlives_every_entry_that_records_it(fx: Fixture) {
+    let t = tenant();
+    let (doc2, other) = ("doc:two", "doc:other");
+    let old = key(&t, 1);
+    fx.fill(&old, &[POLICY_DEP, DOC], "old").await;
+    let entry_key = format!("cc:{{{t}}}:l1:{}", old.hex());
+    let saved: Option<Vec<u8>> = fx.raw_query(::redis::cmd("GET").arg(&entry_key)).await;
+    let left: Option<i64> = fx.raw_query(::redis::cmd("PTTL").arg(&entry_key)).await;
+    assert!(fx.store.invalidate(&t, DOC, "v2").await.unwrap().ok);
+    if let (Some(saved), Some(left)) = (saved, left) {
+        // Reclamation missed it: the old entry is back, with the expiry it had.
+        let _: Option<()> = fx
+            .raw_query(
+                ::redis::cmd("SET")
+                    .arg(&entry_key)
+                    .arg(saved)
+                    .arg("PX")
+                    .arg(left),
+            )
+            .await;
+    }
+
+    // An entry written after a raise keeps that epoch current as long as it lives.
+    assert!(fx.store.invalidate(&t, doc2, "v2").await.unwrap().ok);
+    let current = key(&t, 2);
+    fx.fill(&current, &[POLICY_DEP, doc2], "current").await;
+
+    // Well past the retention, with writes that let an in-process store forget.
+    assert!(fx.store.invalidate(&t, other, "v2").await.unwrap().ok);
+    wait_until_forgotten(&fx, &t, other, SHORT_DEADLINE * 4).await;
+    assert_eq!(body_of(&fx.lookup(&old, &[POLICY_DEP, DOC]).await), None);
+    assert_eq!(
+        body_of(&fx.lookup(&current, &[POLICY_DEP, doc2]).await),
+        Some(&b"current"[..])
+    );
+    let now = epochs(&fx.lookup(&key(&t, 3), &[DOC, doc2]).await).clone();
+    assert_eq!(now.get(doc2), Some(1));
+    if fx.raw.is_some() {
+        // The old entry still lives, so its dep's epoch does.
+        assert_eq!(now.get(DOC), Some(1));
+    }
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -643,6 +783,23 @@ macro_rules! conformance {
         }
         mod cluster {
             $( #[tokio::test] async fn $test() { super::$test(super::Fixture::cluster().await).await } )*
+        }
+    };
+    (short deadline: $($test:ident),* $(,)?) => {
+        mod memory_short_deadline {
+            $( #[tokio::test] async fn $test() {
+                super::$test(super::Fixture::memory_with(super::SHORT_DEADLINE).await).await
+            } )*
+        }
+        mod redis_short_deadline {
+            $( #[tokio::test] async fn $test() {
+                super::$test(super::Fixture::redis_with(super::SHORT_DEADLINE).await).await
+            } )*
+        }
+        mod cluster_short_deadline {
+            $( #[tokio::test] async fn $test() {
+                super::$test(super::Fixture::cluster_with(super::SHORT_DEADLINE).await).await
+            } )*
         }
     };
 }
@@ -663,4 +820,10 @@ conformance!(
     invalidate_many_reports_per_id,
     invalid_dep_ids_fail_and_change_nothing,
     put_replaces_and_unknown_keys_miss_at_epoch_zero,
+);
+
+conformance!(short deadline:
+    a_put_after_its_deadline_is_refused,
+    epochs_are_forgotten_and_a_put_from_the_old_life_is_refused,
+    an_epoch_outlives_every_entry_that_records_it,
 );

@@ -173,6 +173,8 @@ impl From<WireResult> for InvalidationResult {
             ok: r.ok,
             deleted: r.keys_deleted,
             error: r.error,
+            // The wire format (docs/design.md §7) does not carry it.
+            acknowledged: None,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The default, in-process store on `moka`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -9,8 +10,8 @@ use moka::notification::RemovalCause;
 use moka::sync::Cache;
 
 use super::{
-    now_ms, CacheKey, CacheStore, DepEpochs, Entry, Freshness, InvalidationResult, Lookup,
-    PutOutcome, RefusedReason, StoreFuture,
+    epoch_retention, now_ms, CacheKey, CacheStore, DepEpochs, Entry, Freshness, InvalidationResult,
+    Lookup, PutOutcome, RefusedReason, StoreFuture, DEFAULT_PUT_DEADLINE,
 };
 use crate::dep::validate_dep_id;
 
@@ -19,6 +20,13 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 
 /// An in-memory [`CacheStore`], bounded by bytes, with per-entry TTL and a dep index that is
 /// cleaned when entries are evicted.
+///
+/// The dep index is bounded too (docs/design.md §4 rule 8): a put more than the
+/// [put deadline](MemoryStoreBuilder::put_deadline) after its lookup is refused, and a raised
+/// epoch is forgotten once no entry records the dep and the deadline (plus a margin for puts
+/// under way) has passed since its last raise. A dep invalidated once per row costs memory for
+/// a few minutes, not for the life of the process. An epoch raised again after being forgotten
+/// starts a new life, which puts that observed the old one never match.
 ///
 /// Cloning is cheap and shares the same data, so a test can keep a handle to inspect what the
 /// layer stored.
@@ -33,6 +41,7 @@ pub struct MemoryStore {
     entries: Cache<CacheKey, Arc<Entry>>,
     deps: Arc<DepIndex>,
     max_entry_bytes: usize,
+    put_deadline: Duration,
 }
 
 /// Builds a [`MemoryStore`].
@@ -40,6 +49,7 @@ pub struct MemoryStore {
 #[must_use]
 pub struct MemoryStoreBuilder {
     max_bytes: u64,
+    put_deadline: Duration,
 }
 
 impl MemoryStoreBuilder {
@@ -49,9 +59,19 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// How long after its lookup a put is still accepted (default
+    /// [`DEFAULT_PUT_DEADLINE`](crate::store::DEFAULT_PUT_DEADLINE)); later ones are refused
+    /// with [`RefusedReason::DeadlinePassed`]. It must exceed the slowest upstream call worth
+    /// caching. A raised epoch that no entry records is kept about this long (plus up to a
+    /// minute) after its last raise, then forgotten.
+    pub fn put_deadline(mut self, deadline: Duration) -> Self {
+        self.put_deadline = deadline;
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
-        let deps = Arc::new(DepIndex::default());
+        let deps = Arc::new(DepIndex::new(epoch_retention(self.put_deadline)));
         let listener_deps = Arc::clone(&deps);
         let entries = Cache::builder()
             .max_capacity(self.max_bytes)
@@ -71,6 +91,7 @@ impl MemoryStoreBuilder {
             // One entry may not take more than an eighth of the store, so a single huge
             // response cannot flush everything else.
             max_entry_bytes: usize::try_from(self.max_bytes / 8).unwrap_or(usize::MAX),
+            put_deadline: self.put_deadline,
         }
     }
 }
@@ -91,6 +112,7 @@ impl MemoryStore {
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             max_bytes: DEFAULT_MAX_BYTES,
+            put_deadline: DEFAULT_PUT_DEADLINE,
         }
     }
 
@@ -116,12 +138,21 @@ impl MemoryStore {
             .map(|e| e.deps.iter().map(|(id, _)| id.to_owned()).collect())
     }
 
-    /// The current epoch of `dep_id` in `tenant` (0 until it is first invalidated).
+    /// The current epoch of `dep_id` in `tenant` (0 until it is first invalidated, and again
+    /// once it has been forgotten).
     pub fn dep_epoch(&self, tenant: &str, dep_id: &str) -> u64 {
-        self.deps.read().epoch(tenant, dep_id)
+        self.deps.read().epoch(tenant, dep_id).0
     }
 
-    /// The last `new_hash` given for `dep_id` in `tenant`.
+    /// How many dep states the index holds, plus the raised epochs waiting to be forgotten:
+    /// what per-dep memory the store uses, for tests of its bound.
+    #[doc(hidden)]
+    pub fn dep_index_size(&self) -> usize {
+        let index = self.deps.read();
+        index.tenants.values().map(HashMap::len).sum::<usize>() + index.forget.len()
+    }
+
+    /// The last `new_hash` given for `dep_id` in `tenant` (none once the epoch is forgotten).
     pub fn dep_hash(&self, tenant: &str, dep_id: &str) -> Option<String> {
         let index = self.deps.read();
         index
@@ -141,7 +172,8 @@ impl MemoryStore {
             .map_or(0, |d| d.keys.len())
     }
 
-    /// Removes every entry (dep epochs are kept: forgetting them could admit a stale write).
+    /// Removes every entry. Dep epochs are kept until the put deadline allows forgetting them:
+    /// forgetting one sooner could admit a stale write.
     pub fn clear(&self) {
         self.entries.invalidate_all();
         self.entries.run_pending_tasks();
@@ -154,13 +186,20 @@ impl MemoryStore {
                 let tenant = index.tenants.get(key.tenant());
                 entry
                     .deps
-                    .iter()
-                    .all(|(id, epoch)| epoch_in(tenant, id) == epoch)
+                    .iter_lives()
+                    .all(|(id, epoch, life)| current(epoch_in(tenant, id), epoch, life))
             };
             if valid {
+                // The epochs were current just now: a put after this hit (a refresh) counts its
+                // deadline from here.
+                let served = |entry: &Entry| {
+                    let mut entry = entry.clone();
+                    entry.deps.restamp(Instant::now());
+                    entry
+                };
                 match entry.freshness(now_ms()) {
-                    Freshness::Fresh => return Lookup::Fresh((*entry).clone()),
-                    Freshness::Stale => return Lookup::Stale((*entry).clone()),
+                    Freshness::Fresh => return Lookup::Fresh(served(&entry)),
+                    Freshness::Stale => return Lookup::Stale(served(&entry)),
                     Freshness::Expired => {}
                 }
             } else {
@@ -170,10 +209,14 @@ impl MemoryStore {
         }
         let index = self.deps.read();
         let tenant = index.tenants.get(key.tenant());
-        Lookup::Miss(DepEpochs::new(
+        Lookup::Miss(DepEpochs::observed(
             deps.iter()
-                .map(|id| ((*id).to_owned(), epoch_in(tenant, id)))
+                .map(|id| {
+                    let (epoch, life) = epoch_in(tenant, id);
+                    ((*id).to_owned(), epoch, life)
+                })
                 .collect(),
+            Instant::now(),
         ))
     }
 
@@ -181,8 +224,14 @@ impl MemoryStore {
         if entry.weight() > self.max_entry_bytes {
             return PutOutcome::Refused(RefusedReason::TooLarge);
         }
+        let now = Instant::now();
+        let observed_at = entry.deps.observed_at();
+        if now.saturating_duration_since(observed_at) > self.put_deadline {
+            return PutOutcome::Refused(RefusedReason::DeadlinePassed);
+        }
         {
             let mut index = self.deps.write();
+            index.sweep(now, self.deps.retention);
             if let Some(moved) = index.first_moved(key.tenant(), &entry.deps) {
                 return PutOutcome::Refused(RefusedReason::DepChanged(moved));
             }
@@ -208,6 +257,13 @@ impl MemoryStore {
             self.entries.invalidate(key);
             return PutOutcome::Refused(RefusedReason::DepChanged(moved));
         }
+        // Only a put this late (a thread descheduled for the whole retention) could have seen
+        // its epochs forgotten and the tag it placed taken by an invalidation: the check above
+        // proves nothing then.
+        if observed_at.elapsed() > self.deps.retention {
+            self.entries.invalidate(key);
+            return PutOutcome::Refused(RefusedReason::DeadlinePassed);
+        }
         PutOutcome::Stored
     }
 
@@ -215,19 +271,41 @@ impl MemoryStore {
         if let Err(e) = validate_dep_id(dep_id) {
             return InvalidationResult::failed(dep_id, e.to_string());
         }
-        let keys = {
+        let now = Instant::now();
+        let (tenant, keys) = {
             let mut index = self.deps.write();
+            index.sweep(now, self.deps.retention);
+            let tenant = match index.tenants.get_key_value(tenant) {
+                Some((shared, _)) => Arc::clone(shared),
+                None => Arc::from(tenant),
+            };
             let state = index
                 .tenants
-                .entry(Arc::from(tenant))
+                .entry(Arc::clone(&tenant))
                 .or_default()
                 .entry(dep_id.to_owned())
                 .or_default();
             state.epoch += 1;
+            if state.life == 0 {
+                state.life = self.deps.next_life.fetch_add(1, Ordering::Relaxed);
+            }
+            state.raised_at = Some(now);
             state.last_hash = Some(new_hash.to_owned());
-            std::mem::take(&mut state.keys)
+            let keys = std::mem::take(&mut state.keys);
+            // One place in the queue per state, however often it is raised: a dep raised a
+            // thousand times a second costs one item, not a thousand.
+            let queue = !std::mem::replace(&mut state.queued, true);
+            let life = state.life;
+            if queue {
+                index.forget.push_back(Forget {
+                    at: now + self.deps.retention,
+                    tenant: Arc::clone(&tenant),
+                    dep_id: dep_id.to_owned(),
+                    life,
+                });
+            }
+            (tenant, keys)
         };
-        let tenant: Arc<str> = Arc::from(tenant);
         let deleted = keys
             .into_iter()
             .filter(|digest| {
@@ -272,24 +350,71 @@ impl CacheStore for MemoryStore {
 }
 
 /// Epochs, last hashes and the keys tagged under each dep, per tenant.
-#[derive(Default)]
 struct DepIndex {
     inner: RwLock<Tenants>,
+    /// How long a raised epoch that no entry records is kept after its last raise.
+    retention: Duration,
+    /// The life the next state raised from nothing gets; never 0, never reused.
+    next_life: AtomicU64,
 }
 
 #[derive(Default)]
 struct Tenants {
     tenants: HashMap<Arc<str>, HashMap<String, DepState>>,
+    /// Raised states, about in the order they may be forgotten; each is in it at most once (see
+    /// `DepState::queued`). When its turn comes, a state raised again since goes back in at its
+    /// new time, and one still tagged leaves the queue: the untag of its last key forgets it.
+    forget: VecDeque<Forget>,
 }
+
+struct Forget {
+    at: Instant,
+    tenant: Arc<str>,
+    dep_id: String,
+    /// The life of the state queued: a state forgotten (by an untag) and raised again is another
+    /// life, with its own place in the queue.
+    life: u64,
+}
+
+/// Forget-queue items looked at per write, at most: a raise adds one at most, so the queue
+/// drains under any load while each write's extra work stays small.
+const SWEEP_PER_WRITE: usize = 16;
 
 #[derive(Default)]
 struct DepState {
     epoch: u64,
+    /// Which life of the dep's state this is (0 until its first raise).
+    life: u64,
     last_hash: Option<String>,
     keys: HashSet<[u8; 32]>,
+    /// The last raise; `None` for a state that only tags keys.
+    raised_at: Option<Instant>,
+    /// Whether the state has a place in the forget queue. Invariant: a state raised less than
+    /// the retention ago has one, so it is looked at again once the retention has passed.
+    queued: bool,
+}
+
+impl DepState {
+    /// Whether the state can go (docs/design.md §4 rule 8): no entry records the dep, and no
+    /// admissible put can carry an epoch older than this one. Epoch 0 and no keys is the same as
+    /// no state at all.
+    fn forgettable(&self, now: Instant, retention: Duration) -> bool {
+        self.keys.is_empty()
+            && self
+                .raised_at
+                .is_none_or(|at| now.saturating_duration_since(at) >= retention)
+    }
 }
 
 impl DepIndex {
+    fn new(retention: Duration) -> Self {
+        Self {
+            inner: RwLock::default(),
+            retention,
+            next_life: AtomicU64::new(1),
+        }
+    }
+
     // A poisoned lock only means another thread panicked mid-update of plain maps; the data is
     // still usable and failing every request would be worse.
     fn read(&self) -> RwLockReadGuard<'_, Tenants> {
@@ -301,6 +426,7 @@ impl DepIndex {
     }
 
     fn untag(&self, key: &CacheKey, entry: &Entry) {
+        let now = Instant::now();
         let mut index = self.write();
         let Some(tenant) = index.tenants.get_mut(key.tenant()) else {
             return;
@@ -308,33 +434,91 @@ impl DepIndex {
         for (id, _) in entry.deps.iter() {
             if let Some(state) = tenant.get_mut(id) {
                 state.keys.remove(key.digest());
-                // Epoch 0 and no keys is the same as no state at all. A raised epoch must be
-                // kept forever: forgetting it would let an in-flight put from before the
-                // invalidation through.
-                if state.keys.is_empty() && state.epoch == 0 {
+                if state.forgettable(now, self.retention) {
                     tenant.remove(id);
                 }
             }
+        }
+        if tenant.is_empty() {
+            index.tenants.remove(key.tenant());
         }
     }
 }
 
 impl Tenants {
-    fn epoch(&self, tenant: &str, dep_id: &str) -> u64 {
+    fn epoch(&self, tenant: &str, dep_id: &str) -> (u64, u64) {
         epoch_in(self.tenants.get(tenant), dep_id)
     }
 
     fn first_moved(&self, tenant: &str, observed: &DepEpochs) -> Option<String> {
+        let deps = self.tenants.get(tenant);
         observed
-            .iter()
-            .find(|(id, epoch)| self.epoch(tenant, id) != *epoch)
-            .map(|(id, _)| id.to_owned())
+            .iter_lives()
+            .find(|(id, epoch, life)| !current(epoch_in(deps, id), *epoch, *life))
+            .map(|(id, _, _)| id.to_owned())
+    }
+
+    /// Forgets, in queue order, the raised epochs whose time has come and that nothing records.
+    fn sweep(&mut self, now: Instant, retention: Duration) {
+        for _ in 0..SWEEP_PER_WRITE {
+            match self.forget.front() {
+                Some(next) if next.at <= now => {}
+                _ => return,
+            }
+            let Some(Forget {
+                tenant,
+                dep_id,
+                life,
+                ..
+            }) = self.forget.pop_front()
+            else {
+                return;
+            };
+            let Some(deps) = self.tenants.get_mut(&tenant) else {
+                continue;
+            };
+            let Some(state) = deps.get_mut(&dep_id).filter(|state| state.life == life) else {
+                continue;
+            };
+            state.queued = false;
+            if state.forgettable(now, retention) {
+                deps.remove(&dep_id);
+                if deps.is_empty() {
+                    self.tenants.remove(&tenant);
+                }
+                continue;
+            }
+            // Raised again since it was queued: back in the queue at its new time. Otherwise its
+            // time has come but entries record it: the untag of the last one forgets it.
+            if let Some(at) = state
+                .raised_at
+                .map(|at| at + retention)
+                .filter(|at| *at > now)
+            {
+                state.queued = true;
+                self.forget.push_back(Forget {
+                    at,
+                    tenant,
+                    dep_id,
+                    life,
+                });
+            }
+        }
     }
 }
 
-/// The epoch of `dep_id` in one tenant's deps (found once per lookup, not once per dep).
-fn epoch_in(tenant: Option<&HashMap<String, DepState>>, dep_id: &str) -> u64 {
-    tenant.and_then(|t| t.get(dep_id)).map_or(0, |d| d.epoch)
+/// The epoch and life of `dep_id` in one tenant's deps (found once per lookup, not once per
+/// dep); `(0, 0)` when there is no state.
+fn epoch_in(tenant: Option<&HashMap<String, DepState>>, dep_id: &str) -> (u64, u64) {
+    tenant
+        .and_then(|t| t.get(dep_id))
+        .map_or((0, 0), |d| (d.epoch, d.life))
+}
+
+/// Whether an observed `(epoch, life)` is the current `(epoch, life)`. An unknown life (0, from
+/// [`DepEpochs::new`]) is checked on the number alone.
+fn current((cur_epoch, cur_life): (u64, u64), epoch: u64, life: u64) -> bool {
+    cur_epoch == epoch && (life == 0 || cur_life == life)
 }
 
 struct EntryExpiry;
@@ -487,6 +671,80 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_dep_raised_again_and_again_holds_one_place_in_the_forget_queue() {
+        // Retention 500 ms.
+        let store = MemoryStore::builder()
+            .put_deadline(Duration::from_millis(250))
+            .build();
+        for _ in 0..1_000 {
+            assert!(store.invalidate_now("t", "doc:hot", "h").ok);
+        }
+        assert_eq!(
+            store.dep_index_size(),
+            2,
+            "one state, one place in the queue"
+        );
+        // Raised again within the retention, it goes back in the queue when its first turn
+        // comes, rather than out.
+        std::thread::sleep(Duration::from_millis(350));
+        store.invalidate_now("t", "doc:hot", "h");
+        std::thread::sleep(Duration::from_millis(200));
+        store.invalidate_now("t", "doc:other", "h");
+        assert_eq!(store.dep_epoch("t", "doc:hot"), 1_001);
+        std::thread::sleep(Duration::from_millis(500));
+        store.invalidate_now("t", "doc:other", "h");
+        assert_eq!(
+            store.dep_epoch("t", "doc:hot"),
+            0,
+            "forgotten after the retention"
+        );
+    }
+
+    #[test]
+    fn an_epoch_an_entry_records_is_forgotten_only_when_its_last_entry_goes() {
+        // Retention 200 ms.
+        let store = MemoryStore::builder()
+            .put_deadline(Duration::from_millis(100))
+            .build();
+        store.invalidate_now("t", "doc:1", "h");
+        let Lookup::Miss(observed) = store.lookup_now(&key(1), &["doc:1"]) else {
+            panic!("expected a miss");
+        };
+        let mut e = entry(10, Duration::from_secs(60), &[]);
+        e.deps = observed;
+        assert_eq!(store.put_now(&key(1), e), PutOutcome::Stored);
+        std::thread::sleep(Duration::from_millis(250));
+        store.invalidate_now("t", "doc:other", "h");
+        assert_eq!(store.dep_epoch("t", "doc:1"), 1, "an entry records it");
+        let Lookup::Fresh(hit) = store.lookup_now(&key(1), &["doc:1"]) else {
+            panic!("expected a hit");
+        };
+        store.entries.invalidate(&key(1));
+        store.entries.run_pending_tasks();
+        assert_eq!(
+            store.dep_epoch("t", "doc:1"),
+            0,
+            "forgotten with its last entry"
+        );
+        // Raised again: the same number, another life. A put that observed the old life (as
+        // the hit just did; stamped now, so only the life can refuse it) never matches.
+        store.invalidate_now("t", "doc:1", "h");
+        assert_eq!(store.dep_epoch("t", "doc:1"), 1);
+        let mut stale = entry(10, Duration::from_secs(60), &[]);
+        stale.deps = DepEpochs::observed(
+            hit.deps
+                .iter_lives()
+                .map(|(id, epoch, life)| (id.to_owned(), epoch, life))
+                .collect(),
+            Instant::now(),
+        );
+        assert_eq!(
+            store.put_now(&key(2), stale),
+            PutOutcome::Refused(RefusedReason::DepChanged("doc:1".into()))
+        );
     }
 
     #[test]

@@ -3,13 +3,15 @@
 //! [`CacheStore`] is the contract of DESIGN section 5. Every store keeps the dependency rules
 //! of section 4: an entry records the epoch of each of its deps when it is written, a read serves
 //! it only while all of them are still current, a put is refused when any of them moved since the
-//! lookup, and an invalidation raises the epoch first and reclaims space afterwards.
+//! lookup, and an invalidation raises the epoch first and reclaims space afterwards. Epoch state
+//! is bounded (rule 8): a put has a deadline after its lookup ([`DEFAULT_PUT_DEADLINE`]), and a
+//! store forgets an epoch only once no entry and no admissible put can carry an older one.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
@@ -53,6 +55,21 @@ pub trait CacheStore: Send + Sync + 'static {
         false
     }
 
+    /// How many parts of the store can fail independently of each other (default 1). The layer
+    /// keeps one circuit breaker per part, so one failing part is skipped while the others keep
+    /// serving.
+    fn failure_domains(&self) -> usize {
+        1
+    }
+
+    /// The part of the store that holds `tenant`'s data: a number below
+    /// [`failure_domains`](Self::failure_domains) (default 0). All of a tenant's calls must
+    /// land in the part it names.
+    fn failure_domain(&self, tenant: &str) -> usize {
+        let _ = tenant;
+        0
+    }
+
     /// [`invalidate`](Self::invalidate) for each id, reporting per id. The default calls
     /// `invalidate` in turn; a store can do better.
     fn invalidate_many<'a>(
@@ -77,6 +94,12 @@ pub trait CacheStore: Send + Sync + 'static {
 impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
     fn bounds_its_own_calls(&self) -> bool {
         (**self).bounds_its_own_calls()
+    }
+    fn failure_domains(&self) -> usize {
+        (**self).failure_domains()
+    }
+    fn failure_domain(&self, tenant: &str) -> usize {
+        (**self).failure_domain(tenant)
     }
     fn lookup<'a>(&'a self, key: &'a CacheKey, deps: &'a [&'a str]) -> StoreFuture<'a, Lookup> {
         (**self).lookup(key, deps)
@@ -145,40 +168,129 @@ impl fmt::Debug for CacheKey {
     }
 }
 
-/// The epoch of each dep an entry was computed from (or a lookup observed), sorted by id.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DepEpochs(Arc<[(String, u64)]>);
+/// The epoch of each dep an entry was computed from (or a lookup observed), sorted by id, and
+/// when the store observed them.
+///
+/// A store stamps the epochs it returns with the time of the lookup: a put presented more than
+/// the store's put deadline after it is refused ([`RefusedReason::DeadlinePassed`]), which is what
+/// lets a store forget epochs (docs/design.md §4 rule 8). Equality compares the epochs only.
+///
+/// A store also notes, for each dep, which *life* of its state it observed: an epoch that was
+/// forgotten and raised again starts a new life, so a put that observed epoch N of the old life
+/// is refused even though the dep is at epoch N again. `DepEpochs::new` knows no lives; a put
+/// presenting it is checked on the numbers alone.
+#[derive(Clone)]
+pub struct DepEpochs {
+    deps: Arc<[Observed]>,
+    observed_at: Instant,
+}
+
+/// One dep's epoch, and the life of the dep's state it belongs to (0: not known, or no state).
+#[derive(Clone, Debug)]
+struct Observed {
+    id: String,
+    epoch: u64,
+    life: u64,
+}
 
 impl DepEpochs {
-    /// Builds the set from `(dep id, epoch)` pairs; sorts and removes duplicate ids.
-    pub fn new(mut pairs: Vec<(String, u64)>) -> Self {
-        pairs.sort();
-        pairs.dedup_by(|a, b| a.0 == b.0);
-        // Shared: entries are cloned on every hit, their epochs need not be.
-        Self(pairs.into())
+    /// Builds the set from `(dep id, epoch)` pairs; sorts and removes duplicate ids. Observed
+    /// now.
+    pub fn new(pairs: Vec<(String, u64)>) -> Self {
+        Self::observed(
+            pairs.into_iter().map(|(id, e)| (id, e, 0)).collect(),
+            Instant::now(),
+        )
+    }
+
+    /// The set from `(dep id, epoch, life)` triples, observed at `at`.
+    pub(crate) fn observed(mut deps: Vec<(String, u64, u64)>, at: Instant) -> Self {
+        deps.sort_by(|a, b| a.0.cmp(&b.0));
+        deps.dedup_by(|a, b| a.0 == b.0);
+        Self {
+            // Shared: entries are cloned on every hit, their epochs need not be.
+            deps: deps
+                .into_iter()
+                .map(|(id, epoch, life)| Observed { id, epoch, life })
+                .collect(),
+            observed_at: at,
+        }
     }
 
     /// The `(dep id, epoch)` pairs, sorted by id.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&str, u64)> + '_ {
-        self.0.iter().map(|(id, e)| (id.as_str(), *e))
+        self.deps.iter().map(|d| (d.id.as_str(), d.epoch))
+    }
+
+    /// The `(dep id, epoch, life)` triples, sorted by id.
+    pub(crate) fn iter_lives(&self) -> impl ExactSizeIterator<Item = (&str, u64, u64)> + '_ {
+        self.deps.iter().map(|d| (d.id.as_str(), d.epoch, d.life))
     }
 
     /// The number of deps.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.deps.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.deps.is_empty()
     }
 
     /// The epoch recorded for `dep_id`.
     pub fn get(&self, dep_id: &str) -> Option<u64> {
-        self.0
-            .binary_search_by(|(id, _)| id.as_str().cmp(dep_id))
+        self.deps
+            .binary_search_by(|d| d.id.as_str().cmp(dep_id))
             .ok()
-            .map(|i| self.0[i].1)
+            .map(|i| self.deps[i].epoch)
+    }
+
+    /// When the store observed these epochs (for [`DepEpochs::new`]: when it was called).
+    pub fn observed_at(&self) -> Instant {
+        self.observed_at
+    }
+
+    /// Marks the epochs as observed (again) at `at`: a lookup that found them current.
+    pub(crate) fn restamp(&mut self, at: Instant) {
+        self.observed_at = at;
+    }
+
+    /// Sets the life of every dep to `life(id)`. In place when the set is not shared (a freshly
+    /// decoded entry), so a hit pays no allocation for it.
+    pub(crate) fn set_lives(&mut self, life: impl Fn(&str) -> u64) {
+        match Arc::get_mut(&mut self.deps) {
+            Some(deps) => deps.iter_mut().for_each(|d| d.life = life(&d.id)),
+            None => {
+                self.deps = self
+                    .deps
+                    .iter()
+                    .map(|d| Observed {
+                        life: life(&d.id),
+                        ..d.clone()
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+impl Default for DepEpochs {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+impl PartialEq for DepEpochs {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for DepEpochs {}
+
+impl fmt::Debug for DepEpochs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
     }
 }
 
@@ -318,6 +430,32 @@ pub enum RefusedReason {
     DepChanged(String),
     /// The entry is larger than the store accepts.
     TooLarge,
+    /// The put came more than the store's put deadline after the lookup that observed its
+    /// epochs ([`DepEpochs::observed_at`]). The store may have forgotten those epochs since
+    /// (docs/design.md §4 rule 8), so it can no longer tell whether they moved.
+    DeadlinePassed,
+}
+
+/// Default put deadline: how long after its lookup a put is still accepted.
+///
+/// A put follows the upstream call it stores. Ten minutes covers the slowest LLM calls this cache
+/// stores (long completions, streamed answers recorded to their end, a single-flight follower
+/// that waited its 30 s first) several times over, so a real answer is practically never
+/// refused for it; and it bounds how long a store must remember an epoch nothing else needs
+/// (a dep invalidated once per row): a few minutes' worth of invalidations, not all of them.
+pub const DEFAULT_PUT_DEADLINE: Duration = Duration::from_secs(600);
+
+/// Most time a put that passed its deadline check can take to reach the store's data (a
+/// request on the wire or queued in a busy server). The store keeps an epoch this much longer
+/// than the deadline.
+const PUT_TRANSIT: Duration = Duration::from_secs(60);
+
+/// How long after its last raise a store keeps an epoch that no entry records any more: the
+/// put deadline, plus the time a put that passed it may still be under way (a minute, or the
+/// deadline itself when that is shorter, so short test deadlines stay short). After that no
+/// admissible put can carry an older epoch (docs/design.md §4 rule 8).
+pub(crate) fn epoch_retention(put_deadline: Duration) -> Duration {
+    put_deadline.saturating_add(put_deadline.min(PUT_TRANSIT))
 }
 
 /// The outcome of invalidating one dep.
@@ -332,6 +470,13 @@ pub struct InvalidationResult {
     pub deleted: u64,
     /// What went wrong, when `ok` is false.
     pub error: Option<String>,
+    /// Whether the raised epoch reached the replicas the store was asked to wait for
+    /// (`RedisStoreBuilder::ack_replicas`); `None` when no acknowledgement was asked for or the
+    /// invalidation failed. `Some(false)` does not undo the invalidation: it is in effect on the
+    /// primary, but a failover to a replica that missed it can bring the old entries back
+    /// (docs/design.md §4 rule 9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<bool>,
 }
 
 impl InvalidationResult {
@@ -342,6 +487,7 @@ impl InvalidationResult {
             ok: true,
             deleted,
             error: None,
+            acknowledged: None,
         }
     }
 
@@ -352,6 +498,7 @@ impl InvalidationResult {
             ok: false,
             deleted: 0,
             error: Some(error.into()),
+            acknowledged: None,
         }
     }
 }

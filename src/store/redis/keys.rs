@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cc:{<tenant>}:l1:<key hex>        an entry (string, PX = fresh TTL + stale window)
-//! cc:{<tenant>}:dep:ver:<dep id>    a dep's epoch and last hash (`<epoch>:<hash>`; never expires)
+//! cc:{<tenant>}:dep:ver:<dep id>    a dep's epoch, life and last hash (`<epoch>.<life>:<hash>`;
+//!                                   expires once nothing can carry an older epoch)
 //! cc:{<tenant>}:dep:keys:<dep id>   the digests of the entries tagged with a dep (sorted set
 //!                                   scored by entry expiry; expires with its longest-lived entry)
 //! cc:{<tenant>}:gc:<nonce>          a tag set detached by an invalidation, being reclaimed
@@ -150,6 +151,42 @@ impl ToRedisArgs for Key<'_> {
     }
 }
 
+/// Redis Cluster hash slots.
+pub(super) const SLOTS: usize = 16_384;
+
+/// The cluster hash slot of every key of `tenant`: CRC16 (XMODEM) of its tag, modulo
+/// [`SLOTS`], as Redis computes it for the `{...}` part of a key.
+pub(super) fn slot(tenant: &str) -> u16 {
+    slot_of_tag(&tenant_tag(tenant))
+}
+
+fn slot_of_tag(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in tag.bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS as u16
+}
+
+/// A random life for a ver key a raise creates: never 0 (0 means "no life known").
+pub(super) fn life() -> u64 {
+    random().max(1)
+}
+
+fn random() -> u64 {
+    static SEED: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    SEED.get_or_init(RandomState::new).hash_one(n)
+}
+
 fn nonce() -> String {
     static SEED: std::sync::OnceLock<RandomState> = std::sync::OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -185,6 +222,19 @@ mod tests {
         // A verbatim tenant can never spell a hashed one.
         let hashed = tenant_tag("a{b").into_owned();
         assert_ne!(tenant_tag(&hashed), hashed);
+    }
+
+    #[test]
+    fn slots_are_the_ones_redis_computes() {
+        // Values from `CLUSTER KEYSLOT`.
+        assert_eq!(slot("foo"), 12_182);
+        assert_eq!(slot("bar"), 5_061);
+        assert_eq!(slot("123456789"), 12_739);
+        // A hashed tenant's slot is its tag's.
+        let odd = "we{ird}";
+        assert_eq!(slot(odd), slot_of_tag(&tenant_tag(odd)));
+        assert_ne!(life(), 0);
+        assert_ne!(life(), life());
     }
 
     #[test]

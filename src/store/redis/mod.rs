@@ -38,12 +38,22 @@
 //!   epoch and no put that observed it is accepted. Reclaiming the detached entries follows in
 //!   batches of at most [`DEFAULT_RECLAIM_BATCH`] keys (`ZPOPMIN` then `UNLINK`), so a dep tagged on
 //!   100,000 entries never blocks Redis.
+//! - **Epochs are forgotten, safely** (rule 8). A put more than the
+//!   [put deadline](RedisStoreBuilder::put_deadline) after its lookup is refused without a round
+//!   trip. A ver key expires only once no entry records the dep and the deadline (plus a transit
+//!   margin) has passed since its last raise: a raise sets its expiry to cover both, a put
+//!   extends it to cover its entry. A key raised again after it expired has a new *life*, so a
+//!   put that observed the old key never matches the new one.
+//! - **Acknowledged invalidation** (rule 9, opt-in): with
+//!   [`ack_replicas`](RedisStoreBuilder::ack_replicas) the raise is followed by `WAIT` on the
+//!   same connection, and [`InvalidationResult::acknowledged`] says whether enough replicas
+//!   confirmed it.
 //!
 //! # Keys
 //!
 //! ```text
 //! cc:{<tenant>}:l1:<key hex>        an entry
-//! cc:{<tenant>}:dep:ver:<dep id>    string `<epoch>:<last new_hash>`: never expires
+//! cc:{<tenant>}:dep:ver:<dep id>    string `<epoch>.<life>:<last new_hash>`, expiring as above
 //! cc:{<tenant>}:dep:keys:<dep id>   sorted set: digests of the entries tagged with the dep,
 //!                                   scored by their expiry (ms)
 //! cc:{<tenant>}:gc:<nonce>          a tag set detached by an invalidation, being reclaimed
@@ -71,16 +81,24 @@
 //! Every call is bounded by [`RedisStoreBuilder::timeout`] (default [`DEFAULT_TIMEOUT`]) and
 //! fails with a [`StoreError`] of kind [`Timeout`](StoreErrorKind::Timeout) or
 //! [`Backend`](StoreErrorKind::Backend); the layer then fails open. Connections are re-established
-//! on their own after Redis restarts or a cluster node moves.
+//! on their own after Redis restarts or a cluster node moves. On Redis Cluster each hash slot is
+//! a failure domain of its own ([`CacheStore::failure_domain`]): the layer's circuit breaker
+//! skips only the slots of a master that fails, and tenants on the other masters keep their hits.
 //!
-//! Epochs must outlive every in-flight request. Run Redis with persistence (AOF or RDB) if a
-//! restart must not forget them: after a restart that lost its data the entries are gone too, but
-//! an upstream call that started before an invalidation and completes after the restart could
-//! still be stored.
+//! # Durability
+//!
+//! An epoch lives as long as Redis keeps it (docs/design.md §4 rule 9). Losing everything (a
+//! restart without persistence) takes the entries too, so nothing invalidated comes back; only
+//! an upstream call that observed a dep before its first raise and completes after the restart
+//! (within the put deadline) could still be stored. Rolling back (an RDB snapshot older than the
+//! raise, `appendfsync everysec` losing its last second, a failover to a replica that had not
+//! received the raise) can bring invalidated entries back. `appendfsync always` keeps an
+//! acknowledged raise across a crash of the server; [`ack_replicas`](RedisStoreBuilder::ack_replicas)
+//! tells the caller whether the raise reached the replicas a failover would promote.
 
 use std::fmt;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
@@ -88,8 +106,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisError, ScriptInvocation, Value};
 
 use super::{
-    duration_ms, now_ms, CacheKey, CacheStore, DepEpochs, Entry, Freshness, InvalidationResult,
-    Lookup, PutOutcome, RefusedReason, StoreError, StoreErrorKind, StoreFuture,
+    duration_ms, epoch_retention, now_ms, CacheKey, CacheStore, DepEpochs, Entry, Freshness,
+    InvalidationResult, Lookup, PutOutcome, RefusedReason, StoreError, StoreErrorKind, StoreFuture,
+    DEFAULT_PUT_DEADLINE,
 };
 use crate::dep::validate_dep_id;
 
@@ -118,16 +137,28 @@ pub const DEFAULT_MAX_ENTRY_BYTES: usize = 8 * 1024 * 1024;
 /// Most deps bumped by one invalidation script; `invalidate_many` splits longer lists.
 const BUMP_CHUNK: usize = 128;
 
+/// Acknowledged invalidation: `WAIT` for this many replicas, this long.
+#[derive(Clone, Copy, Debug)]
+struct Ack {
+    replicas: usize,
+    timeout: Duration,
+}
+
 /// A [`CacheStore`] on Redis or Redis Cluster. See the [module docs](self).
 ///
 /// Cloning is cheap and shares the connection.
 #[derive(Clone)]
 pub struct RedisStore {
     conn: Conn,
+    /// With [`Ack`]: the connection raises go through, followed by their `WAIT`. Its own, because
+    /// `WAIT` holds the connection it runs on, and lookups must not queue behind it.
+    ack: Option<(Conn, Ack)>,
     scripts: std::sync::Arc<Scripts>,
     timeout: Duration,
     reclaim_batch: usize,
     max_entry_bytes: usize,
+    put_deadline: Duration,
+    retention_ms: u64,
 }
 
 #[derive(Clone)]
@@ -148,6 +179,23 @@ impl Conn {
         match self {
             Self::Single(c) => cmd.query_async(&mut c.clone()).await,
             Self::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
+
+    /// `WAIT replicas timeout` on the connection to the master of `tenant`'s slot (where its
+    /// raises went); answers how many replicas acknowledged.
+    async fn wait(&self, tenant: &str, ack: Ack) -> redis::RedisResult<usize> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(ack.replicas).arg(duration_ms(ack.timeout));
+        match self {
+            Self::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Self::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::new(keys::slot(tenant), SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                let reply = c.clone().route_command(cmd, routing).await?;
+                Ok(usize::from_redis_value(reply)?)
+            }
         }
     }
 
@@ -177,6 +225,8 @@ pub struct RedisStoreBuilder {
     connect_timeout: Duration,
     reclaim_batch: usize,
     max_entry_bytes: usize,
+    put_deadline: Duration,
+    ack: Option<Ack>,
 }
 
 impl RedisStoreBuilder {
@@ -224,33 +274,42 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// How long after its lookup a put is still accepted (default
+    /// [`DEFAULT_PUT_DEADLINE`](crate::store::DEFAULT_PUT_DEADLINE)); later ones are refused
+    /// with [`RefusedReason::DeadlinePassed`]. It must exceed the slowest upstream call worth
+    /// caching. A ver key that no entry records expires this long (plus up to a minute for puts
+    /// under way) after its last raise. Every process sharing the Redis must use the same
+    /// deadline, or one no longer than the shortest retention.
+    pub fn put_deadline(mut self, deadline: Duration) -> Self {
+        self.put_deadline = deadline;
+        self
+    }
+
+    /// Acknowledged invalidation (docs/design.md §4 rule 9): after each raise, `WAIT` until
+    /// `replicas` replicas have it or `timeout` passes, and report in
+    /// [`InvalidationResult::acknowledged`] whether they did. The raise and its `WAIT` use a
+    /// connection of their own (`WAIT` holds the connection it runs on), so hits never queue
+    /// behind it; acknowledged invalidations queue behind each other. Off by default.
+    pub fn ack_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.ack = Some(Ack { replicas, timeout });
+        self
+    }
+
     /// Connects, loads the scripts, and returns the store. Fails when Redis cannot be reached
     /// within the connect timeout, so a misconfiguration shows at start-up; use
     /// [`build_lazy`](Self::build_lazy) to start while Redis is down.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
-        let connect_timeout = self.connect_timeout;
-        let store = match &self.target {
-            Target::Unset => return Err(no_target()),
-            Target::Single(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(store_error)?;
-                let manager = ConnectionManager::new_with_config(client, self.manager_config());
-                let manager = tokio::time::timeout(connect_timeout, manager)
-                    .await
-                    .map_err(|_| timeout_error("connecting"))?
-                    .map_err(store_error)?;
-                self.finish(Conn::Single(manager))
-            }
-            Target::Cluster(nodes) => {
-                let client = self.cluster_client(nodes)?;
-                let conn = tokio::time::timeout(connect_timeout, client.get_async_connection())
-                    .await
-                    .map_err(|_| timeout_error("connecting"))?
-                    .map_err(store_error)?;
-                self.finish(Conn::Cluster(conn))
-            }
+        let conn = self.connect(self.timeout).await?;
+        let ack = match self.ack {
+            Some(ack) => Some((self.connect(self.ack_response_timeout(ack)).await?, ack)),
+            None => None,
         };
+        let store = self.finish(conn, ack);
         for script in store.scripts.all() {
             store.timed(store.conn.load(script)).await?;
+            if let Some((conn, _)) = &store.ack {
+                store.timed(conn.load(script)).await?;
+            }
         }
         Ok(store)
     }
@@ -258,44 +317,85 @@ impl RedisStoreBuilder {
     /// Returns the store at once; connections are made on first use. Must be called inside a
     /// Tokio runtime. Fails only on an invalid URL.
     pub fn build_lazy(self) -> Result<RedisStore, StoreError> {
+        let conn = self.connect_lazy(self.timeout)?;
+        let ack = match self.ack {
+            Some(ack) => Some((self.connect_lazy(self.ack_response_timeout(ack))?, ack)),
+            None => None,
+        };
+        Ok(self.finish(conn, ack))
+    }
+
+    async fn connect(&self, response_timeout: Duration) -> Result<Conn, StoreError> {
+        let connect_timeout = self.connect_timeout;
         match &self.target {
             Target::Unset => Err(no_target()),
             Target::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(store_error)?;
-                let manager =
-                    ConnectionManager::new_lazy_with_config(client, self.manager_config())
-                        .map_err(store_error)?;
-                Ok(self.finish(Conn::Single(manager)))
+                let config = self.manager_config(response_timeout);
+                let manager = ConnectionManager::new_with_config(client, config);
+                tokio::time::timeout(connect_timeout, manager)
+                    .await
+                    .map_err(|_| timeout_error("connecting"))?
+                    .map(Conn::Single)
+                    .map_err(store_error)
             }
             Target::Cluster(nodes) => {
-                let client = self.cluster_client(nodes)?;
-                let conn = client.get_pending_async_connection_with_config(
-                    redis::cluster::ClusterConfig::new()
-                        .set_connection_timeout(self.connect_timeout)
-                        .set_response_timeout(self.timeout),
-                );
-                Ok(self.finish(Conn::Cluster(conn)))
+                let client = self.cluster_client(nodes, response_timeout)?;
+                tokio::time::timeout(connect_timeout, client.get_async_connection())
+                    .await
+                    .map_err(|_| timeout_error("connecting"))?
+                    .map(Conn::Cluster)
+                    .map_err(store_error)
             }
         }
     }
 
-    fn manager_config(&self) -> redis::aio::ConnectionManagerConfig {
+    fn connect_lazy(&self, response_timeout: Duration) -> Result<Conn, StoreError> {
+        match &self.target {
+            Target::Unset => Err(no_target()),
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(store_error)?;
+                let config = self.manager_config(response_timeout);
+                ConnectionManager::new_lazy_with_config(client, config)
+                    .map(Conn::Single)
+                    .map_err(store_error)
+            }
+            Target::Cluster(nodes) => {
+                let client = self.cluster_client(nodes, response_timeout)?;
+                Ok(Conn::Cluster(
+                    client.get_pending_async_connection_with_config(
+                        redis::cluster::ClusterConfig::new()
+                            .set_connection_timeout(self.connect_timeout)
+                            .set_response_timeout(response_timeout),
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// The acknowledging connection waits for `WAIT` as well as for the call itself.
+    fn ack_response_timeout(&self, ack: Ack) -> Duration {
+        self.timeout.saturating_add(ack.timeout)
+    }
+
+    fn manager_config(&self, response_timeout: Duration) -> redis::aio::ConnectionManagerConfig {
         // No retry loop inside the manager: while Redis is down each call fails at once (or at
         // the timeout) instead of queueing behind a backoff, and the next call after Redis is
         // back reconnects. The engine's circuit breaker keeps the attempts rare.
         redis::aio::ConnectionManagerConfig::new()
             .set_number_of_retries(0)
             .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(self.timeout))
+            .set_response_timeout(Some(response_timeout))
     }
 
     fn cluster_client(
         &self,
         nodes: &[String],
+        response_timeout: Duration,
     ) -> Result<redis::cluster::ClusterClient, StoreError> {
         redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
             .connection_timeout(self.connect_timeout)
-            .response_timeout(self.timeout)
+            .response_timeout(response_timeout)
             // Retries (MOVED, a node restarting) must fit in one call's timeout.
             .retries(CLUSTER_RETRIES)
             .min_retry_wait(CLUSTER_MIN_RETRY_WAIT_MS)
@@ -304,13 +404,16 @@ impl RedisStoreBuilder {
             .map_err(store_error)
     }
 
-    fn finish(&self, conn: Conn) -> RedisStore {
+    fn finish(&self, conn: Conn, ack: Option<(Conn, Ack)>) -> RedisStore {
         RedisStore {
             conn,
+            ack,
             scripts: std::sync::Arc::new(Scripts::new()),
             timeout: self.timeout,
             reclaim_batch: self.reclaim_batch,
             max_entry_bytes: self.max_entry_bytes,
+            put_deadline: self.put_deadline,
+            retention_ms: duration_ms(epoch_retention(self.put_deadline)),
         }
     }
 }
@@ -331,6 +434,8 @@ impl RedisStore {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             reclaim_batch: DEFAULT_RECLAIM_BATCH,
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
+            put_deadline: DEFAULT_PUT_DEADLINE,
+            ack: None,
         }
     }
 
@@ -371,19 +476,21 @@ impl RedisStore {
             cmd.arg(keys.dep_ver(dep));
         }
         let reply: Value = self.timed(self.conn.query(&cmd)).await?;
-        let (raw, epochs) = parse_lookup_reply(reply, deps)?;
+        let observed_at = Instant::now();
+        let (raw, versions) = parse_lookup_reply(reply, deps)?;
         let miss = || {
-            Lookup::Miss(DepEpochs::new(
+            Lookup::Miss(DepEpochs::observed(
                 deps.iter()
-                    .zip(&epochs)
-                    .map(|(id, epoch)| ((*id).to_owned(), *epoch))
+                    .zip(&versions)
+                    .map(|(id, &(epoch, life))| ((*id).to_owned(), epoch, life))
                     .collect(),
+                observed_at,
             ))
         };
         let Some(raw) = raw else {
             return Ok(miss());
         };
-        let entry = match codec::decode(raw) {
+        let mut entry = match codec::decode(raw) {
             Ok(entry) => entry,
             Err(e) => {
                 tracing::warn!(key = %entry_key, error = %e, "cachecore: undecodable value under an entry key, treated as a miss");
@@ -391,15 +498,23 @@ impl RedisStore {
             }
         };
         // Rule 3: every recorded epoch must still be current. A recorded dep that was not
-        // declared cannot be checked in this round trip, so the entry is not served.
-        let current = entry.deps.iter().all(|(id, epoch)| {
-            deps.iter()
-                .position(|d| *d == id)
-                .is_some_and(|i| epochs[i] == epoch)
-        });
+        // declared cannot be checked in this round trip, so the entry is not served. The numbers
+        // suffice: a ver key outlives every entry that records it, so a live entry and the
+        // current epoch are of the same life.
+        let version = |id: &str| deps.iter().position(|d| *d == id).map(|i| versions[i]);
+        let current = entry
+            .deps
+            .iter()
+            .all(|(id, epoch)| version(id).is_some_and(|(e, _)| e == epoch));
         if !current {
             return Ok(miss());
         }
+        // Served, the epochs are the ones observed now, lives included: a refresh put after
+        // this hit is checked against them.
+        entry
+            .deps
+            .set_lives(|id| version(id).map_or(0, |(_, life)| life));
+        entry.deps.restamp(observed_at);
         Ok(match entry.freshness(now_ms()) {
             Freshness::Fresh => Lookup::Fresh(entry),
             Freshness::Stale => Lookup::Stale(entry),
@@ -408,6 +523,12 @@ impl RedisStore {
     }
 
     async fn put_inner(&self, key: &CacheKey, entry: Entry) -> Result<PutOutcome, StoreError> {
+        // Rule 8: past its deadline the put's epochs may have been forgotten (and a forgotten
+        // epoch reads as 0 again), so it cannot be checked any more. The retention covers the
+        // time from this check to the script.
+        if entry.deps.observed_at().elapsed() > self.put_deadline {
+            return Ok(PutOutcome::Refused(RefusedReason::DeadlinePassed));
+        }
         let value = codec::encode(&entry);
         if value.len() > self.max_entry_bytes {
             return Ok(PutOutcome::Refused(RefusedReason::TooLarge));
@@ -427,8 +548,12 @@ impl RedisStore {
             inv.key(keys.dep_keys(id));
         }
         inv.arg(value).arg(ttl_ms).arg(&key.digest()[..]);
-        for (_, epoch) in entry.deps.iter() {
-            inv.arg(epoch.to_string());
+        for (_, epoch, life) in entry.deps.iter_lives() {
+            inv.arg(if life == 0 {
+                epoch.to_string()
+            } else {
+                format!("{epoch}.{life}")
+            });
         }
         let moved: i64 = self.timed(self.conn.invoke(&inv)).await?;
         if moved == 0 {
@@ -468,6 +593,10 @@ impl RedisStore {
                 Err(e) => out.push(Some(Ok(InvalidationResult::failed(*id, e.to_string())))),
             }
         }
+        let raising = match &self.ack {
+            Some((conn, _)) => conn,
+            None => &self.conn,
+        };
         for chunk in valid.chunks(BUMP_CHUNK) {
             let gcs: Vec<String> = chunk.iter().map(|_| keys.gc()).collect();
             let mut inv = self.scripts.bump.prepare_invoke();
@@ -476,12 +605,27 @@ impl RedisStore {
                     .key(keys.dep_keys(dep_ids[i]))
                     .key(gc);
             }
-            inv.arg(new_hash);
-            match self.timed(self.conn.invoke::<Vec<u64>>(&inv)).await {
-                Ok(_) => {
-                    for (&i, gc) in chunk.iter().zip(&gcs) {
-                        let deleted = self.reclaim(&keys, dep_ids[i], gc).await;
-                        out[i] = Some(Ok(InvalidationResult::ok(dep_ids[i], deleted)));
+            inv.arg(new_hash)
+                .arg(self.retention_ms)
+                .arg(keys::life().to_string());
+            match self.timed(raising.invoke::<Vec<u64>>(&inv)).await {
+                Ok(raised) => {
+                    let acknowledged = match &self.ack {
+                        Some((conn, ack)) => Some(self.acknowledged(conn, tenant, *ack).await),
+                        None => None,
+                    };
+                    for (n, (&i, gc)) in chunk.iter().zip(&gcs).enumerate() {
+                        // Nothing detached (the dep tagged no live entry): nothing to reclaim,
+                        // and no round trip to find that out.
+                        let detached = raised.get(2 * n + 1).is_some_and(|d| *d != 0);
+                        let deleted = if detached {
+                            self.reclaim(&keys, dep_ids[i], gc).await
+                        } else {
+                            0
+                        };
+                        let mut result = InvalidationResult::ok(dep_ids[i], deleted);
+                        result.acknowledged = acknowledged;
+                        out[i] = Some(Ok(result));
                     }
                 }
                 Err(e) => {
@@ -495,6 +639,26 @@ impl RedisStore {
         out.into_iter()
             .map(|r| r.expect("every id was answered"))
             .collect()
+    }
+
+    /// Whether `ack.replicas` replicas confirm the raise just made on `conn`. A `WAIT` that fails
+    /// says nothing was confirmed: the raise itself stands.
+    async fn acknowledged(&self, conn: &Conn, tenant: &str, ack: Ack) -> bool {
+        let bound = self.timeout.saturating_add(ack.timeout);
+        match tokio::time::timeout(bound, conn.wait(tenant, ack)).await {
+            Ok(Ok(replicas)) => replicas >= ack.replicas,
+            Ok(Err(e)) => {
+                tracing::warn!(tenant, error = %e, "cachecore: WAIT failed; the invalidation is not acknowledged");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(
+                    tenant,
+                    "cachecore: WAIT outlived its timeout; the invalidation is not acknowledged"
+                );
+                false
+            }
+        }
     }
 
     /// Deletes the entries named in the detached tag set `gc`, a bounded batch at a time. The
@@ -542,20 +706,37 @@ impl RedisStore {
     }
 }
 
-/// The epoch in a dep ver value, `<epoch>:<last new_hash>`.
-fn parse_epoch(ver: &[u8]) -> Option<u64> {
-    let digits = ver.split(|b| *b == b':').next()?;
-    if digits.is_empty() || digits.len() == ver.len() || !digits.iter().all(u8::is_ascii_digit) {
+/// The epoch and life in a dep ver value, `<epoch>.<life>:<last new_hash>` (or, written before
+/// lives, `<epoch>:<last new_hash>`: life 0).
+fn parse_ver(ver: &[u8]) -> Option<Version> {
+    let head = ver.split(|b| *b == b':').next()?;
+    if head.len() == ver.len() {
         return None;
     }
-    std::str::from_utf8(digits).ok()?.parse().ok()
+    let mut parts = head.splitn(2, |b| *b == b'.');
+    let number = |digits: &[u8]| -> Option<u64> {
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        std::str::from_utf8(digits).ok()?.parse().ok()
+    };
+    let epoch = number(parts.next()?)?;
+    let life = match parts.next() {
+        Some(digits) => number(digits)?,
+        None => 0,
+    };
+    Some((epoch, life))
 }
 
-/// Splits the lookup `MGET` reply into the raw entry and the epochs of `deps`, in order.
+/// A dep's `(epoch, life)`, as its ver key holds them.
+type Version = (u64, u64);
+
+/// Splits the lookup `MGET` reply into the raw entry and the version of each of `deps`, in
+/// order.
 fn parse_lookup_reply(
     reply: Value,
     deps: &[&str],
-) -> Result<(Option<Bytes>, Vec<u64>), StoreError> {
+) -> Result<(Option<Bytes>, Vec<Version>), StoreError> {
     let bad =
         |what: &str| StoreError::new(StoreErrorKind::Backend, format!("lookup reply: {what}"));
     let Value::Array(items) = reply else {
@@ -575,14 +756,14 @@ fn parse_lookup_reply(
         .zip(items)
         .map(|(id, v)| {
             match v {
-                Value::Nil => Some(0),
-                Value::BulkString(b) => parse_epoch(&b),
+                Value::Nil => Some((0, 0)),
+                Value::BulkString(b) => parse_ver(&b),
                 _ => None,
             }
             .ok_or_else(|| {
                 StoreError::new(
                     StoreErrorKind::Corrupt,
-                    format!("dep ver key of {id:?} does not hold `<epoch>:<hash>`"),
+                    format!("dep ver key of {id:?} does not hold `<epoch>.<life>:<hash>`"),
                 )
             })
         })
@@ -621,6 +802,8 @@ impl fmt::Debug for RedisStore {
             .field("timeout", &self.timeout)
             .field("reclaim_batch", &self.reclaim_batch)
             .field("max_entry_bytes", &self.max_entry_bytes)
+            .field("put_deadline", &self.put_deadline)
+            .field("ack", &self.ack.as_ref().map(|(_, ack)| ack))
             .finish()
     }
 }
@@ -633,6 +816,22 @@ impl CacheStore for RedisStore {
     /// Every call is bounded by [`RedisStoreBuilder::timeout`].
     fn bounds_its_own_calls(&self) -> bool {
         true
+    }
+
+    /// On Redis Cluster, one per hash slot: a tenant is one slot (its hash tag), and a slot is
+    /// served or not as a whole. A single Redis is one.
+    fn failure_domains(&self) -> usize {
+        match self.conn {
+            Conn::Single(_) => 1,
+            Conn::Cluster(_) => keys::SLOTS,
+        }
+    }
+
+    fn failure_domain(&self, tenant: &str) -> usize {
+        match self.conn {
+            Conn::Single(_) => 0,
+            Conn::Cluster(_) => usize::from(keys::slot(tenant)),
+        }
     }
 
     fn put<'a>(&'a self, key: &'a CacheKey, entry: Entry) -> StoreFuture<'a, PutOutcome> {
@@ -673,22 +872,31 @@ impl CacheStore for RedisStore {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_epoch;
+    use super::parse_ver;
 
     #[test]
-    fn ver_values_parse_only_as_epoch_colon_hash() {
-        assert_eq!(parse_epoch(b"0:"), Some(0));
-        assert_eq!(parse_epoch(b"17:etl-2026:11"), Some(17));
-        assert_eq!(parse_epoch(b"18446744073709551615:h"), Some(u64::MAX));
+    fn ver_values_parse_only_as_epoch_life_colon_hash() {
+        assert_eq!(parse_ver(b"0:"), Some((0, 0)));
+        assert_eq!(parse_ver(b"17:etl-2026:11"), Some((17, 0)));
+        assert_eq!(parse_ver(b"17.9:etl-2026.11:1"), Some((17, 9)));
+        assert_eq!(
+            parse_ver(b"18446744073709551615.18446744073709551615:h"),
+            Some((u64::MAX, u64::MAX))
+        );
         for bad in [
             &b""[..],
             b"17",
+            b"17.3",
             b":h",
+            b".3:h",
+            b"3.:h",
+            b"3.4.5:h",
             b"-1:h",
             b"1x:h",
             b"18446744073709551616:h",
+            b"1.18446744073709551616:h",
         ] {
-            assert_eq!(parse_epoch(bad), None, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(parse_ver(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }
 }
