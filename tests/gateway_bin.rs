@@ -72,8 +72,7 @@ fn help_lists_every_flag_with_its_environment_variable() {
             .iter()
             .find(|e| {
                 let name = e.trim_start_matches('-');
-                name.starts_with(&flag[2..])
-                    && name[flag.len() - 2..].starts_with([' ', '\n'])
+                name.starts_with(&flag[2..]) && name[flag.len() - 2..].starts_with([' ', '\n'])
             })
             .unwrap_or_else(|| panic!("{flag} missing from\n{help}"));
         assert!(
