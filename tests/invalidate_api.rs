@@ -495,7 +495,7 @@ async fn control_characters_are_422() {
     // The same rule as the layer and the queue: printable ASCII, no spaces, 1 to 256 bytes.
     for hash in ["\"v 2\"", "\"\"", "\"caf\u{e9}\""] {
         f.rejects(
-            json_req(&format!(r#"{{"dep_id":"doc:1","new_hash":{hash}}}"#)),
+            json_req(format!(r#"{{"dep_id":"doc:1","new_hash":{hash}}}"#)),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_new_hash",
             "new_hash",
