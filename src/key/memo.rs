@@ -15,11 +15,12 @@ const SLOTS: usize = 512;
 
 /// Largest encoded head plus body memoised, in bytes; larger requests are keyed afresh every
 /// time. A slot keeps copies of both, so this times [`SLOTS`] bounds what the memo retains, at
-/// about 8 MiB. 16 KiB holds a chat request with a system prompt and a few turns; anything
-/// larger costs milliseconds upstream, next to which hashing it again is noise. The head counts
-/// as much as the body: a long query string, vary header values or deps can make it the larger
-/// of the two.
-const MAX_MEMOISED: usize = 16 * 1024;
+/// about 10 MiB. 16 KiB of body holds a chat request with a system prompt and a few turns, and
+/// 4 KiB more leaves room for its head (namespace, URI, vary values, deps), so such a request is
+/// still memoised whole; anything larger costs milliseconds upstream, next to which hashing it
+/// again is noise. The head counts as much as the body: a long query string, vary header values
+/// or deps can make it the larger of the two.
+const MAX_MEMOISED: usize = 20 * 1024;
 
 #[derive(Debug)]
 pub(crate) struct KeyMemo {
