@@ -394,6 +394,26 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// The parts of the request's key (docs/design.md §3) under this plan's namespace and deps.
+    pub(crate) fn key_parts<'a>(
+        &'a self,
+        head: &RequestHead<'a>,
+        vary: &'a [HeaderName],
+        body: &'a [u8],
+    ) -> KeyParts<'a> {
+        KeyParts {
+            tenant: self.namespace.tenant(),
+            policy_version: self.namespace.policy_version(),
+            partition: self.namespace.partition(),
+            method: head.method,
+            uri: head.uri,
+            headers: head.headers,
+            vary,
+            deps: &self.deps,
+            body,
+        }
+    }
+
     /// The dep ids to check: the declared ones and the policy dep.
     pub(crate) fn dep_ids(&self) -> Vec<&str> {
         let mut ids = Vec::with_capacity(self.deps.len() + 1);
@@ -550,17 +570,7 @@ impl Engine {
     }
 
     pub(crate) fn key(&self, plan: &Plan, head: &RequestHead<'_>, body: &[u8]) -> CacheKey {
-        let parts = KeyParts {
-            tenant: plan.namespace.tenant(),
-            policy_version: plan.namespace.policy_version(),
-            partition: plan.namespace.partition(),
-            method: head.method,
-            uri: head.uri,
-            headers: head.headers,
-            vary: &self.config.vary,
-            deps: &plan.deps,
-            body,
-        };
+        let parts = plan.key_parts(head, &self.config.vary, body);
         thread_local! {
             // The encoded head is scratch space: reused by every request on the thread.
             static ENCODED: std::cell::RefCell<Vec<u8>> =
@@ -840,8 +850,8 @@ impl Engine {
     /// `206` (`Range` is not in the key); no `no-store`, `private` (with or without field
     /// names), `no-cache` (but see event streams below) or a zero `max-age`/`s-maxage` (this
     /// cache cannot revalidate, so "revalidate before every reuse" means "do not reuse");
-    /// nothing that sets cookies; no
-    /// `Vary: *`; not larger than the recording limit when its length is known.
+    /// nothing that sets cookies; no `Vary: *`; not larger than the recording limit when its
+    /// length is known.
     fn admits(&self, status: StatusCode, headers: &HeaderMap) -> bool {
         if !status.is_success() || status == StatusCode::PARTIAL_CONTENT {
             return false;
@@ -905,9 +915,7 @@ impl Engine {
         let mut res = Response::new(body(entry.body));
         *res.status_mut() = entry.status;
         *res.headers_mut() = entry.headers;
-        if res.headers().contains_key(VARY_KEY) {
-            res.headers_mut().remove(VARY_KEY);
-        }
+        res.headers_mut().remove(VARY_KEY);
         res.headers_mut()
             .insert(X_CACHE_AGE, HeaderValue::from(age));
         self.mark(&mut res, status);

@@ -78,7 +78,7 @@ pub use index::{MemoryIndex, DEFAULT_INDEX_BYTES};
 pub use openai::OpenAiEmbedder;
 
 use crate::engine::{Config, Plan, RequestHead};
-use crate::key::{self, KeyParts};
+use crate::key;
 use crate::store::{duration_ms, now_ms, CacheKey, Entry};
 use crate::{CachecoreBuilder, X_CACHE_SIMILARITY};
 use guard::Lexicon;
@@ -345,17 +345,7 @@ impl SemanticCache {
         context: &[u8],
         config: &Config,
     ) -> [u8; 32] {
-        let parts = KeyParts {
-            tenant: plan.namespace.tenant(),
-            policy_version: plan.namespace.policy_version(),
-            partition: plan.namespace.partition(),
-            method: head.method,
-            uri: head.uri,
-            headers: head.headers,
-            vary: &config.vary,
-            deps: &plan.deps,
-            body: &[],
-        };
+        let parts = plan.key_parts(head, &config.vary, &[]);
         let mut encoded = Vec::with_capacity(key::HEAD_CAPACITY);
         encoded.extend_from_slice(b"cachecore-l2-signature-v1");
         let id = self.embedder.id().as_bytes();
