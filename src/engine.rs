@@ -205,13 +205,30 @@ impl CredentialHash {
         h.update(value);
     }
 
-    /// Every value of each of `names` that `headers` has.
+    /// Every value of each of `names` that `headers` has, in the order of `names`.
     pub(crate) fn of(names: &[HeaderName], headers: &HeaderMap) -> Self {
         let mut h = Self::default();
-        for name in names {
+        let mut add = |name: &HeaderName| {
             for value in headers.get_all(name) {
                 h.add(name.as_str(), value.as_bytes());
             }
+        };
+        if names.len() > 64 {
+            names.iter().for_each(&mut add);
+            return h;
+        }
+        // A request has a handful of headers and usually one credential: find which names are
+        // present in one pass of cheap comparisons, rather than hash every configured name to
+        // look it up (this runs on every request, hits included).
+        let mut present = 0u64;
+        for name in headers.keys() {
+            if let Some(i) = names.iter().position(|n| n == name) {
+                present |= 1 << i;
+            }
+        }
+        while present != 0 {
+            add(&names[present.trailing_zeros() as usize]);
+            present &= present - 1;
         }
         h
     }

@@ -164,8 +164,9 @@ fn looks_like_json(body: &[u8]) -> bool {
 
 /// Host names are case-insensitive: `API.example.com` and `api.example.com` are one service.
 fn authority_field(out: &mut Vec<u8>, authority: &[u8]) {
-    count(out, authority.len());
-    out.extend(authority.iter().map(u8::to_ascii_lowercase));
+    field(out, authority);
+    let start = out.len() - authority.len();
+    out[start..].make_ascii_lowercase();
 }
 
 fn count(out: &mut Vec<u8>, n: usize) {

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Instructions per cache hit (callgrind), this tree against a baseline commit, so a change to the
+# hit path is judged on a count that the machine's load does not move.
+#
+#   benches/hit_instructions.sh [BASE_REV]      # default BASE_REV: 71d0ffb (before issue 8)
+#
+# Needs valgrind (Debian package). The baseline is built in a throwaway worktree with its own
+# target dir; examples/hit_probe.rs is copied into it (it uses only the public API).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base="${1:-71d0ffb}"
+command -v valgrind >/dev/null || { echo "needs valgrind: apt-get install -y valgrind" >&2; exit 1; }
+
+work="$(mktemp -d)"
+trap 'git worktree remove --force "$work/tree" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+git worktree add -f "$work/tree" "$base" >/dev/null 2>&1
+cp examples/hit_probe.rs "$work/tree/examples/hit_probe.rs"
+(cd "$work/tree" && CARGO_TARGET_DIR="${BASE_TARGET_DIR:-$work/target}" cargo build -q --release --example hit_probe)
+cargo build -q --release --example hit_probe
+here="${CARGO_TARGET_DIR:-target}/release/examples/hit_probe"
+there="${BASE_TARGET_DIR:-$work/target}/release/examples/hit_probe"
+
+count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$@" 2>&1 | grep -oE 'refs: +[0-9,]+' | tr -d ', ' | cut -d: -f2; }
+# Per request: the difference between 3000 and 1000 requests, over 2000 (start-up cancels out).
+per() { echo $(( ($(count "$1" 3000 "$2") - $(count "$1" 1000 "$2")) / 2000 )); }
+
+printf '%-6s %10s %10s %8s\n' mode "$base" here change
+for mode in bare hit dep; do
+  a=$(per "$there" "$mode"); b=$(per "$here" "$mode")
+  printf '%-6s %10d %10d %+7.1f%%\n' "$mode" "$a" "$b" "$(awk "BEGIN { print ($b - $a) * 100 / $a }")"
+done
