@@ -175,12 +175,12 @@ impl Drop for Gateway {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_finishes_the_stream_in_flight_and_refuses_new_connections() {
-    let gate = Arc::new(Semaphore::new(0));
-    let upstream = start_upstream(Arc::clone(&gate)).await;
+type Http = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+/// Starts the binary in front of `upstream` on a free port, and waits until `/health` answers.
+async fn start_gateway(upstream: SocketAddr) -> (Gateway, SocketAddr, Http) {
     let addr = free_addr();
-    let mut gateway = Gateway(
+    let gateway = Gateway(
         Command::new(BIN)
             .args(["--listen", &addr.to_string()])
             .args(["--upstream", &format!("http://{upstream}")])
@@ -192,9 +192,7 @@ async fn sigterm_finishes_the_stream_in_flight_and_refuses_new_connections() {
             .spawn()
             .unwrap(),
     );
-    let http: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-
-    // Ready when /health answers.
+    let http: Http = Client::builder(TokioExecutor::new()).build_http();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let res = http
@@ -210,6 +208,14 @@ async fn sigterm_finishes_the_stream_in_flight_and_refuses_new_connections() {
         assert!(Instant::now() < deadline, "the gateway never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (gateway, addr, http)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_stream_in_flight_and_refuses_new_connections() {
+    let gate = Arc::new(Semaphore::new(0));
+    let upstream = start_upstream(Arc::clone(&gate)).await;
+    let (mut gateway, addr, http) = start_gateway(upstream).await;
 
     let token = JwtAuth::new(SECRET)
         .unwrap()
@@ -266,4 +272,67 @@ async fn sigterm_finishes_the_stream_in_flight_and_refuses_new_connections() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// The seed's first recipe, with curl's requests, against the binary itself: a cached answer,
+/// its dep invalidated over HTTP, the next request a miss; bad input refused with a JSON error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_recipe_works_against_the_binary() {
+    // The upstream streams its whole answer at once.
+    let upstream = start_upstream(Arc::new(Semaphore::new(Semaphore::MAX_PERMITS))).await;
+    let (_gateway, addr, http) = start_gateway(upstream).await;
+    let token = JwtAuth::new(SECRET)
+        .unwrap()
+        .mint(&Claims::new("acme", Duration::from_secs(60)));
+    let deps = cachecore::wire::encode_deps(&[cachecore::Dep::new("doc:contract-123").hash("v1")]);
+    let send = |path: &str, body: &'static str, with_deps: bool| {
+        let mut req = Request::post(format!("http://{addr}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json");
+        if with_deps {
+            req = req.header("x-cachecore-deps", deps.as_str());
+        }
+        let req = req
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let http = http.clone();
+        async move {
+            let res = http.request(req).await.unwrap();
+            let status = res.status();
+            let x_cache = res
+                .headers()
+                .get("x-cache")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (status, x_cache, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    const CHAT: &str = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"Summarise contract 123"}]}"#;
+
+    let first = send("/v1/chat/completions", CHAT, true).await;
+    assert_eq!((first.0, first.1.as_str()), (StatusCode::OK, "MISS"));
+    let again = send("/v1/chat/completions", CHAT, true).await;
+    assert_eq!(again.1, "HIT_L1");
+    assert_eq!(again.2, first.2, "a hit replays the stream byte for byte");
+
+    let bad = send(
+        "/v1/invalidate",
+        r#"{"dep_id":"doc:contract-123","new_hash":"v 2"}"#,
+        false,
+    )
+    .await;
+    assert_eq!(bad.0, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.2);
+    assert!(bad.2.contains("invalid_new_hash"), "{}", bad.2);
+    assert_eq!(send("/v1/chat/completions", CHAT, true).await.1, "HIT_L1");
+
+    let done = send(
+        "/v1/invalidate",
+        r#"{"dep_id":"doc:contract-123","new_hash":"v2"}"#,
+        false,
+    )
+    .await;
+    assert_eq!(done.0, StatusCode::OK, "{}", done.2);
+    assert!(done.2.contains(r#""keys_deleted":1"#), "{}", done.2);
+    assert_eq!(send("/v1/chat/completions", CHAT, true).await.1, "MISS");
 }
