@@ -58,6 +58,12 @@ const FLAGS: &[(&str, &str)] = &[
     ("--max-connections", "CACHECORE_MAX_CONNECTIONS"),
     ("--header-read-timeout", "CACHECORE_HEADER_READ_TIMEOUT"),
     ("--shutdown-timeout", "CACHECORE_SHUTDOWN_TIMEOUT"),
+    #[cfg(feature = "semantic")]
+    ("--semantic-model", "CACHECORE_SEMANTIC_MODEL"),
+    #[cfg(feature = "semantic")]
+    ("--semantic-threshold", "CACHECORE_SEMANTIC_THRESHOLD"),
+    #[cfg(feature = "semantic")]
+    ("--semantic-timeout", "CACHECORE_SEMANTIC_TIMEOUT"),
 ];
 
 #[test]
@@ -110,6 +116,30 @@ fn a_weak_secret_or_a_bad_duration_is_refused_at_start_up() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--shutdown-timeout"));
+}
+
+#[cfg(feature = "semantic")]
+#[test]
+fn a_bad_semantic_threshold_or_model_is_refused_at_start_up() {
+    for threshold in ["1.5", "-2", "high"] {
+        let out = Command::new(BIN)
+            .args(["--upstream", "http://127.0.0.1:9", "--jwt-secret", SECRET])
+            .arg(format!("--semantic-threshold={threshold}"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{threshold}: a usage error");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("between -1 and 1"), "{threshold}: {err}");
+    }
+    let out = Command::new(BIN)
+        .args(["--upstream", "http://127.0.0.1:9", "--jwt-secret", SECRET])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(["--semantic-model", "/nonexistent/model"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot load the semantic model"), "{err}");
 }
 
 /// A body fed by a channel: each message is one frame.
@@ -177,14 +207,16 @@ impl Drop for Gateway {
 
 type Http = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-/// Starts the binary in front of `upstream` on a free port, and waits until `/health` answers.
-async fn start_gateway(upstream: SocketAddr) -> (Gateway, SocketAddr, Http) {
+/// Starts the binary in front of `upstream` on a free port, with `extra` flags, and waits until
+/// `/health` answers.
+async fn start_gateway(upstream: SocketAddr, extra: &[&str]) -> (Gateway, SocketAddr, Http) {
     let addr = free_addr();
     let gateway = Gateway(
         Command::new(BIN)
             .args(["--listen", &addr.to_string()])
             .args(["--upstream", &format!("http://{upstream}")])
             .args(["--shutdown-timeout", "10s"])
+            .args(extra)
             .env("CACHECORE_JWT_SECRET", SECRET)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -215,7 +247,7 @@ async fn start_gateway(upstream: SocketAddr) -> (Gateway, SocketAddr, Http) {
 async fn sigterm_finishes_the_stream_in_flight_and_refuses_new_connections() {
     let gate = Arc::new(Semaphore::new(0));
     let upstream = start_upstream(Arc::clone(&gate)).await;
-    let (mut gateway, addr, http) = start_gateway(upstream).await;
+    let (mut gateway, addr, http) = start_gateway(upstream, &[]).await;
 
     let token = JwtAuth::new(SECRET)
         .unwrap()
@@ -280,7 +312,7 @@ async fn sigterm_finishes_the_stream_in_flight_and_refuses_new_connections() {
 async fn the_webhook_recipe_works_against_the_binary() {
     // The upstream streams its whole answer at once.
     let upstream = start_upstream(Arc::new(Semaphore::new(Semaphore::MAX_PERMITS))).await;
-    let (_gateway, addr, http) = start_gateway(upstream).await;
+    let (_gateway, addr, http) = start_gateway(upstream, &[]).await;
     let token = JwtAuth::new(SECRET)
         .unwrap()
         .mint(&Claims::new("acme", Duration::from_secs(60)));
@@ -335,4 +367,71 @@ async fn the_webhook_recipe_works_against_the_binary() {
     assert_eq!(done.0, StatusCode::OK, "{}", done.2);
     assert!(done.2.contains(r#""keys_deleted":1"#), "{}", done.2);
     assert_eq!(send("/v1/chat/completions", CHAT, true).await.1, "MISS");
+}
+
+/// With `--semantic-model`, a paraphrase is answered `HIT_L2` by the binary, and a negation is
+/// not. Needs the test model (scripts/fetch-semantic-assets); `scripts/test` fetches it.
+#[cfg(feature = "semantic")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_answers_a_paraphrase_from_l2() {
+    let dir =
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/assets/all-MiniLM-L6-v2");
+    if !dir.join("model.safetensors").exists() {
+        let how = "the test model is missing: run scripts/fetch-semantic-assets";
+        assert!(
+            std::env::var_os("CACHECORE_REQUIRE_ASSETS").is_none(),
+            "{how}"
+        );
+        eprintln!("skipped: {how}");
+        return;
+    }
+    let upstream = start_upstream(Arc::new(Semaphore::new(Semaphore::MAX_PERMITS))).await;
+    let dir = dir.to_string_lossy().into_owned();
+    // A generous embedding timeout: this is about the flags, not the model's speed.
+    let flags = [
+        "--semantic-model",
+        &dir,
+        "--semantic-threshold",
+        "0.85",
+        "--semantic-timeout",
+        "30s",
+    ];
+    let (_gateway, addr, http) = start_gateway(upstream, &flags).await;
+    let token = JwtAuth::new(SECRET)
+        .unwrap()
+        .mint(&Claims::new("acme", Duration::from_secs(60)));
+    let ask = |question: &str| {
+        let body = format!(
+            r#"{{"model":"m","temperature":0,"messages":[{{"role":"user","content":"{question}"}}]}}"#
+        );
+        let req = Request::post(format!("http://{addr}/v1/chat/completions"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let http = http.clone();
+        async move {
+            let res = http.request(req).await.unwrap();
+            let header = |name: &str| {
+                res.headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default()
+            };
+            let seen = (header("x-cache"), header("x-cache-similarity"));
+            res.into_body().collect().await.unwrap();
+            seen
+        }
+    };
+    assert_eq!(
+        ask("What is the fastest way to learn touch typing?")
+            .await
+            .0,
+        "MISS"
+    );
+    let (status, similarity) = ask("What is the fastest way to learn touch-typing?").await;
+    assert_eq!(status, "HIT_L2");
+    assert!(similarity.parse::<f32>().unwrap() >= 0.85, "{similarity}");
+    ask("Cancel my order please").await;
+    assert_eq!(ask("Don't cancel my order please").await.0, "MISS");
 }

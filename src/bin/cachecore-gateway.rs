@@ -119,6 +119,36 @@ struct Args {
     /// On SIGTERM or Ctrl-C: longest wait for in-flight requests and streams to finish.
     #[arg(long, env = "CACHECORE_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = duration)]
     shutdown_timeout: Duration,
+
+    /// Turns on the semantic (L2) cache with the sentence-transformers model in this directory
+    /// (model.safetensors, tokenizer.json, config.json, 1_Pooling/config.json; e.g.
+    /// bge-small-en-v1.5): a chat request that means the same as a cached one is answered
+    /// HIT_L2.
+    #[cfg(feature = "semantic")]
+    #[arg(long, env = "CACHECORE_SEMANTIC_MODEL")]
+    semantic_model: Option<std::path::PathBuf>,
+
+    /// Lowest cosine similarity an L2 match may have (with --semantic-model); a request may
+    /// raise it with X-CacheCore-Min-Similarity, never lower it.
+    #[cfg(feature = "semantic")]
+    #[arg(long, env = "CACHECORE_SEMANTIC_THRESHOLD", default_value_t = cachecore::semantic::DEFAULT_THRESHOLD, value_parser = similarity)]
+    semantic_threshold: f32,
+
+    /// Longest wait for one embedding (with --semantic-model); past it the request is a miss.
+    #[cfg(feature = "semantic")]
+    #[arg(long, env = "CACHECORE_SEMANTIC_TIMEOUT", default_value = "250ms", value_parser = duration)]
+    semantic_timeout: Duration,
+}
+
+/// A cosine similarity threshold: a number in [-1, 1].
+#[cfg(feature = "semantic")]
+fn similarity(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(t) if (-1.0..=1.0).contains(&t) => Ok(t),
+        _ => Err(format!(
+            "{text:?} is not a cosine similarity between -1 and 1 (e.g. 0.92)"
+        )),
+    }
 }
 
 /// A duration: a number with a unit (`ms`, `s`, `m`, `h`), or bare seconds.
@@ -223,6 +253,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     #[cfg(not(feature = "redis"))]
     tracing::info!("entries in memory (built without the `redis` feature)");
+    #[cfg(feature = "semantic")]
+    let cache = match &args.semantic_model {
+        Some(dir) => {
+            let model = cachecore::semantic::LocalEmbedder::load(dir)
+                .map_err(|e| format!("cannot load the semantic model in {}: {e}", dir.display()))?;
+            tracing::info!(model = %dir.display(), threshold = args.semantic_threshold, "semantic cache (L2) on");
+            cache.semantic(
+                cachecore::semantic::SemanticCache::new(model)
+                    .threshold(args.semantic_threshold)
+                    .timeout(args.semantic_timeout),
+            )
+        }
+        None => cache,
+    };
 
     let queue_metrics = cachecore::metrics::QueueMetrics::default();
     let mut builder = Gateway::builder(&args.upstream, auth)
