@@ -41,16 +41,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use crate::edge::{read_capped, BoxError};
 use crate::invalidate::payload::{BatchBody, RequestBody, WireResult};
 use crate::invalidate::ApiError;
 use crate::InvalidationResult;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Attempts per call, the first included.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
@@ -427,11 +426,9 @@ where
                 .map_err(|e| (ClientError::Transport(Box::new(e)), None))?;
             let status = res.status();
             let retry_after = retry_after(res.headers());
-            let bytes = Limited::new(res.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
+            let bytes = read_capped(res.into_body(), MAX_RESPONSE_BYTES)
                 .await
-                .map_err(|e| (ClientError::Transport(e), None))?
-                .to_bytes();
+                .map_err(|e| (ClientError::Transport(e.into_box()), None))?;
             if status.is_success() {
                 Ok(bytes)
             } else {

@@ -5,7 +5,39 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{Extensions, HeaderMap, Method, Uri};
+
 use crate::Dep;
+
+/// The parts of a request the layer decides on before reading the body.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestHead<'a> {
+    /// Method.
+    pub method: &'a Method,
+    /// URI.
+    pub uri: &'a Uri,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+    /// Extensions.
+    pub extensions: &'a Extensions,
+}
+
+impl<'a> RequestHead<'a> {
+    /// The head of `req`.
+    pub fn of<B>(req: &'a http::Request<B>) -> Self {
+        Self {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+}
+
+/// Resolves the cache context of a request from its head (for example from trusted headers).
+/// Consulted after the extension and the task-local scope.
+pub type ContextResolver =
+    Arc<dyn Fn(&RequestHead<'_>) -> Result<Option<RequestContext>, String> + Send + Sync>;
 
 /// What the caller wants the cache to do with one request.
 ///

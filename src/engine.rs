@@ -14,25 +14,27 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Extensions, HeaderMap, Method, Response, StatusCode, Uri};
+use http::{Extensions, HeaderMap, Method, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::auth::{AuthError, Authenticator};
+use crate::context::{ContextResolver, RequestHead};
+use crate::headers::{
+    cache_control, content_length, is_event_stream, remove_hop_by_hop, vary_names, VARY_KEY,
+    X_CACHE, X_CACHE_AGE, X_CACHE_SIMILARITY,
+};
 use crate::key::{self, to_hex, BodyKeying, KeyMemo, KeyParts};
 use crate::metrics::{LatencyHistogram, Metrics, StoreOp};
+use crate::namespace::{
+    CredentialHash, Namespace, NamespaceResolver, ANONYMOUS_PARTITION, DEFAULT_POLICY_VERSION,
+    DEFAULT_TENANT,
+};
 use crate::store::{
     duration_ms, now_ms, CacheKey, CacheStore, DepEpochs, Entry, InvalidationResult, Lookup,
     PutOutcome,
 };
 use crate::{current_scope, validate_dep_id, CacheStatus, Dep, RequestContext, POLICY_DEP};
-
-/// `X-Cache`: what the cache did with the request.
-pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
-/// `X-Cache-Age`: seconds since the served entry was stored.
-pub const X_CACHE_AGE: HeaderName = HeaderName::from_static("x-cache-age");
-/// `X-Cache-Similarity`: 1.00 for exact (L1) hits, 0.00 otherwise (wire-compatible mode only).
-pub const X_CACHE_SIMILARITY: HeaderName = HeaderName::from_static("x-cache-similarity");
 
 /// Defaults, chosen for LLM calls: answers are expensive and requests are a few KiB.
 pub(crate) mod defaults {
@@ -65,96 +67,6 @@ pub(crate) mod defaults {
     pub(crate) const COALESCE_BODY_WAIT: Duration = Duration::from_secs(1);
 }
 
-/// Headers that carry the caller's credentials by default (docs/design.md §3): every one a
-/// request has goes into its key partition.
-pub(crate) fn default_credential_headers() -> Vec<HeaderName> {
-    vec![
-        header::AUTHORIZATION,
-        header::PROXY_AUTHORIZATION,
-        header::COOKIE,
-        HeaderName::from_static("x-api-key"),
-        HeaderName::from_static("api-key"),
-        HeaderName::from_static("x-goog-api-key"),
-        HeaderName::from_static("x-cachecore-token"),
-    ]
-}
-
-/// A namespace: the tenant keys and deps live in, the policy version keys are scoped to, and
-/// an optional partition of the keys (by default, a hash of the caller's credentials).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Namespace {
-    tenant: Arc<str>,
-    policy_version: Arc<str>,
-    partition: Option<Arc<str>>,
-}
-
-impl Namespace {
-    /// A namespace for `tenant` at `policy_version`.
-    pub fn new(tenant: impl Into<Arc<str>>, policy_version: impl Into<Arc<str>>) -> Self {
-        Self {
-            tenant: tenant.into(),
-            policy_version: policy_version.into(),
-            partition: None,
-        }
-    }
-
-    /// Splits the tenant's keys by `partition`: requests in different partitions never share
-    /// an entry, while deps (and so invalidation) stay the tenant's.
-    #[must_use]
-    pub fn with_partition(mut self, partition: impl Into<Arc<str>>) -> Self {
-        self.partition = Some(partition.into());
-        self
-    }
-
-    /// The key partition, if any.
-    pub fn partition(&self) -> Option<&str> {
-        self.partition.as_deref()
-    }
-
-    /// The tenant.
-    pub fn tenant(&self) -> &str {
-        &self.tenant
-    }
-
-    /// The policy version.
-    pub fn policy_version(&self) -> &str {
-        &self.policy_version
-    }
-}
-
-/// The parts of a request the layer decides on before reading the body.
-#[derive(Clone, Copy, Debug)]
-pub struct RequestHead<'a> {
-    /// Method.
-    pub method: &'a Method,
-    /// URI.
-    pub uri: &'a Uri,
-    /// Headers.
-    pub headers: &'a HeaderMap,
-    /// Extensions.
-    pub extensions: &'a Extensions,
-}
-
-impl<'a> RequestHead<'a> {
-    /// The head of `req`.
-    pub fn of<B>(req: &'a http::Request<B>) -> Self {
-        Self {
-            method: req.method(),
-            uri: req.uri(),
-            headers: req.headers(),
-            extensions: req.extensions(),
-        }
-    }
-}
-
-/// Resolves the namespace of a request; `None` makes the request a bypass.
-pub type NamespaceResolver = Arc<dyn Fn(&RequestHead<'_>) -> Option<Namespace> + Send + Sync>;
-
-/// Resolves the cache context of a request from its head (for example from trusted headers).
-/// Consulted after the extension and the task-local scope.
-pub type ContextResolver =
-    Arc<dyn Fn(&RequestHead<'_>) -> Result<Option<RequestContext>, String> + Send + Sync>;
-
 #[derive(Clone)]
 pub(crate) enum NamespaceSource {
     Fixed(Namespace),
@@ -168,88 +80,6 @@ pub(crate) enum NamespaceSource {
     Resolver(NamespaceResolver),
     /// The namespace an authenticator gives the request's credentials (trusted-header mode).
     Authenticated(Arc<dyn Authenticator>),
-}
-
-/// The tenant of a layer that is given none (and the one [`CachecoreLayer::invalidate`]
-/// works on).
-///
-/// [`CachecoreLayer::invalidate`]: crate::CachecoreLayer::invalidate
-pub const DEFAULT_TENANT: &str = "default";
-
-/// The key partition of requests that carry no credentials at all.
-pub const ANONYMOUS_PARTITION: &str = "anonymous";
-
-/// The key partition a request whose only credentials header is `name: value` lands in when
-/// the layer is given no tenant (the default): a hash, so the credentials themselves are never
-/// stored. A request with several credential headers is partitioned by all of them.
-pub fn credentials_partition(name: &str, value: &[u8]) -> String {
-    let mut h = CredentialHash::default();
-    h.add(&name.to_ascii_lowercase(), value);
-    h.finish()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_default()
-}
-
-/// Hashes every credential header a request has, in the configured order.
-#[derive(Default)]
-pub(crate) struct CredentialHash(Option<Sha256>);
-
-impl CredentialHash {
-    /// Adds one credential header value (the name lower-case, as `HeaderName`s are).
-    pub(crate) fn add(&mut self, name: &str, value: &[u8]) {
-        let h = self.0.get_or_insert_with(Sha256::new);
-        // Length-prefixed, so no two different header sets hash alike.
-        h.update((name.len() as u64).to_be_bytes());
-        h.update(name.as_bytes());
-        h.update((value.len() as u64).to_be_bytes());
-        h.update(value);
-    }
-
-    /// Every value of each of `names` that `headers` has, in the order of `names`.
-    pub(crate) fn of(names: &[HeaderName], headers: &HeaderMap) -> Self {
-        let mut h = Self::default();
-        let mut add = |name: &HeaderName| {
-            for value in headers.get_all(name) {
-                h.add(name.as_str(), value.as_bytes());
-            }
-        };
-        if names.len() > 64 {
-            names.iter().for_each(&mut add);
-            return h;
-        }
-        // A request has a handful of headers and usually one credential: find which names are
-        // present in one pass of cheap comparisons, rather than hash every configured name to
-        // look it up (this runs on every request, hits included).
-        let mut present = 0u64;
-        for name in headers.keys() {
-            if let Some(i) = names.iter().position(|n| n == name) {
-                present |= 1 << i;
-            }
-        }
-        while present != 0 {
-            add(&names[present.trailing_zeros() as usize]);
-            present &= present - 1;
-        }
-        h
-    }
-
-    /// The partition, or `None` when no credential was added.
-    pub(crate) fn finish(self) -> Option<PartitionName> {
-        let digest: [u8; 32] = self.0?.finalize().into();
-        let mut out = [0; 5 + 32];
-        out[..5].copy_from_slice(b"cred-");
-        key::hex_into(&digest[..16], &mut out[5..]);
-        Some(PartitionName(out))
-    }
-}
-
-/// A credentials partition, `cred-` and 32 hex digits, built without allocating.
-pub(crate) struct PartitionName([u8; 5 + 32]);
-
-impl PartitionName {
-    pub(crate) fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.0).expect("ASCII prefix and hex digits")
-    }
 }
 
 impl NamespaceSource {
@@ -298,8 +128,8 @@ impl NamespaceSource {
     /// resolver or an authenticator, where no tenant is "the" tenant.
     fn default_tenant(&self) -> Option<Arc<str>> {
         match self {
-            Self::Fixed(ns) => Some(ns.tenant.clone()),
-            Self::Credentials { anonymous } => Some(anonymous.tenant.clone()),
+            Self::Fixed(ns) => Some(ns.tenant_shared().clone()),
+            Self::Credentials { anonymous } => Some(anonymous.tenant_shared().clone()),
             Self::Resolver(_) | Self::Authenticated(_) => None,
         }
     }
@@ -332,8 +162,8 @@ pub(crate) struct Config {
 impl Config {
     pub(crate) fn policy_version(&self) -> Arc<str> {
         match &self.namespace {
-            NamespaceSource::Fixed(ns) => ns.policy_version.clone(),
-            NamespaceSource::Credentials { anonymous } => anonymous.policy_version.clone(),
+            NamespaceSource::Fixed(ns) => ns.policy_version_shared().clone(),
+            NamespaceSource::Credentials { anonymous } => anonymous.policy_version_shared().clone(),
             NamespaceSource::Resolver(_) | NamespaceSource::Authenticated(_) => {
                 Arc::from(DEFAULT_POLICY_VERSION)
             }
@@ -366,7 +196,7 @@ impl Default for Config {
             breaker_failures: defaults::BREAKER_FAILURES,
             breaker_cooldown: defaults::BREAKER_COOLDOWN,
             similarity_header: false,
-            credential_headers: default_credential_headers(),
+            credential_headers: crate::headers::default_credential_headers(),
             coalesce_wait: defaults::COALESCE_WAIT,
             coalesce_body_wait: defaults::COALESCE_BODY_WAIT,
             #[cfg(feature = "semantic")]
@@ -374,9 +204,6 @@ impl Default for Config {
         }
     }
 }
-
-/// The policy version used when none is configured.
-pub const DEFAULT_POLICY_VERSION: &str = "1";
 
 /// Why a request is not cached at all.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -608,7 +435,7 @@ impl Engine {
             }
             digest
         });
-        CacheKey::new(plan.namespace.tenant.clone(), digest)
+        CacheKey::new(plan.namespace.tenant_shared().clone(), digest)
     }
 
     /// Looks the key up, failing open: a store error, a timeout or an open breaker is
@@ -1073,25 +900,6 @@ impl RequestDirectives {
     }
 }
 
-/// The directives of every `Cache-Control` header: `(name, value)`, quotes taken off values.
-fn cache_control(headers: &HeaderMap) -> impl Iterator<Item = (&str, Option<&str>)> {
-    headers
-        .get_all(header::CACHE_CONTROL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|d| {
-            let d = d.trim();
-            if d.is_empty() {
-                return None;
-            }
-            Some(match d.split_once('=') {
-                Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
-                None => (d, None),
-            })
-        })
-}
-
 /// A fresh random-enough version string for invalidations that give none.
 pub(crate) fn random_hash() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -1104,47 +912,15 @@ pub(crate) fn random_hash() -> String {
     to_hex(&digest[..8])
 }
 
-pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
-}
-
-/// Hop-by-hop headers describe one connection, not the response: never replay them.
+/// What of a response's headers an entry keeps: not the hop-by-hop ones (they describe one
+/// connection, never replay them), nor the cache's own marks.
 fn storable_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = headers.clone();
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::TE,
-        header::TRAILER,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        HeaderName::from_static("keep-alive"),
-        X_CACHE,
-        X_CACHE_AGE,
-        X_CACHE_SIMILARITY,
-        VARY_KEY,
-    ] {
+    remove_hop_by_hop(&mut out);
+    for name in [X_CACHE, X_CACHE_AGE, X_CACHE_SIMILARITY, VARY_KEY] {
         out.remove(name);
     }
     out
-}
-
-/// Stored beside a response that names request headers in `Vary`: a digest of the values the
-/// request that produced it had for them (RFC 9111 §4.1). Never sent to a client.
-const VARY_KEY: HeaderName = HeaderName::from_static("x-cachecore-vary-key");
-
-/// The header names a response's `Vary` lists, lower-case as written.
-fn vary_names(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::VARY)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|n| !n.is_empty())
 }
 
 /// The digest of `request`'s values for the headers `response` varies on, if it varies.
@@ -1174,18 +950,6 @@ fn vary_matches(entry: &HeaderMap, request: &HeaderMap) -> bool {
         None => true,
         Some(stored) => vary_fingerprint(entry, request).is_some_and(|now| now == stored),
     }
-}
-
-/// Whether a response is a stream of server-sent events.
-fn is_event_stream(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("text/event-stream"))
-        })
 }
 
 /// Whether a finished event stream reported an error in band: an `event: error`, or a `data:`

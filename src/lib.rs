@@ -7,14 +7,17 @@ pub mod auth;
 pub mod client;
 mod context;
 mod dep;
+mod edge;
 mod engine;
 #[cfg(feature = "gateway")]
 #[cfg_attr(docsrs, doc(cfg(feature = "gateway")))]
 pub mod gateway;
+pub mod headers;
 pub mod invalidate;
 pub mod key;
 pub mod layer;
 pub mod metrics;
+mod namespace;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod queue;
@@ -29,18 +32,16 @@ pub mod store;
 pub mod testing;
 pub mod wire;
 
-pub use context::{current_scope, scope, RequestContext};
+pub use context::{current_scope, scope, ContextResolver, RequestContext, RequestHead};
 pub use dep::{validate_dep_id, Dep, InvalidDepId, MAX_DEP_ID_LEN, POLICY_DEP};
 pub use dep::{validate_new_hash, InvalidNewHash, MAX_NEW_HASH_LEN};
-pub use engine::{
-    credentials_partition, ContextResolver, Namespace, NamespaceResolver, RequestHead,
-    ANONYMOUS_PARTITION, DEFAULT_POLICY_VERSION, DEFAULT_TENANT, X_CACHE, X_CACHE_AGE,
-    X_CACHE_SIMILARITY,
-};
-pub use layer::{
-    Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, ResponseBody, X_CACHE_ERROR,
-};
+pub use headers::{X_CACHE, X_CACHE_AGE, X_CACHE_ERROR, X_CACHE_SIMILARITY};
+pub use layer::{Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, ResponseBody};
 pub use metrics::MetricsSnapshot;
+pub use namespace::{
+    credentials_partition, Namespace, NamespaceResolver, ANONYMOUS_PARTITION,
+    DEFAULT_POLICY_VERSION, DEFAULT_TENANT,
+};
 pub use status::CacheStatus;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

@@ -50,8 +50,10 @@ use http::{Extensions, HeaderValue, Uri};
 use http_body::{Frame, SizeHint};
 use reqwest_middleware::{Middleware, Next, Result};
 
-use crate::engine::{CredentialHash, Engine, RequestHead, Route};
+use crate::context::RequestHead;
+use crate::engine::{Engine, Route};
 use crate::layer::{ResponseBody, X_CACHE_ERROR};
+use crate::namespace::CredentialHash;
 use crate::{CacheStatus, CachecoreLayer};
 
 /// A [`reqwest_middleware::Middleware`] that caches responses with the engine of a

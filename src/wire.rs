@@ -38,47 +38,20 @@
 
 use std::fmt;
 
-use base64::alphabet;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
-use base64::engine::DecodePaddingMode;
 use base64::Engine as _;
-use http::{HeaderMap, HeaderName};
+use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::Authenticator;
-use crate::{CachecoreBuilder, Dep, RequestContext};
+use crate::auth::{B64URL, B64URL_LENIENT};
+use crate::{Dep, RequestContext};
 
-pub use crate::auth::X_CACHECORE_TOKEN;
-
-/// `X-CacheCore-Deps`: the deps a request's response is derived from.
-pub const X_CACHECORE_DEPS: HeaderName = HeaderName::from_static("x-cachecore-deps");
-
-/// `X-CacheCore-Bypass`: `1` or `true` makes the request a bypass.
-///
-/// Not in the hosted product's header table; it is how a caller in another language asks for
-/// what the SDK's `request_context(bypass=True)` does.
-pub const X_CACHECORE_BYPASS: HeaderName = HeaderName::from_static("x-cachecore-bypass");
-
-/// `X-CacheCore-Min-Similarity`: a cosine similarity that raises the L2 threshold for this
-/// request (feature `semantic`); it can make L2 stricter, never looser. Not a number in
-/// `[-1, 1]`: `BYPASS` with `X-Cache-Error`.
-pub const X_CACHECORE_MIN_SIMILARITY: HeaderName =
-    HeaderName::from_static("x-cachecore-min-similarity");
+pub use crate::headers::{
+    X_CACHECORE_BYPASS, X_CACHECORE_DEPS, X_CACHECORE_MIN_SIMILARITY, X_CACHECORE_TOKEN,
+};
 
 /// Most deps one request may declare. Each is read from the store on every lookup; real
 /// responses derive from a handful.
 pub const MAX_DEPS_PER_REQUEST: usize = 256;
-
-/// base64url without padding, as written.
-pub(crate) const B64URL: GeneralPurpose = URL_SAFE_NO_PAD;
-
-/// base64url with or without padding, as read: some encoders pad.
-pub(crate) const B64URL_LENIENT: GeneralPurpose = GeneralPurpose::new(
-    &alphabet::URL_SAFE,
-    GeneralPurposeConfig::new()
-        .with_encode_padding(false)
-        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
-);
 
 /// One element of the deps header.
 #[derive(Serialize, Deserialize)]
@@ -200,25 +173,6 @@ fn context_from_deps_headers(
         )));
     }
     Ok(Some(RequestContext::with_deps(deps)))
-}
-
-impl CachecoreBuilder {
-    /// Turns on trusted-header mode (DESIGN section 7; see [`crate::wire`]).
-    ///
-    /// - the namespace of each request comes from `auth` (no or invalid credentials: `BYPASS`,
-    ///   invalid ones with `X-Cache-Error` saying why);
-    /// - the deps come from `X-CacheCore-Deps` (malformed: `BYPASS` with `X-Cache-Error`), and
-    ///   `X-CacheCore-Bypass: 1` bypasses;
-    /// - responses carry `X-Cache-Similarity`.
-    ///
-    /// A [`RequestContext`] extension or [`scope`](crate::scope) still wins over the headers.
-    /// Only turn this on where the headers come from callers you let control the cache: a
-    /// gateway in front of an upstream API, not a public app server.
-    pub fn trusted_headers(self, auth: impl Authenticator) -> Self {
-        self.authenticator(auth)
-            .context_resolver(|head| context_from_headers(head.headers).map_err(|e| e.to_string()))
-            .similarity_header(true)
-    }
 }
 
 #[cfg(test)]

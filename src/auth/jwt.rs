@@ -48,9 +48,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::{bearer_token, strip_key_prefix, AuthError, Authenticator};
-use crate::wire::B64URL;
-use crate::Namespace;
+use super::{bearer_token, strip_key_prefix, AuthError, Authenticator, B64URL};
+use crate::namespace::{Namespace, DEFAULT_POLICY_VERSION};
 
 /// How far past `exp` (and before `nbf`) a token is still accepted: covers the clock drift
 /// between the issuer and this process on NTP-synced hosts, and no more.
@@ -168,7 +167,7 @@ impl Claims {
             self.tenant_id.as_str(),
             self.policy_version
                 .as_deref()
-                .unwrap_or(crate::DEFAULT_POLICY_VERSION),
+                .unwrap_or(DEFAULT_POLICY_VERSION),
         )
     }
 }

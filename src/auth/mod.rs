@@ -35,17 +35,29 @@
 use std::fmt;
 use std::sync::Arc;
 
-use http::header::{self, HeaderMap, HeaderName};
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
+use base64::engine::DecodePaddingMode;
+use http::header::{self, HeaderMap};
 
-use crate::Namespace;
+use crate::namespace::Namespace;
 
 #[cfg(feature = "jwt")]
 #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub mod jwt;
 
-/// `X-CacheCore-Token`: the tenant token, when `Authorization` is taken by something else (in a
-/// gateway, often the upstream provider's API key).
-pub const X_CACHECORE_TOKEN: HeaderName = HeaderName::from_static("x-cachecore-token");
+pub use crate::headers::X_CACHECORE_TOKEN;
+
+/// base64url without padding, as written (JWT segments, the `X-CacheCore-Deps` header).
+pub(crate) const B64URL: GeneralPurpose = URL_SAFE_NO_PAD;
+
+/// base64url with or without padding, as read: some encoders pad.
+pub(crate) const B64URL_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// Resolves the namespace a request's credentials entitle it to.
 ///
@@ -170,7 +182,7 @@ mod tests {
             .iter()
             .map(|(k, v)| {
                 (
-                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
                     v.parse().unwrap(),
                 )
             })

@@ -120,7 +120,7 @@ use crate::{Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, RequestCon
 use proxy::{Proxy, ProxyOptions, Upstream};
 pub use serve::{serve, ServeOptions, ServeReport};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::edge::BoxError;
 
 /// The body of every request the proxy forwards and every response the gateway sends.
 pub type GatewayBody = UnsyncBoxBody<Bytes, BoxError>;

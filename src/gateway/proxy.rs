@@ -12,7 +12,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -21,9 +21,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 
-use super::{full, BoxError, GatewayBody, GatewayMetrics};
+use super::{full, GatewayBody, GatewayMetrics};
 use crate::auth::{bearer_token, strip_key_prefix, X_CACHECORE_TOKEN};
-use crate::wire::{X_CACHECORE_BYPASS, X_CACHECORE_DEPS};
+use crate::edge::{BoxError, ErrorEnvelope};
+use crate::headers::{remove_hop_by_hop, X_CACHECORE_BYPASS, X_CACHECORE_DEPS};
 use crate::RequestBody;
 
 type SendFuture = Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, BoxError>> + Send>>;
@@ -193,37 +194,12 @@ fn authorization_is_tenant_credential(headers: &HeaderMap) -> bool {
             .is_some_and(|tenant| strip_key_prefix(tenant) == strip_key_prefix(in_authorization))
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 section 7.6.1), and those
-/// the `Connection` header names.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
-    }
-}
-
 fn error_response(status: StatusCode, code: &str, message: &str) -> Response<GatewayBody> {
-    let body = serde_json::json!({"error": {"code": code, "message": message}}).to_string();
-    full(status, "application/json", body)
+    full(
+        status,
+        "application/json",
+        ErrorEnvelope::body(code, message),
+    )
 }
 
 impl Service<Request<RequestBody<GatewayBody>>> for Proxy {

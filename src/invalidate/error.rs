@@ -2,13 +2,12 @@
 
 use std::fmt;
 
+use super::MAX_BATCH;
+use crate::edge::ErrorEnvelope;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use serde::{Deserialize, Serialize};
-
-use super::MAX_BATCH;
 
 /// A rejected invalidation request: the status, and the body
 /// `{"error": {"code": "...", "message": "..."}}`.
@@ -62,8 +61,8 @@ impl ApiError {
 
     /// Parses an error body (`{"error": {"code", "message"}}`) received with `status`.
     pub fn from_body(status: StatusCode, body: &[u8]) -> Option<Self> {
-        let e: Envelope = serde_json::from_slice(body).ok()?;
-        Some(Self::new(status, e.error.code, e.error.message))
+        let e = ErrorEnvelope::parse(body)?;
+        Some(Self::new(status, e.code, e.message))
     }
 
     pub(crate) fn malformed_json(e: &serde_json::Error) -> Self {
@@ -127,13 +126,7 @@ impl ApiError {
 
     /// The HTTP response for this error.
     pub fn into_response(self) -> Response<Full<Bytes>> {
-        let body = serde_json::to_vec(&Envelope {
-            error: Detail {
-                code: self.code,
-                message: self.message,
-            },
-        })
-        .expect("error body serializes");
+        let body = ErrorEnvelope::body(&self.code, &self.message);
         let mut res = super::service::json_response(self.status, body);
         match self.status {
             StatusCode::METHOD_NOT_ALLOWED => {
@@ -165,14 +158,3 @@ impl fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
-
-#[derive(Serialize, Deserialize)]
-struct Envelope {
-    error: Detail,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Detail {
-    code: String,
-    message: String,
-}

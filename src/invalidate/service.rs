@@ -7,19 +7,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use tower_service::Service;
 
 use super::payload::{BatchBody, InvalidateRequest, SingleBody, WireResult};
 use super::{ApiError, Invalidator, MAX_BODY_BYTES};
 use crate::auth::Authenticator;
+use crate::edge::{read_capped, BoxError, CappedReadError};
 use crate::InvalidationResult;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The tower service behind `POST /v1/invalidate` (see the [module docs](super)).
 ///
@@ -84,7 +83,12 @@ impl InvalidateService {
             .authenticate(req.headers())
             .map_err(ApiError::unauthorized)?;
         check_content_type(req.headers())?;
-        let body = read_limited(req.into_body(), self.max_body).await?;
+        let body = read_capped(req.into_body(), self.max_body)
+            .await
+            .map_err(|e| match e {
+                CappedReadError::TooLarge => ApiError::too_large(self.max_body),
+                CappedReadError::Body(e) => ApiError::unreadable_body(e),
+            })?;
         let request = InvalidateRequest::parse(&body)?;
         let tenant = namespace.tenant();
         Ok(match request {
@@ -175,30 +179,6 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     } else {
         Err(ApiError::unsupported_media_type(&raw))
     }
-}
-
-/// Reads at most `limit` bytes of `body`: a larger declared length is refused before reading,
-/// and reading stops at the first frame that goes over.
-async fn read_limited<B>(body: B, limit: usize) -> Result<Bytes, ApiError>
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
-    if body.size_hint().lower() > limit as u64 {
-        return Err(ApiError::too_large(limit));
-    }
-    let mut body = std::pin::pin!(body);
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::unreadable_body(e.into()))?;
-        if let Ok(mut data) = frame.into_data() {
-            if buf.len() + data.remaining() > limit {
-                return Err(ApiError::too_large(limit));
-            }
-            buf.put(&mut data);
-        }
-    }
-    Ok(buf.freeze())
 }
 
 impl<B> Service<Request<B>> for InvalidateService

@@ -11,10 +11,8 @@ use pin_project_lite::pin_project;
 
 use super::body::ResponseBody;
 use crate::engine::Engine;
+use crate::headers::X_CACHE_ERROR;
 use crate::CacheStatus;
-
-/// `X-Cache-Error`: why a request's cache instructions were rejected (the request bypassed).
-pub const X_CACHE_ERROR: http::HeaderName = http::HeaderName::from_static("x-cache-error");
 
 pub(crate) type BoxedResponse<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;

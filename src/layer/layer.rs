@@ -9,10 +9,10 @@ use tower_layer::Layer;
 
 use super::Cachecore;
 use crate::auth::Authenticator;
-use crate::engine::{
-    Config, ContextResolver, Engine, Namespace, NamespaceResolver, NamespaceSource, RequestHead,
-};
+use crate::context::{ContextResolver, RequestHead};
+use crate::engine::{Config, Engine, NamespaceSource};
 use crate::metrics::MetricsSnapshot;
+use crate::namespace::{Namespace, NamespaceResolver};
 use crate::{CacheStore, InvalidationResult, MemoryStore, RequestContext};
 
 /// A tower [`Layer`] that caches responses and drops them when their deps are invalidated.
@@ -329,6 +329,34 @@ impl CachecoreBuilder {
     /// without their bodies being read.
     pub fn methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.config.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Turns on trusted-header mode (DESIGN section 7; see [`crate::wire`]).
+    ///
+    /// - the namespace of each request comes from `auth` (no or invalid credentials: `BYPASS`,
+    ///   invalid ones with `X-Cache-Error` saying why);
+    /// - the deps come from `X-CacheCore-Deps` (malformed: `BYPASS` with `X-Cache-Error`), and
+    ///   `X-CacheCore-Bypass: 1` bypasses;
+    /// - responses carry `X-Cache-Similarity`.
+    ///
+    /// A [`RequestContext`] extension or [`scope`](crate::scope) still wins over the headers.
+    /// Only turn this on where the headers come from callers you let control the cache: a
+    /// gateway in front of an upstream API, not a public app server.
+    pub fn trusted_headers(self, auth: impl Authenticator) -> Self {
+        self.authenticator(auth)
+            .context_resolver(|head| {
+                crate::wire::context_from_headers(head.headers).map_err(|e| e.to_string())
+            })
+            .similarity_header(true)
+    }
+
+    /// Turns on L2: requests that miss L1 may be answered by an entry whose question means
+    /// the same (see [`crate::semantic`]).
+    #[cfg_attr(docsrs, doc(cfg(feature = "semantic")))]
+    #[cfg(feature = "semantic")]
+    pub fn semantic(mut self, l2: crate::semantic::SemanticCache) -> Self {
+        self.config.semantic = Some(Arc::new(l2));
         self
     }
 

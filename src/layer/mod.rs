@@ -7,7 +7,8 @@ mod future;
 mod layer;
 mod service;
 
+pub use crate::headers::X_CACHE_ERROR;
 pub use body::{RequestBody, ResponseBody};
-pub use future::{ResponseFuture, X_CACHE_ERROR};
+pub use future::ResponseFuture;
 pub use layer::{CachecoreBuilder, CachecoreLayer};
 pub use service::Cachecore;

@@ -17,7 +17,8 @@ use tower_service::Service;
 
 use super::body::{into_bytes, RequestBody, ResponseBody};
 use super::future::ResponseFuture;
-use crate::engine::{Engine, Forward, Plan, RequestHead, Route};
+use crate::context::RequestHead;
+use crate::engine::{Engine, Forward, Plan, Route};
 use crate::store::{CacheKey, DepEpochs};
 use crate::CacheStatus;
 

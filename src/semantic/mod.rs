@@ -77,10 +77,11 @@ pub use embed::{EmbedError, EmbedFuture, Embedder};
 pub use index::{MemoryIndex, DEFAULT_INDEX_BYTES};
 pub use openai::OpenAiEmbedder;
 
-use crate::engine::{Config, Plan, RequestHead};
+use crate::context::RequestHead;
+use crate::engine::{Config, Plan};
+use crate::headers::X_CACHE_SIMILARITY;
 use crate::key;
 use crate::store::{duration_ms, now_ms, CacheKey, Entry};
-use crate::{CachecoreBuilder, X_CACHE_SIMILARITY};
 use guard::Lexicon;
 use index::PartitionKey;
 
@@ -512,15 +513,5 @@ pub mod __bench {
             tenant: Arc::from("bench"),
             signature: [0; 32],
         }
-    }
-}
-
-impl CachecoreBuilder {
-    /// Turns on L2: requests that miss L1 may be answered by an entry whose question means
-    /// the same (see [`crate::semantic`]).
-    #[cfg_attr(docsrs, doc(cfg(feature = "semantic")))]
-    pub fn semantic(mut self, l2: SemanticCache) -> Self {
-        self.config.semantic = Some(Arc::new(l2));
-        self
     }
 }

@@ -8,8 +8,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, Uri};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use tower_service::Service;
+
+use crate::edge::{read_capped, BoxError};
 
 use super::embed::{normalize, EmbedError, EmbedFuture, Embedder};
 
@@ -81,7 +83,7 @@ where
     S::Error: fmt::Display,
     B: Body + Send + 'static,
     B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B::Error: Into<BoxError>,
 {
     fn id(&self) -> &str {
         &self.id
@@ -110,11 +112,9 @@ where
                 .await
                 .map_err(|e| EmbedError::new(format!("embeddings endpoint: {e}")))?;
             let status = res.status();
-            let bytes = Limited::new(res.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
+            let bytes = read_capped(res.into_body(), MAX_RESPONSE_BYTES)
                 .await
-                .map_err(|e| EmbedError::new(format!("embeddings response: {e}")))?
-                .to_bytes();
+                .map_err(|e| EmbedError::new(format!("embeddings response: {e}")))?;
             if !status.is_success() {
                 return Err(EmbedError::new(format!(
                     "embeddings endpoint answered {status}"
