@@ -532,3 +532,32 @@ fn padded_segments_are_malformed() {
         Err(JwtError::Malformed(_))
     ));
 }
+
+#[test]
+fn a_verifier_given_an_audience_does_not_accept_what_its_clone_remembered() {
+    let open = auth();
+    let t = token("acme");
+    let h = headers(&[("authorization", &format!("Bearer {t}"))]);
+    assert!(open.authenticate(&h).is_ok());
+    let strict = open.clone().audience("cachecore");
+    assert!(strict.authenticate(&h).is_err(), "no aud in the token");
+    let strict = open.clone().issuer("https://issuer.example");
+    assert!(strict.authenticate(&h).is_err(), "no iss in the token");
+}
+
+#[test]
+fn a_remembered_token_is_still_refused_once_expired() {
+    // Accepted until `exp` plus the leeway; the memo must not stretch that. The token expires
+    // at the next second boundary (leeway included), so the second call comes after it.
+    let auth = auth();
+    let exp = now() - CLOCK_LEEWAY.as_secs();
+    let t = auth.mint(&Claims::new("acme", Duration::ZERO).expires_at(exp));
+    let h = headers(&[("authorization", &format!("Bearer {t}"))]);
+    if auth.authenticate(&h).is_err() {
+        return; // the second turned between `now()` and the call: nothing to remember
+    }
+    while now() <= exp + CLOCK_LEEWAY.as_secs() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(auth.authenticate(&h), Err(AuthError::Invalid(_))));
+}

@@ -40,6 +40,7 @@
 //! [`bearer_token`]: super::bearer_token
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -48,6 +49,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::memo::TokenMemo;
 use super::{bearer_token, strip_key_prefix, AuthError, Authenticator, B64URL};
 use crate::namespace::{Namespace, DEFAULT_POLICY_VERSION};
 
@@ -248,12 +250,16 @@ impl std::error::Error for JwtError {}
 /// Verifies (and mints) HS256 tenant tokens under one shared secret.
 ///
 /// As an [`Authenticator`] it maps a valid token to the [`Namespace`] of its claims; see the
-/// [module docs](self).
+/// [module docs](self). It remembers the tokens that verified (1024 of them, up to 2 KiB
+/// each, keyed by their exact bytes), so a caller who sends the same token on every request
+/// pays the signature check once; a remembered token is still refused past its `exp` (or
+/// before its `nbf`), and clones share what they remember.
 #[derive(Clone)]
 pub struct JwtAuth {
     decoding: DecodingKey,
     encoding: EncodingKey,
     validation: Validation,
+    memo: Arc<TokenMemo>,
 }
 
 impl fmt::Debug for JwtAuth {
@@ -293,6 +299,7 @@ impl JwtAuth {
             decoding: DecodingKey::from_secret(secret).expect("a non-empty HMAC key"),
             encoding: EncodingKey::from_secret(secret).expect("a non-empty HMAC key"),
             validation,
+            memo: Arc::new(TokenMemo::new()),
         })
     }
 
@@ -304,6 +311,8 @@ impl JwtAuth {
         self.validation
             .required_spec_claims
             .insert("aud".to_owned());
+        // A clone made before this one accepts tokens this one refuses: they never share.
+        self.memo = Arc::new(TokenMemo::new());
         self
     }
 
@@ -314,6 +323,7 @@ impl JwtAuth {
         self.validation
             .required_spec_claims
             .insert("iss".to_owned());
+        self.memo = Arc::new(TokenMemo::new());
         self
     }
 
@@ -393,11 +403,28 @@ impl JwtAuth {
     }
 }
 
+impl JwtAuth {
+    /// The namespace `token` grants at `now`: from the memo when it verified before and is
+    /// still inside its `nbf`..`exp` window, else from a full verification, remembered when it
+    /// passes.
+    fn namespace_at(&self, token: &str, now: u64) -> Result<Namespace, JwtError> {
+        if let Some(namespace) = self.memo.get(token, now) {
+            return Ok(namespace);
+        }
+        let claims = self.verify_at(token, now)?;
+        let namespace = claims.namespace();
+        let leeway = CLOCK_LEEWAY.as_secs();
+        let from = claims.nbf.map_or(0, |nbf| nbf.saturating_sub(leeway));
+        self.memo
+            .put(token, &namespace, from, claims.exp.saturating_add(leeway));
+        Ok(namespace)
+    }
+}
+
 impl Authenticator for JwtAuth {
     fn authenticate(&self, headers: &HeaderMap) -> Result<Namespace, AuthError> {
         let token = bearer_token(headers).ok_or(AuthError::Missing)?;
-        self.verify(token)
-            .map(|claims| claims.namespace())
+        self.namespace_at(token, unix_now())
             .map_err(|e| AuthError::Invalid(e.to_string()))
     }
 }
@@ -500,6 +527,78 @@ mod tests {
         bad.pop();
         bad.push(if token.ends_with('A') { 'B' } else { 'A' });
         assert_eq!(auth.verify(&bad), Err(JwtError::BadSignature));
+    }
+
+    #[test]
+    fn a_memoised_token_past_exp_is_refused() {
+        let auth = JwtAuth::new(SECRET).unwrap();
+        let token = auth.mint(&Claims::new("t", Duration::ZERO).expires_at(1000));
+        let last = 1000 + CLOCK_LEEWAY.as_secs();
+        assert_eq!(auth.namespace_at(&token, last).unwrap().tenant(), "t");
+        assert!(auth.memo.get(&token, last).is_some(), "memoised");
+        assert!(matches!(
+            auth.namespace_at(&token, last + 1),
+            Err(JwtError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn a_memoised_token_before_nbf_is_refused() {
+        // The clock may step back after the token was remembered.
+        let auth = JwtAuth::new(SECRET).unwrap();
+        let token = auth.mint(
+            &Claims::new("t", Duration::ZERO)
+                .not_before(2000)
+                .expires_at(5000),
+        );
+        let first = 2000 - CLOCK_LEEWAY.as_secs();
+        assert!(auth.namespace_at(&token, first).is_ok());
+        assert!(matches!(
+            auth.namespace_at(&token, first - 1),
+            Err(JwtError::NotYetValid { .. })
+        ));
+    }
+
+    #[test]
+    fn a_forged_token_with_the_same_claims_is_not_served_from_the_memo() {
+        let auth = JwtAuth::new(SECRET).unwrap();
+        let claims = Claims::new("victim", Duration::from_secs(600));
+        let token = auth.mint(&claims);
+        assert!(auth.namespace_at(&token, unix_now()).is_ok());
+        let other = JwtAuth::new("another secret, also 32 bytes long!!").unwrap();
+        let forged = other.mint(&claims);
+        let (body, _) = token.rsplit_once('.').unwrap();
+        assert!(forged.starts_with(body), "same header and claims");
+        assert_eq!(
+            auth.namespace_at(&forged, unix_now()),
+            Err(JwtError::BadSignature)
+        );
+        assert!(auth.memo.get(&forged, unix_now()).is_none());
+    }
+
+    #[test]
+    fn a_token_that_fails_verification_is_never_memoised() {
+        let auth = JwtAuth::new(SECRET).unwrap();
+        let expired = auth.mint(&Claims::new("t", Duration::ZERO).expires_at(1000));
+        assert!(auth.namespace_at(&expired, 5000).is_err());
+        assert!(auth.memo.get(&expired, 1000).is_none());
+    }
+
+    #[test]
+    fn the_token_memo_stays_bounded() {
+        let auth = JwtAuth::new(SECRET).unwrap();
+        let now = unix_now();
+        for i in 0..super::super::memo::SLOTS + 64 {
+            let token = auth.mint(&Claims::new(format!("t{i}"), Duration::from_secs(600)));
+            assert!(auth.namespace_at(&token, now).is_ok());
+        }
+        assert!(auth.memo.len() <= super::super::memo::SLOTS);
+        let long = auth.mint(
+            &Claims::new("t", Duration::from_secs(600))
+                .policy_version("v".repeat(super::super::memo::MAX_TOKEN_LEN)),
+        );
+        assert!(auth.namespace_at(&long, now).is_ok());
+        assert!(auth.memo.get(&long, now).is_none(), "too long to keep");
     }
 
     #[test]

@@ -45,6 +45,8 @@ use crate::namespace::Namespace;
 #[cfg(feature = "jwt")]
 #[cfg_attr(docsrs, doc(cfg(feature = "jwt")))]
 pub mod jwt;
+#[cfg(feature = "jwt")]
+mod memo;
 
 pub use crate::headers::X_CACHECORE_TOKEN;
 
