@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// The dependency every entry records automatically. Invalidating it retires a whole tenant
-/// (DESIGN section 4, rule 6).
+/// (docs/design.md §4, rule 6).
 pub const POLICY_DEP: &str = "cc:policy-version";
 
 /// Longest dep id accepted, in bytes. Ids are stored inside store keys; anything longer is a

@@ -1,5 +1,5 @@
 //! What the crate's HTTP endpoints and clients share: the boxed error of a body, a body read
-//! with a cap, and the JSON error envelope (docs/design.md §7).
+//! with a cap, and the JSON error envelope (docs/design.md §8).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http_body::Body;

@@ -2,7 +2,7 @@
 //!
 //! One place for the names, so the engine, the adapters, the wire format and the gateway never
 //! disagree about a spelling or about which headers belong to a connection rather than to the
-//! message (docs/design.md §6 and §7).
+//! message (docs/design.md §5 and §8).
 
 use http::header::{self, HeaderMap, HeaderName};
 

@@ -51,8 +51,7 @@ use http_body::{Frame, SizeHint};
 use reqwest_middleware::{Middleware, Next, Result};
 
 use crate::context::RequestHead;
-use crate::engine::{Engine, Route};
-use crate::layer::{ResponseBody, X_CACHE_ERROR};
+use crate::engine::{Engine, RefreshCall, Unwrapped, Upstream};
 use crate::namespace::CredentialHash;
 use crate::{CacheStatus, CachecoreLayer};
 
@@ -93,7 +92,7 @@ impl CachecoreMiddleware {
     /// (in any process) share entries and different ones never do.
     #[must_use]
     pub fn client_credentials(mut self, default_headers: &http::HeaderMap) -> Self {
-        let hash = CredentialHash::of(&self.engine.config.credential_headers, default_headers);
+        let hash = CredentialHash::of(&self.engine.config().credential_headers, default_headers);
         self.client = Arc::from(match hash.finish() {
             Some(p) => format!("client-{}", p.as_str()),
             None => "client-none".to_owned(),
@@ -143,8 +142,8 @@ impl Middleware for CachecoreMiddleware {
     }
 }
 
-/// The cache path of one reqwest request; the same steps as the tower service's, on the same
-/// engine functions.
+/// One reqwest request through the cache: its conversion to the engine's types and back. The
+/// flow itself is the engine's ([`Engine::serve`]), as for the tower service.
 async fn handle(
     engine: &Arc<Engine>,
     client: &Arc<str>,
@@ -165,13 +164,11 @@ async fn handle(
     let mut plan = match engine.plan(&head) {
         Ok(plan) => plan,
         Err(reason) => {
-            let error = reason
-                .error_message()
-                .and_then(|m| HeaderValue::from_str(m).ok());
+            let error = reason.error_header();
             return bypass(engine, req, extensions, next, error).await;
         }
     };
-    if engine.config.namespace.is_credentials() {
+    if engine.config().namespace.is_credentials() {
         // The client's default headers are invisible here: partition by the client too.
         let partition = format!(
             "{}+{client}",
@@ -179,50 +176,81 @@ async fn handle(
         );
         plan.namespace = plan.namespace.clone().with_partition(partition);
     }
-    let body: &[u8] = match req.body() {
-        None => &[],
-        Some(body) => match body.as_bytes() {
-            Some(bytes) if bytes.len() <= engine.config.max_body => bytes,
-            // A stream would have to be consumed to be keyed; an oversized body is not cached
-            // by the tower layer either. Both go out untouched.
-            _ => return bypass(engine, req, extensions, next, None).await,
-        },
+    // A stream would have to be consumed to be keyed; an oversized body is not cached by the
+    // tower layer either. Both go out untouched.
+    let max_body = engine.config().max_body;
+    if req
+        .body()
+        .is_some_and(|b| b.as_bytes().is_none_or(|b| b.len() > max_body))
+    {
+        return bypass(engine, req, extensions, next, None).await;
+    }
+    let url = req.url().clone();
+    let request = Outgoing {
+        req,
+        uri,
+        extensions,
     };
-    let key = engine.key(&plan, &head, body);
+    let res = engine.serve(plan, request, Next_(next)).await?;
+    let hit = res
+        .extensions()
+        .get::<CacheStatus>()
+        .is_some_and(|s| s.is_hit());
+    let (parts, body) = res.into_parts();
+    let body = match body.into_unwrapped() {
+        Unwrapped::Cached(bytes) => Body::from(bytes),
+        Unwrapped::Passthrough(body) => body,
+        Unwrapped::Recording(body) => Body::wrap(SyncBody::new(body)),
+    };
+    let res = http::Response::from_parts(parts, body);
+    // A hit's URL is the request's; a forwarded response keeps its own (redirects followed).
+    Ok(Response::from(if hit { with_url(res, url) } else { res }))
+}
 
-    let forward = match engine.route(&key, &plan, &head, body, false).await {
-        Route::Serve(entry, status) => {
-            let res = engine.hit_response(entry, status, Body::from);
-            return Ok(into_reqwest(res, req.url().clone()));
+/// A reqwest request with its body in memory, as the engine reads it.
+struct Outgoing<'a> {
+    req: Request,
+    uri: Uri,
+    extensions: &'a mut Extensions,
+}
+
+/// The rest of the middleware chain, as the engine's [`Upstream`]. It cannot run a background
+/// refresh: [`Next`] lends the chain for one request only.
+struct Next_<'a>(Next<'a>);
+
+impl<'a> Upstream for Next_<'a> {
+    type Request = Outgoing<'a>;
+    type Body = Body;
+    type Error = reqwest_middleware::Error;
+
+    const REFRESHES: bool = false;
+
+    fn head<'r>(request: &'r Outgoing<'a>) -> RequestHead<'r> {
+        RequestHead {
+            method: request.req.method(),
+            uri: &request.uri,
+            headers: request.req.headers(),
+            extensions: request.extensions,
         }
-        Route::Forward(forward) => forward,
-    };
+    }
 
-    let request_headers = req.headers().clone();
-    let mut res = next.run(req, extensions).await?;
-    let Some(recorder) = engine.start_recording(
-        key,
-        plan.fresh_ttl,
-        forward,
-        &request_headers,
-        res.status(),
-        res.headers(),
-    ) else {
-        mark(engine, &mut res, CacheStatus::Miss);
-        return Ok(res);
-    };
-    let url = res.url().clone();
-    let (parts, body) = http::Response::<Body>::from(res).into_parts();
-    let body = if http_body::Body::is_end_stream(&body) {
-        // Nothing will poll a body that is already at its end: store now.
-        recorder.finish().wait().await;
-        body
-    } else {
-        Body::wrap(SyncBody::new(ResponseBody::recording(body, recorder)))
-    };
-    let mut res = http::Response::from_parts(parts, body);
-    engine.mark(&mut res, CacheStatus::Miss);
-    Ok(into_reqwest(res, url))
+    fn body<'r>(request: &'r Outgoing<'a>) -> &'r [u8] {
+        request
+            .req
+            .body()
+            .and_then(Body::as_bytes)
+            .unwrap_or_default()
+    }
+
+    async fn call(self, request: Outgoing<'a>) -> Result<http::Response<Body>> {
+        let res = self.0.run(request.req, request.extensions).await?;
+        let url = res.url().clone();
+        Ok(with_url(http::Response::from(res), url))
+    }
+
+    fn refresh(&self, _: &Outgoing<'a>) -> Option<RefreshCall<Body>> {
+        None
+    }
 }
 
 async fn bypass(
@@ -233,27 +261,20 @@ async fn bypass(
     error: Option<HeaderValue>,
 ) -> Result<Response> {
     let mut res = next.run(req, extensions).await?;
-    mark(engine, &mut res, CacheStatus::Bypass);
-    if let Some(error) = error {
-        res.headers_mut().insert(X_CACHE_ERROR, error);
-    }
+    let mut extensions = mem::take(res.extensions_mut());
+    engine.mark_bypass(res.headers_mut(), &mut extensions, error);
+    *res.extensions_mut() = extensions;
     Ok(res)
 }
 
-fn mark(engine: &Engine, res: &mut Response, status: CacheStatus) {
-    let mut extensions = mem::take(res.extensions_mut());
-    engine.mark_head(res.headers_mut(), &mut extensions, status);
-    *res.extensions_mut() = extensions;
-}
-
-/// Converts, keeping `url` as the response URL (reqwest's conversion would otherwise put a
-/// placeholder there).
-fn into_reqwest(res: http::Response<Body>, url: Url) -> Response {
+/// Puts `url` where the conversion to a reqwest response reads the response URL from (it would
+/// otherwise put a placeholder there).
+fn with_url(res: http::Response<Body>, url: Url) -> http::Response<Body> {
     let (mut parts, body) = res.into_parts();
     if let Ok(with_url) = http::Response::builder().url(url).body(()) {
         parts.extensions.extend(with_url.into_parts().0.extensions);
     }
-    Response::from(http::Response::from_parts(parts, body))
+    http::Response::from_parts(parts, body)
 }
 
 /// [`Body::wrap`] wants a `Sync` body; the recording body holds the pending store write, which is

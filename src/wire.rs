@@ -1,4 +1,4 @@
-//! Trusted-header mode: the hosted product's wire format (DESIGN section 7).
+//! Trusted-header mode: the hosted product's wire format (docs/design.md §8).
 //!
 //! Off by default. A gateway turns it on with [`CachecoreBuilder::trusted_headers`], so that
 //! callers in any language (the `cachecore-python` SDK, curl) control the cache with headers:

@@ -326,7 +326,7 @@ impl GatewayBuilder {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let cache = self.cache.trusted_headers(Arc::clone(&self.auth)).build();
-        let max_body = cache.engine().config.max_body;
+        let max_body = cache.engine().config().max_body;
         let metrics = Arc::new(GatewayMetrics::default());
         let mut registry = Registry::default();
         let mut collector = PrometheusCollector::new(&cache);

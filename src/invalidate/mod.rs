@@ -1,4 +1,4 @@
-//! Invalidation from outside the process: `POST /v1/invalidate` (DESIGN section 7).
+//! Invalidation from outside the process: `POST /v1/invalidate` (docs/design.md §8).
 //!
 //! [`InvalidateService`] is a tower service for webhooks, ETL jobs and other services. The
 //! caller's credentials name the tenant (see [`crate::auth`]); a call only ever touches that

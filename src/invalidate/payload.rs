@@ -1,4 +1,4 @@
-//! The JSON bodies of `POST /v1/invalidate` (DESIGN section 7).
+//! The JSON bodies of `POST /v1/invalidate` (docs/design.md §8).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -173,7 +173,7 @@ impl From<WireResult> for InvalidationResult {
             ok: r.ok,
             deleted: r.keys_deleted,
             error: r.error,
-            // The wire format (docs/design.md §7) does not carry it.
+            // The wire format (docs/design.md §8) does not carry it.
             acknowledged: None,
         }
     }

@@ -1,4 +1,4 @@
-//! The cache key: SHA-256 of everything that makes two requests "the same" (DESIGN section 3).
+//! The cache key: SHA-256 of everything that makes two requests "the same" (docs/design.md §3).
 
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};

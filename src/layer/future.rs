@@ -9,10 +9,7 @@ use std::task::{ready, Context, Poll};
 use http::{HeaderValue, Response};
 use pin_project_lite::pin_project;
 
-use super::body::ResponseBody;
-use crate::engine::Engine;
-use crate::headers::X_CACHE_ERROR;
-use crate::CacheStatus;
+use crate::engine::{Engine, ResponseBody};
 
 pub(crate) type BoxedResponse<B, E> =
     Pin<Box<dyn Future<Output = Result<Response<ResponseBody<B>>, E>> + Send>>;
@@ -65,13 +62,12 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Bypass { fut, engine, error } => {
-                let res = ready!(fut.poll(cx))?;
-                let mut res = res.map(ResponseBody::passthrough);
-                engine.mark(&mut res, CacheStatus::Bypass);
-                if let Some(error) = error.take() {
-                    res.headers_mut().insert(X_CACHE_ERROR, error);
-                }
-                Poll::Ready(Ok(res))
+                let (mut parts, body) = ready!(fut.poll(cx))?.into_parts();
+                engine.mark_bypass(&mut parts.headers, &mut parts.extensions, error.take());
+                Poll::Ready(Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::passthrough(body),
+                )))
             }
             KindProj::Cached { fut } => fut.as_mut().poll(cx),
         }

@@ -121,12 +121,12 @@ impl CachecoreLayer {
 
     /// The namespace a request with this head would be cached in (`None`: it would bypass).
     pub fn namespace_of<B>(&self, req: &http::Request<B>) -> Option<Namespace> {
-        self.engine.config.namespace_of(&RequestHead::of(req))
+        self.engine.config().namespace_of(&RequestHead::of(req))
     }
 
     /// A snapshot of the counters.
     pub fn metrics(&self) -> MetricsSnapshot {
-        self.engine.metrics.snapshot()
+        self.engine.metrics().snapshot()
     }
 
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))] // the reqwest adapter's way in
@@ -332,7 +332,7 @@ impl CachecoreBuilder {
         self
     }
 
-    /// Turns on trusted-header mode (DESIGN section 7; see [`crate::wire`]).
+    /// Turns on trusted-header mode (docs/design.md §8; see [`crate::wire`]).
     ///
     /// - the namespace of each request comes from `auth` (no or invalid credentials: `BYPASS`,
     ///   invalid ones with `X-Cache-Error` saying why);

@@ -7,8 +7,9 @@ mod future;
 mod layer;
 mod service;
 
+pub use crate::engine::ResponseBody;
 pub use crate::headers::X_CACHE_ERROR;
-pub use body::{RequestBody, ResponseBody};
+pub use body::RequestBody;
 pub use future::ResponseFuture;
 pub use layer::{CachecoreBuilder, CachecoreLayer};
 pub use service::Cachecore;

@@ -2,24 +2,23 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
+use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tower_service::Service;
 
-use super::body::{into_bytes, RequestBody, ResponseBody};
+use super::body::RequestBody;
 use super::future::ResponseFuture;
 use crate::context::RequestHead;
-use crate::engine::{Engine, Forward, Plan, Route};
-use crate::store::{CacheKey, DepEpochs};
+use crate::engine::{into_bytes, Engine, Plan, RefreshCall, ResponseBody, Upstream};
 use crate::CacheStatus;
 
 /// The caching service: wraps an inner HTTP service built by [`CachecoreLayer`].
@@ -92,9 +91,7 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         match self.engine.plan(&RequestHead::of(&req)) {
             Err(reason) => {
-                let error = reason
-                    .error_message()
-                    .and_then(|m| HeaderValue::from_str(m).ok());
+                let error = reason.error_header();
                 let fut = self.inner.call(req.map(RequestBody::passthrough));
                 ResponseFuture::bypass(fut, Arc::clone(&self.engine), error)
             }
@@ -191,7 +188,8 @@ impl Chunks {
     }
 }
 
-/// The cache path of one request: buffer, key, lookup, single-flight, upstream, record.
+/// The cache path of one planned request: buffer the body, then the engine's flow. A body that
+/// does not fit the buffer goes upstream as it came, uncached.
 async fn cached<S, ReqB, ResB>(
     engine: Arc<Engine>,
     mut inner: S,
@@ -207,8 +205,11 @@ where
     ResB: Body + Send + 'static,
 {
     let (parts, body) = req.into_parts();
-    let body = match buffer(body, engine.config.max_body).await {
-        Ok(body) => body,
+    match buffer(body, engine.config().max_body).await {
+        Ok(body) => {
+            let inner = Inner(inner, PhantomData);
+            engine.serve(plan, (parts, body), inner).await
+        }
         Err(Unbuffered {
             prefix,
             error,
@@ -217,75 +218,17 @@ where
             let req = Request::from_parts(parts, RequestBody::replay(prefix, error, rest));
             let mut res = inner.call(req).await?.map(ResponseBody::passthrough);
             engine.mark(&mut res, CacheStatus::Bypass);
-            return Ok(res);
+            Ok(res)
         }
-    };
-
-    let head = RequestHead {
-        method: &parts.method,
-        uri: &parts.uri,
-        headers: &parts.headers,
-        extensions: &parts.extensions,
-    };
-    let key = engine.key(&plan, &head, &body);
-    let forward = match engine.route(&key, &plan, &head, &body, true).await {
-        Route::Serve(entry, status) => {
-            if status == CacheStatus::StaleHit {
-                spawn_refresh(
-                    &engine,
-                    &inner,
-                    &parts,
-                    &body,
-                    key,
-                    &plan,
-                    entry.deps.clone(),
-                );
-            }
-            return Ok(engine.hit_response(entry, status, ResponseBody::cached));
-        }
-        Route::Forward(forward) => forward,
-    };
-
-    // The request's headers decide which variant a `Vary` response is; keep them (cheap:
-    // this is the miss path, which pays an upstream call).
-    let request_headers = parts.headers.clone();
-    let res = inner
-        .call(Request::from_parts(parts, RequestBody::full(body)))
-        .await?;
-    let (res_parts, res_body) = res.into_parts();
-    let recorder = engine.start_recording(
-        key,
-        plan.fresh_ttl,
-        forward,
-        &request_headers,
-        res_parts.status,
-        &res_parts.headers,
-    );
-    let body = match recorder {
-        // Servers may never poll a body that is already at its end: store it now, before the
-        // response goes out, as a recording body does before it reports its end.
-        Some(recorder) if res_body.is_end_stream() => {
-            recorder.finish().wait().await;
-            ResponseBody::passthrough(res_body)
-        }
-        Some(recorder) => ResponseBody::recording(res_body, recorder),
-        None => ResponseBody::passthrough(res_body),
-    };
-    let mut res = Response::from_parts(res_parts, body);
-    engine.mark(&mut res, CacheStatus::Miss);
-    Ok(res)
+    }
 }
 
-/// Starts the one background refresh of a stale entry, unless one is running.
-fn spawn_refresh<S, ReqB, ResB>(
-    engine: &Arc<Engine>,
-    inner: &S,
-    parts: &Parts,
-    body: &Bytes,
-    key: CacheKey,
-    plan: &Plan,
-    observed: DepEpochs,
-) where
+/// The inner service, as the engine's [`Upstream`]: the service that reported ready is the one
+/// called; a background refresh calls a clone once it is ready.
+struct Inner<S, ReqB, ResB>(S, PhantomData<fn(ReqB) -> ResB>);
+
+impl<S, ReqB, ResB> Upstream for Inner<S, ReqB, ResB>
+where
     S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
@@ -293,53 +236,44 @@ fn spawn_refresh<S, ReqB, ResB>(
     ReqB::Error: Send,
     ResB: Body + Send + 'static,
 {
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let Some(guard) = engine.begin_refresh(&key) else {
-        return;
-    };
-    engine
-        .metrics
-        .background_refreshes
-        .fetch_add(1, Ordering::Relaxed);
-    let mut req = Request::new(RequestBody::full(body.clone()));
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = parts.uri.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    *req.extensions_mut() = parts.extensions.clone();
-    let request_headers = parts.headers.clone();
-    let mut svc = inner.clone();
-    let engine = Arc::clone(engine);
-    let fresh_ttl = plan.fresh_ttl;
-    rt.spawn(async move {
-        let _guard = guard;
-        if poll_fn(|cx| svc.poll_ready(cx)).await.is_err() {
-            return;
+    type Request = (Parts, Bytes);
+    type Body = ResB;
+    type Error = S::Error;
+
+    const REFRESHES: bool = true;
+
+    fn head((parts, _): &(Parts, Bytes)) -> RequestHead<'_> {
+        RequestHead {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            extensions: &parts.extensions,
         }
-        let Ok(res) = svc.call(req).await else {
-            return;
-        };
-        let (parts, body) = res.into_parts();
-        let Some(mut recorder) = engine.start_recording(
-            key,
-            fresh_ttl,
-            Forward::refresh(observed),
-            &request_headers,
-            parts.status,
-            &parts.headers,
-        ) else {
-            return;
-        };
-        let mut body = std::pin::pin!(body);
-        while let Some(frame) = body.frame().await {
-            let Ok(frame) = frame else { return };
-            let Ok(data) = frame.into_data() else { return };
-            if !recorder.push(&into_bytes(data)) {
-                return;
-            }
-        }
-        recorder.finish().wait().await;
-    });
+    }
+
+    fn body((_, body): &(Parts, Bytes)) -> &[u8] {
+        body
+    }
+
+    fn call(
+        mut self,
+        (parts, body): (Parts, Bytes),
+    ) -> impl Future<Output = Result<Response<ResB>, S::Error>> + Send {
+        self.0
+            .call(Request::from_parts(parts, RequestBody::full(body)))
+    }
+
+    fn refresh(&self, (parts, body): &(Parts, Bytes)) -> Option<RefreshCall<ResB>> {
+        let mut req = Request::new(RequestBody::<ReqB>::full(body.clone()));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        *req.extensions_mut() = parts.extensions.clone();
+        let mut svc = self.0.clone();
+        Some(Box::pin(async move {
+            poll_fn(|cx| svc.poll_ready(cx)).await.ok()?;
+            svc.call(req).await.ok()
+        }))
+    }
 }

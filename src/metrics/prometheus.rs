@@ -97,7 +97,7 @@ fn labelled_counters(
 
 impl Collector for PrometheusCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let m = &self.engine.metrics;
+        let m = self.engine.metrics();
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let e = &mut encoder;
         labelled_counters(

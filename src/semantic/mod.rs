@@ -77,10 +77,9 @@ pub use embed::{EmbedError, EmbedFuture, Embedder};
 pub use index::{MemoryIndex, DEFAULT_INDEX_BYTES};
 pub use openai::OpenAiEmbedder;
 
-use crate::context::RequestHead;
-use crate::engine::{Config, Plan};
+use crate::context::SemanticRequest;
 use crate::headers::X_CACHE_SIMILARITY;
-use crate::key;
+use crate::key::{self, BodyKeying, KeyParts};
 use crate::store::{duration_ms, now_ms, CacheKey, Entry};
 use guard::Lexicon;
 use index::PartitionKey;
@@ -232,15 +231,17 @@ impl SemanticCache {
 
     /// The L2 step of a request that missed L1: its candidates (nearest first) and, when it
     /// was embedded, the right to store its vector beside the entry its response becomes.
+    ///
+    /// `parts` are the request's key parts without its body (the L1 key's namespace, head and
+    /// deps), `keying` how bodies are keyed; `body` is the request body.
     pub(crate) async fn probe(
         &self,
-        plan: &Plan,
-        head: &RequestHead<'_>,
+        wants: SemanticRequest,
+        parts: &KeyParts<'_>,
+        keying: &BodyKeying,
         body: &[u8],
-        config: &Config,
     ) -> Probe {
         let mut probe = Probe::default();
-        let wants = plan.semantic;
         if wants.skip {
             return probe;
         }
@@ -257,8 +258,8 @@ impl SemanticCache {
             return probe;
         };
         let partition = PartitionKey {
-            tenant: Arc::from(plan.namespace.tenant()),
-            signature: self.signature(plan, head, &split.context, config),
+            tenant: Arc::from(parts.tenant),
+            signature: self.signature(parts, keying, &split.context),
         };
         let threshold = wants
             .min_similarity()
@@ -279,14 +280,14 @@ impl SemanticCache {
                 }
             }
             probe.matches.push(Match {
-                key: CacheKey::new(Arc::from(plan.namespace.tenant()), c.digest),
+                key: CacheKey::new(Arc::from(parts.tenant), c.digest),
                 similarity: c.similarity,
             });
         }
         probe.write = Some(L2Write {
             index: Arc::clone(&self.index),
             stats: Arc::clone(&self.stats),
-            deps: plan.deps.iter().map(|d| d.id().to_owned()).collect(),
+            deps: parts.deps.iter().map(|d| d.id().to_owned()).collect(),
             partition,
             vector,
             lexicon,
@@ -339,21 +340,14 @@ impl SemanticCache {
 
     /// The exact context signature: everything the L1 key covers (namespace, method, URI,
     /// vary headers, deps), the body without its question, and the embedder.
-    fn signature(
-        &self,
-        plan: &Plan,
-        head: &RequestHead<'_>,
-        context: &[u8],
-        config: &Config,
-    ) -> [u8; 32] {
-        let parts = plan.key_parts(head, &config.vary, &[]);
+    fn signature(&self, parts: &KeyParts<'_>, keying: &BodyKeying, context: &[u8]) -> [u8; 32] {
         let mut encoded = Vec::with_capacity(key::HEAD_CAPACITY);
         encoded.extend_from_slice(b"cachecore-l2-signature-v1");
         let id = self.embedder.id().as_bytes();
         encoded.extend_from_slice(&(id.len() as u64).to_be_bytes());
         encoded.extend_from_slice(id);
-        key::encode_head(&parts, &mut encoded);
-        key::digest(&encoded, context, &config.keying)
+        key::encode_head(parts, &mut encoded);
+        key::digest(&encoded, context, keying)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Where entries and dep epochs live.
 //!
-//! [`CacheStore`] is the contract of DESIGN section 5. Every store keeps the dependency rules
+//! [`CacheStore`] is the contract of docs/design.md §7. Every store keeps the dependency rules
 //! of section 4: an entry records the epoch of each of its deps when it is written, a read serves
 //! it only while all of them are still current, a put is refused when any of them moved since the
 //! lookup, and an invalidation raises the epoch first and reclaims space afterwards. Epoch state
@@ -125,7 +125,7 @@ impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
     }
 }
 
-/// A cache key: the tenant it lives in and the SHA-256 digest of the request (DESIGN section 3).
+/// A cache key: the tenant it lives in and the SHA-256 digest of the request (docs/design.md §3).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct CacheKey {
     tenant: Arc<str>,
@@ -426,7 +426,7 @@ pub enum PutOutcome {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RefusedReason {
     /// A dep epoch moved between the lookup and the put: the response may be derived from data
-    /// that has since changed (DESIGN section 4, rule 4).
+    /// that has since changed (docs/design.md §4, rule 4).
     DepChanged(String),
     /// The entry is larger than the store accepts.
     TooLarge,

@@ -1,4 +1,4 @@
-//! The key schema (DESIGN section 5).
+//! The key schema (docs/design.md §7).
 //!
 //! ```text
 //! cc:{<tenant>}:l1:<key hex>        an entry (string, PX = fresh TTL + stale window)

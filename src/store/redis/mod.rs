@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # How it keeps DESIGN section 4
+//! # How it keeps docs/design.md §4
 //!
 //! - **One round trip per lookup.** One `MGET` reads the entry and the current epoch of every
 //!   declared dep (the policy dep included); a single command is atomic, so this is one

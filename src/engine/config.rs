@@ -1,0 +1,191 @@
+//! Configuration: what a layer is built with, and the defaults of each setting.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{self, HeaderName};
+use http::Method;
+
+use crate::auth::{AuthError, Authenticator};
+use crate::context::{ContextResolver, RequestHead};
+use crate::key::BodyKeying;
+use crate::namespace::{
+    CredentialHash, Namespace, NamespaceResolver, ANONYMOUS_PARTITION, DEFAULT_POLICY_VERSION,
+    DEFAULT_TENANT,
+};
+
+/// Defaults, chosen for LLM calls: answers are expensive and requests are a few KiB.
+pub(crate) mod defaults {
+    use std::time::Duration;
+    /// An hour: long enough to pay off an LLM call, short enough to bound surprise.
+    pub(crate) const FRESH_TTL: Duration = Duration::from_secs(3600);
+    /// Off: serving stale is an explicit choice.
+    pub(crate) const STALE_WINDOW: Duration = Duration::ZERO;
+    /// 2 MiB covers long-context chat requests; larger bodies pass through uncached.
+    pub(crate) const MAX_BODY: usize = 2 * 1024 * 1024;
+    /// 8 MiB of response is recorded at most; larger responses are forwarded, not stored.
+    pub(crate) const MAX_RESPONSE: usize = 8 * 1024 * 1024;
+    /// Well under an LLM call and well over a healthy Redis round trip.
+    pub(crate) const STORE_TIMEOUT: Duration = Duration::from_millis(250);
+    /// Consecutive store failures that open the circuit breaker.
+    pub(crate) const BREAKER_FAILURES: u32 = 5;
+    /// How long an open breaker skips the store.
+    pub(crate) const BREAKER_COOLDOWN: Duration = Duration::from_secs(5);
+    /// The longest a single-flight follower waits for its leader before calling upstream
+    /// itself. A leader that fails, is dropped or whose body is dropped releases its followers
+    /// at once, so this bound only matters for a leader that is alive but slow: long enough
+    /// to cover a normal non-streamed LLM completion (a few seconds, rarely past 30), so a slow
+    /// call does not turn into a stampede; short enough that a stuck upstream call does not
+    /// hold every identical request much longer than a client would wait anyway.
+    pub(crate) const COALESCE_WAIT: Duration = Duration::from_secs(30);
+    /// How long followers wait for a leader's body once its head has arrived. A non-streamed
+    /// body follows its head within milliseconds; one that has not ended a second later is
+    /// most likely not being read (its caller awaits something else first), so the followers
+    /// stop waiting on it and call upstream themselves.
+    pub(crate) const COALESCE_BODY_WAIT: Duration = Duration::from_secs(1);
+}
+
+#[derive(Clone)]
+pub(crate) enum NamespaceSource {
+    Fixed(Namespace),
+    /// Keys partitioned by a hash of the credentials header (docs/design.md §3), deps in the
+    /// default tenant.
+    Credentials {
+        /// The namespace of a request without credentials; the others differ only in their
+        /// partition (built once, so a request costs no allocation for it).
+        anonymous: Namespace,
+    },
+    Resolver(NamespaceResolver),
+    /// The namespace an authenticator gives the request's credentials (trusted-header mode).
+    Authenticated(Arc<dyn Authenticator>),
+}
+
+impl NamespaceSource {
+    /// Keys partitioned by the credentials, at `policy_version`.
+    pub(crate) fn credentials(policy_version: Arc<str>) -> Self {
+        Self::Credentials {
+            anonymous: Namespace::new(DEFAULT_TENANT, policy_version)
+                .with_partition(ANONYMOUS_PARTITION),
+        }
+    }
+
+    pub(super) fn resolve(
+        &self,
+        head: &RequestHead<'_>,
+        credentials: &[HeaderName],
+    ) -> Option<Namespace> {
+        match self {
+            Self::Fixed(ns) => Some(ns.clone()),
+            Self::Resolver(f) => f(head),
+            Self::Authenticated(auth) => auth.authenticate(head.headers).ok(),
+            Self::Credentials { anonymous } => {
+                let partition = CredentialHash::of(credentials, head.headers).finish();
+                Some(match partition {
+                    Some(p) => anonymous.clone().with_partition(p.as_str()),
+                    None => anonymous.clone(),
+                })
+            }
+        }
+    }
+
+    /// Whether keys are partitioned by the credentials the layer sees (no tenant configured).
+    pub(crate) fn is_credentials(&self) -> bool {
+        matches!(self, Self::Credentials { .. })
+    }
+
+    /// For an authenticator, the one verification of the request's credentials: `Some(None)`
+    /// when it has none, an error saying why when they are rejected. `None` for other sources.
+    pub(super) fn authenticate(
+        &self,
+        head: &RequestHead<'_>,
+    ) -> Result<Option<Option<Namespace>>, String> {
+        let Self::Authenticated(auth) = self else {
+            return Ok(None);
+        };
+        match auth.authenticate(head.headers) {
+            Ok(ns) => Ok(Some(Some(ns))),
+            Err(AuthError::Missing) => Ok(Some(None)),
+            Err(e @ AuthError::Invalid(_)) => Err(e.to_string()),
+        }
+    }
+
+    /// The tenant `invalidate` works on when none is named; `None` when tenants come from a
+    /// resolver or an authenticator, where no tenant is "the" tenant.
+    pub(super) fn default_tenant(&self) -> Option<Arc<str>> {
+        match self {
+            Self::Fixed(ns) => Some(ns.tenant_shared().clone()),
+            Self::Credentials { anonymous } => Some(anonymous.tenant_shared().clone()),
+            Self::Resolver(_) | Self::Authenticated(_) => None,
+        }
+    }
+}
+
+/// Everything the layer is configured with.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) fresh_ttl: Duration,
+    pub(crate) stale_window: Duration,
+    pub(crate) max_body: usize,
+    pub(crate) max_response: usize,
+    pub(crate) vary: Vec<HeaderName>,
+    pub(crate) keying: BodyKeying,
+    pub(crate) namespace: NamespaceSource,
+    pub(crate) context_resolver: Option<ContextResolver>,
+    pub(crate) store_timeout: Duration,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) breaker_failures: u32,
+    pub(crate) breaker_cooldown: Duration,
+    pub(crate) similarity_header: bool,
+    pub(crate) credential_headers: Vec<HeaderName>,
+    pub(crate) coalesce_wait: Duration,
+    pub(crate) coalesce_body_wait: Duration,
+    /// L2 (docs/design.md §5a), when turned on.
+    #[cfg(feature = "semantic")]
+    pub(crate) semantic: Option<Arc<crate::semantic::SemanticCache>>,
+}
+
+impl Config {
+    pub(crate) fn policy_version(&self) -> Arc<str> {
+        match &self.namespace {
+            NamespaceSource::Fixed(ns) => ns.policy_version_shared().clone(),
+            NamespaceSource::Credentials { anonymous } => anonymous.policy_version_shared().clone(),
+            NamespaceSource::Resolver(_) | NamespaceSource::Authenticated(_) => {
+                Arc::from(DEFAULT_POLICY_VERSION)
+            }
+        }
+    }
+
+    pub(crate) fn namespace_of(&self, head: &RequestHead<'_>) -> Option<Namespace> {
+        self.namespace.resolve(head, &self.credential_headers)
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            fresh_ttl: defaults::FRESH_TTL,
+            stale_window: defaults::STALE_WINDOW,
+            max_body: defaults::MAX_BODY,
+            max_response: defaults::MAX_RESPONSE,
+            // Content negotiation is part of the key by default: a compressed body stored for
+            // one client is never replayed to one that cannot decode it.
+            vary: vec![header::ACCEPT_ENCODING],
+            keying: BodyKeying {
+                canonical_json: true,
+                ignored_fields: Vec::new(),
+            },
+            namespace: NamespaceSource::credentials(Arc::from(DEFAULT_POLICY_VERSION)),
+            context_resolver: None,
+            store_timeout: defaults::STORE_TIMEOUT,
+            methods: vec![Method::GET, Method::POST],
+            breaker_failures: defaults::BREAKER_FAILURES,
+            breaker_cooldown: defaults::BREAKER_COOLDOWN,
+            similarity_header: false,
+            credential_headers: crate::headers::default_credential_headers(),
+            coalesce_wait: defaults::COALESCE_WAIT,
+            coalesce_body_wait: defaults::COALESCE_BODY_WAIT,
+            #[cfg(feature = "semantic")]
+            semantic: None,
+        }
+    }
+}
