@@ -1645,3 +1645,48 @@ async fn metrics_exposition_parses_and_names_what_an_operator_needs() {
     }
     assert!(text.contains(r#"cachecore_requests_total{status="HIT_L1"} 1"#));
 }
+
+/// A `tracing` writer into a buffer the test reads.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn every_request_logs_one_line_with_method_path_status_and_x_cache() {
+    // The test runtime has one thread: the gateway's tasks log on it, to this subscriber.
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let env = Env::start().await;
+    let token = env.token("acme", "v1");
+    env.chat(Some(&token), &[], "q").await;
+    env.chat(Some(&token), &[], "q").await;
+    env.send(Method::GET, "/health", &[], "").await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(" request ")).collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for (line, (path, x_cache)) in lines.iter().zip([
+        ("/v1/chat/completions", "MISS"),
+        ("/v1/chat/completions", "HIT_L1"),
+        ("/health", "-"),
+    ]) {
+        assert!(line.contains(&format!("path={path}")), "{line}");
+        assert!(line.contains("status=200"), "{line}");
+        assert!(line.contains(&format!("x_cache=\"{x_cache}\"")), "{line}");
+        assert!(line.contains(" ms="), "{line}");
+    }
+}

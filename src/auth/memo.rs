@@ -13,6 +13,8 @@
 use std::hash::{BuildHasher, RandomState};
 use std::sync::RwLock;
 
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
 use crate::namespace::Namespace;
 
 /// Slots of a memo: distinct tokens in use at once that all stay verified. A gateway's tenants
@@ -38,21 +40,21 @@ struct Verified {
 /// Verified tokens, bounded (see the module docs).
 pub(crate) struct TokenMemo {
     slots: Box<[RwLock<Option<Verified>>]>,
-    /// Keyed per process, so that nobody can aim many tokens at one slot.
-    hasher: RandomState,
+    /// The hash seed, drawn per process, so that nobody can aim many tokens at one slot.
+    seed: u64,
 }
 
 impl TokenMemo {
     pub(crate) fn new() -> Self {
         Self {
             slots: (0..SLOTS).map(|_| RwLock::new(None)).collect(),
-            hasher: RandomState::new(),
+            seed: RandomState::new().hash_one(0u8),
         }
     }
 
     fn slot(&self, token: &str) -> &RwLock<Option<Verified>> {
         // `SLOTS` is a power of two: the mask keeps the low bits of the hash.
-        &self.slots[self.hasher.hash_one(token) as usize & (SLOTS - 1)]
+        &self.slots[xxh3_64_with_seed(token.as_bytes(), self.seed) as usize & (SLOTS - 1)]
     }
 
     /// The namespace of `token` if it verified before and `now` is inside its window.

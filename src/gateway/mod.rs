@@ -530,23 +530,70 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        self.dispatch(req)
+    }
+}
+
+/// Where a request goes, decided from its head before it is moved.
+enum Destination {
+    Invalidate,
+    Health,
+    Metrics,
+    /// Through the cache; `Some(by_default)` when the body decides (`store`), with whether the
+    /// path stores by default.
+    Cache {
+        read_store: Option<bool>,
+    },
+    /// Forwarded as a `BYPASS`.
+    Bypass,
+}
+
+impl Gateway {
+    /// [`Service::call`] on a shared gateway: nothing per request is cloned but the cache's
+    /// handle to the proxy (one reference count).
+    pub(crate) fn dispatch<B>(&self, req: Request<B>) -> ResponseFuture
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         self.metrics.requests.inc();
-        let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let own = matches!(path.as_str(), HEALTH_PATH | METRICS_PATH)
-            && matches!(method, Method::GET | Method::HEAD);
-        let fut: Pin<Box<dyn Future<Output = Response<GatewayBody>> + Send>> =
-            if path == INVALIDATE_PATH {
-                let fut = Service::call(&mut self.invalidate, req);
-                Box::pin(async move {
-                    match fut.await {
-                        Ok(res) => res.map(|b| b.map_err(|never| match never {}).boxed_unsync()),
-                        Err(never) => match never {},
-                    }
-                })
-            } else if own && path == HEALTH_PATH {
-                Box::pin(std::future::ready(if self.is_draining() {
+        // The request's log line (module docs) costs nothing when its level is off.
+        let log =
+            tracing::enabled!(target: "cachecore::gateway", tracing::Level::INFO).then(|| {
+                (
+                    Instant::now(),
+                    req.method().clone(),
+                    req.uri().path().to_owned(),
+                )
+            });
+        let destination = {
+            let (method, path) = (req.method(), req.uri().path());
+            let read_only = matches!(*method, Method::GET | Method::HEAD);
+            match path {
+                INVALIDATE_PATH => Destination::Invalidate,
+                HEALTH_PATH if read_only => Destination::Health,
+                METRICS_PATH if read_only => Destination::Metrics,
+                _ if self.routes.iter().any(|r| r.matches(method, path)) => Destination::Cache {
+                    read_store: (!read_only)
+                        .then(|| path.rsplit('/').next() == Some(STORES_BY_DEFAULT)),
+                },
+                _ => Destination::Bypass,
+            }
+        };
+        let fut: Pin<Box<dyn Future<Output = Result<Response<GatewayBody>, Infallible>> + Send>> =
+            match destination {
+                Destination::Invalidate => {
+                    let fut = self.invalidate.clone().call(req);
+                    Box::pin(async move {
+                        match fut.await {
+                            Ok(res) => {
+                                Ok(res.map(|b| b.map_err(|never| match never {}).boxed_unsync()))
+                            }
+                            Err(never) => match never {},
+                        }
+                    })
+                }
+                Destination::Health => Box::pin(std::future::ready(Ok(if self.is_draining() {
                     full(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "application/json",
@@ -558,57 +605,64 @@ where
                         "application/json",
                         &br#"{"status":"ok"}"#[..],
                     )
-                }))
-            } else if own {
-                Box::pin(std::future::ready(if wants_openmetrics(req.headers()) {
-                    full(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, self.openmetrics())
-                } else {
-                    full(
-                        StatusCode::OK,
-                        prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                        self.prometheus(),
-                    )
-                }))
-            } else {
-                let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
-                let routed = self.routes.iter().any(|r| r.matches(&method, &path));
-                if !routed {
-                    mark_bypass(&mut req);
-                }
-                if routed && method != Method::GET && method != Method::HEAD {
+                }))),
+                Destination::Metrics => Box::pin(std::future::ready(Ok(
+                    if wants_openmetrics(req.headers()) {
+                        full(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, self.openmetrics())
+                    } else {
+                        full(
+                            StatusCode::OK,
+                            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                            self.prometheus(),
+                        )
+                    },
+                ))),
+                Destination::Cache {
+                    read_store: Some(by_default),
+                } => {
                     // The body decides (`store`): read it before the cache plans the request.
                     // The proxy is always ready, so a clone may be called without polling.
+                    let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
                     let mut cached = self.cached.clone();
                     let max_body = self.max_body;
-                    let path = path.clone();
                     Box::pin(async move {
-                        let req = read_store_intent(req, &path, max_body).await;
+                        let req = read_store_intent(req, by_default, max_body).await;
                         match cached.call(req).await {
-                            Ok(res) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
+                            Ok(res) => Ok(res.map(|b| b.map_err(Into::into).boxed_unsync())),
                             Err(never) => match never {},
                         }
                     })
-                } else {
-                    let fut = self.cached.call(req);
+                }
+                Destination::Cache { read_store: None } | Destination::Bypass => {
+                    let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+                    if matches!(destination, Destination::Bypass) {
+                        mark_bypass(&mut req);
+                    }
+                    let fut = self.cached.clone().call(req);
                     Box::pin(async move {
                         match fut.await {
-                            Ok(res) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
+                            Ok(res) => Ok(res.map(|b| b.map_err(Into::into).boxed_unsync())),
                             Err(never) => match never {},
                         }
                     })
                 }
             };
+        let Some((started, method, path)) = log else {
+            return ResponseFuture(fut);
+        };
         ResponseFuture(Box::pin(async move {
             let res = fut.await;
-            let x_cache = res
-                .headers()
-                .get(X_CACHE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-");
-            tracing::info!(target: "cachecore::gateway", %method, %path,
-                status = res.status().as_u16(), x_cache,
-                ms = started.elapsed().as_secs_f64() * 1000.0, "request");
-            Ok(res)
+            if let Ok(res) = &res {
+                let x_cache = res
+                    .headers()
+                    .get(X_CACHE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info!(target: "cachecore::gateway", %method, %path,
+                    status = res.status().as_u16(), x_cache,
+                    ms = started.elapsed().as_secs_f64() * 1000.0, "request");
+            }
+            res
         }))
     }
 }
@@ -675,10 +729,11 @@ fn mark_bypass<B>(req: &mut Request<B>) {
 }
 
 /// Reads the body (up to `max_body`) and marks the request a bypass when it asks the provider
-/// to store its result, or cannot be read whole to tell. The body goes on frame for frame.
+/// to store its result (`by_default`: its path stores unless told not to), or cannot be read
+/// whole to tell. The body goes on frame for frame.
 async fn read_store_intent(
     req: Request<GatewayBody>,
-    path: &str,
+    by_default: bool,
     max_body: usize,
 ) -> Request<GatewayBody> {
     let (parts, mut body) = req.into_parts();
@@ -704,14 +759,14 @@ async fn read_store_intent(
     let stores = !whole || {
         let mut data = frames.iter().filter_map(|f| f.data_ref());
         match (data.next(), data.next()) {
-            (None, _) => asks_to_store(path, b""),
-            (Some(only), None) => asks_to_store(path, only),
+            (None, _) => asks_to_store(by_default, b""),
+            (Some(only), None) => asks_to_store(by_default, only),
             (Some(first), Some(second)) => {
                 let mut all = Vec::with_capacity(read);
                 for d in [first, second].into_iter().chain(data) {
                     all.extend_from_slice(d);
                 }
-                asks_to_store(path, &all)
+                asks_to_store(by_default, &all)
             }
         }
     };
@@ -724,13 +779,12 @@ async fn read_store_intent(
 }
 
 /// Whether a request body asks the provider to keep what it produces: `"store": true` at the
-/// top level, or no `"store": false` on the Responses API, which stores by default.
-fn asks_to_store(path: &str, body: &[u8]) -> bool {
+/// top level, or no `"store": false` where the path stores `by_default` (the Responses API).
+fn asks_to_store(by_default: bool, body: &[u8]) -> bool {
     #[derive(serde::Deserialize)]
     struct Store {
         store: Option<bool>,
     }
-    let by_default = path.rsplit('/').next() == Some(STORES_BY_DEFAULT);
     // Most bodies never name the field: skip the parse. A key spelled with `\u` escapes is the
     // same key, so a body with escapes is parsed too.
     let finder = |needle: &[u8]| memchr::memmem::find(body, needle).is_some();

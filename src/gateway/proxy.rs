@@ -88,8 +88,14 @@ impl Default for ProxyOptions {
 
 /// Forwards to the upstream; an upstream that cannot be reached is a `502` (or `504` past
 /// the timeout), never an error, so the gateway stays infallible.
+///
+/// One reference count to clone: the cache clones its inner service on every request, hits
+/// included.
 #[derive(Clone)]
-pub(crate) struct Proxy {
+pub(crate) struct Proxy(Arc<ProxyShared>);
+
+/// What every clone of a [`Proxy`] shares.
+struct ProxyShared {
     send: SendFn,
     upstream: Upstream,
     authorization: Option<HeaderValue>,
@@ -102,7 +108,7 @@ pub(crate) struct Proxy {
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxy")
-            .field("upstream", &self.upstream)
+            .field("upstream", &self.0.upstream)
             .finish_non_exhaustive()
     }
 }
@@ -128,14 +134,14 @@ impl Proxy {
                 Ok(res.map(|b| b.map_err(BoxError::from).boxed_unsync()))
             })
         });
-        Self {
+        Self(Arc::new(ProxyShared {
             send,
             upstream,
             authorization,
             slots: Arc::new(Semaphore::new(options.max_inflight.max(1))),
             options,
             metrics,
-        }
+        }))
     }
 
     fn prepare(
@@ -143,7 +149,7 @@ impl Proxy {
         req: Request<RequestBody<GatewayBody>>,
     ) -> Result<Request<GatewayBody>, http::Error> {
         let (mut parts, body) = req.into_parts();
-        parts.uri = self.upstream.uri(&parts.uri)?;
+        parts.uri = self.0.upstream.uri(&parts.uri)?;
         parts.version = Version::HTTP_11;
         let headers = &mut parts.headers;
         let tenant_credential_in_authorization = authorization_is_tenant_credential(headers);
@@ -152,7 +158,7 @@ impl Proxy {
         for name in [X_CACHECORE_TOKEN, X_CACHECORE_DEPS, X_CACHECORE_BYPASS] {
             headers.remove(name);
         }
-        match &self.authorization {
+        match &self.0.authorization {
             Some(value) => {
                 headers.insert(header::AUTHORIZATION, value.clone());
             }
@@ -223,10 +229,10 @@ impl Service<Request<RequestBody<GatewayBody>>> for Proxy {
                 return Box::pin(std::future::ready(Ok(res)));
             }
         };
-        let send = Arc::clone(&self.send);
-        let slots = Arc::clone(&self.slots);
-        let options = self.options;
-        let metrics = Arc::clone(&self.metrics);
+        let send = Arc::clone(&self.0.send);
+        let slots = Arc::clone(&self.0.slots);
+        let options = self.0.options;
+        let metrics = Arc::clone(&self.0.metrics);
         Box::pin(async move {
             // The wait for a slot counts against the head timeout: the caller waits once.
             let head = async {

@@ -5,15 +5,27 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Gateway, ResponseFuture};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tower_service::Service;
 
-use super::Gateway;
+/// The gateway as one connection's hyper service: called by shared reference, so a request
+/// clones nothing of the gateway.
+struct Connection(Gateway);
+
+impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Connection {
+    type Response = http::Response<super::GatewayBody>;
+    type Error = std::convert::Infallible;
+    type Future = ResponseFuture;
+
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> ResponseFuture {
+        self.0.dispatch(req)
+    }
+}
 
 /// How [`serve`] runs. Each default's docs say where its number comes from.
 #[derive(Clone, Copy, Debug)]
@@ -157,13 +169,7 @@ where
         };
         let _ = stream.set_nodelay(true);
         report.connections += 1;
-        let service = {
-            let gateway = gateway.clone();
-            hyper::service::service_fn(move |req| {
-                let mut gateway = gateway.clone();
-                gateway.call(req)
-            })
-        };
+        let service = Connection(gateway.clone());
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(options.header_read_timeout)
