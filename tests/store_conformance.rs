@@ -1,5 +1,6 @@
 //! One conformance suite for every store: the same functions run against `MemoryStore`
-//! (`memory::*`), a single Redis (`redis::*`) and a three-master Redis Cluster (`cluster::*`).
+//! (`memory::*`), a single Redis (`redis::*`), a three-master Redis Cluster (`cluster::*`) and a
+//! single Redis with the near cache on (`near::*`).
 //!
 //! Each DESIGN section 4 rule has a test named after it. Tests keep apart by tenant, so the
 //! Redis ones share one server (and one cluster) per run.
@@ -54,15 +55,29 @@ impl Fixture {
         }
     }
 
+    async fn near() -> Self {
+        Self::near_with(DEFAULT_PUT_DEADLINE).await
+    }
+
     async fn redis_with(put_deadline: Duration) -> Self {
+        Self::single(put_deadline, None).await
+    }
+
+    /// A RedisStore with a near cache: the same contract, whatever it serves from process.
+    async fn near_with(put_deadline: Duration) -> Self {
+        Self::single(put_deadline, Some(16 * 1024 * 1024)).await
+    }
+
+    async fn single(put_deadline: Duration, near_cache: Option<u64>) -> Self {
         let server = support::shared_redis();
-        let store = RedisStore::builder()
+        let mut builder = RedisStore::builder()
             .url(server.url())
             .timeout(TEST_TIMEOUT)
-            .put_deadline(put_deadline)
-            .build()
-            .await
-            .expect("connect to the test redis");
+            .put_deadline(put_deadline);
+        if let Some(bytes) = near_cache {
+            builder = builder.near_cache(bytes);
+        }
+        let store = builder.build().await.expect("connect to the test redis");
         let raw = ::redis::Client::open(server.url())
             .unwrap()
             .get_multiplexed_async_connection()
@@ -784,6 +799,9 @@ macro_rules! conformance {
         mod cluster {
             $( #[tokio::test] async fn $test() { super::$test(super::Fixture::cluster().await).await } )*
         }
+        mod near {
+            $( #[tokio::test] async fn $test() { super::$test(super::Fixture::near().await).await } )*
+        }
     };
     (short deadline: $($test:ident),* $(,)?) => {
         mod memory_short_deadline {
@@ -799,6 +817,11 @@ macro_rules! conformance {
         mod cluster_short_deadline {
             $( #[tokio::test] async fn $test() {
                 super::$test(super::Fixture::cluster_with(super::SHORT_DEADLINE).await).await
+            } )*
+        }
+        mod near_short_deadline {
+            $( #[tokio::test] async fn $test() {
+                super::$test(super::Fixture::near_with(super::SHORT_DEADLINE).await).await
             } )*
         }
     };

@@ -129,6 +129,13 @@ impl Key<'_> {
     pub(super) fn len(&self) -> usize {
         self.parts().iter().map(|p| p.len()).sum()
     }
+
+    /// Appends its bytes to `out` (the near cache's key for it).
+    pub(super) fn write_into(&self, out: &mut Vec<u8>) {
+        for part in self.parts() {
+            out.extend_from_slice(part);
+        }
+    }
 }
 
 impl fmt::Display for Key<'_> {

@@ -98,6 +98,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -114,6 +115,7 @@ use crate::dep::validate_dep_id;
 
 mod codec;
 mod keys;
+mod near;
 mod scripts;
 
 use keys::TenantKeys;
@@ -153,12 +155,14 @@ pub struct RedisStore {
     /// With [`Ack`]: the connection raises go through, followed by their `WAIT`. Its own, because
     /// `WAIT` holds the connection it runs on, and lookups must not queue behind it.
     ack: Option<(Conn, Ack)>,
-    scripts: std::sync::Arc<Scripts>,
+    scripts: Arc<Scripts>,
     timeout: Duration,
     reclaim_batch: usize,
     max_entry_bytes: usize,
     put_deadline: Duration,
     retention_ms: u64,
+    /// With [`RedisStoreBuilder::near_cache`]: hot entries and versions in process.
+    near: Option<near::Near>,
 }
 
 #[derive(Clone)]
@@ -227,6 +231,7 @@ pub struct RedisStoreBuilder {
     max_entry_bytes: usize,
     put_deadline: Duration,
     ack: Option<Ack>,
+    near_cache: Option<u64>,
 }
 
 impl RedisStoreBuilder {
@@ -295,21 +300,45 @@ impl RedisStoreBuilder {
         self
     }
 
+    /// Keeps hot entries and dep versions in process, up to `max_bytes`, coherent with Redis
+    /// through server-assisted client-side caching (docs/design.md §7, "Near cache"). Off by
+    /// default.
+    ///
+    /// A hit on a near copy makes no round trip. An invalidation made through this store drops
+    /// the local copies before it returns; one made by another process (or another store)
+    /// drops them when Redis's invalidation push arrives on the store's tracking connection
+    /// (a RESP3 connection with `CLIENT TRACKING ON`, named `cachecore-near`), which the
+    /// README measures. When that connection is lost, or its heartbeat goes unanswered for
+    /// a second, nothing is served from the near cache until a new one is up, and what was
+    /// held before is dropped. Puts always go to Redis, checked by its conditional write.
+    ///
+    /// Single Redis only: [`build`](Self::build) refuses it on Redis Cluster with
+    /// [`StoreErrorKind::InvalidInput`]. Needs Redis 6 or later (RESP3 and tracking).
+    pub fn near_cache(mut self, max_bytes: u64) -> Self {
+        self.near_cache = Some(max_bytes);
+        self
+    }
+
     /// Connects, loads the scripts, and returns the store. Fails when Redis cannot be reached
     /// within the connect timeout, so a misconfiguration shows at start-up; use
     /// [`build_lazy`](Self::build_lazy) to start while Redis is down.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
+        let near = self.near()?;
         let conn = self.connect(self.timeout).await?;
         let ack = match self.ack {
             Some(ack) => Some((self.connect(self.ack_response_timeout(ack)).await?, ack)),
             None => None,
         };
-        let store = self.finish(conn, ack);
+        let store = self.finish(conn, ack, near);
         for script in store.scripts.all() {
             store.timed(store.conn.load(script)).await?;
             if let Some((conn, _)) = &store.ack {
                 store.timed(conn.load(script)).await?;
             }
+        }
+        if let Some(near) = &store.near {
+            near.connect().await?;
+            near.supervise();
         }
         Ok(store)
     }
@@ -317,12 +346,35 @@ impl RedisStoreBuilder {
     /// Returns the store at once; connections are made on first use. Must be called inside a
     /// Tokio runtime. Fails only on an invalid URL.
     pub fn build_lazy(self) -> Result<RedisStore, StoreError> {
+        let near = self.near()?;
         let conn = self.connect_lazy(self.timeout)?;
         let ack = match self.ack {
             Some(ack) => Some((self.connect_lazy(self.ack_response_timeout(ack))?, ack)),
             None => None,
         };
-        Ok(self.finish(conn, ack))
+        if let Some(near) = &near {
+            near.supervise();
+        }
+        Ok(self.finish(conn, ack, near))
+    }
+
+    /// The near cache, if one was asked for: refused on Redis Cluster, where tracking is per
+    /// node and slots move between nodes (docs/design.md §7).
+    fn near(&self) -> Result<Option<near::Near>, StoreError> {
+        let Some(max_bytes) = self.near_cache else {
+            return Ok(None);
+        };
+        match &self.target {
+            Target::Unset => Err(no_target()),
+            Target::Cluster(_) => Err(StoreError::new(
+                StoreErrorKind::InvalidInput,
+                "RedisStoreBuilder::near_cache is not supported on Redis Cluster (tracking is \
+                 per node and slots move between nodes); build without it",
+            )),
+            Target::Single(url) => {
+                near::Near::new(url, max_bytes, self.timeout, self.connect_timeout).map(Some)
+            }
+        }
     }
 
     async fn connect(&self, response_timeout: Duration) -> Result<Conn, StoreError> {
@@ -404,11 +456,12 @@ impl RedisStoreBuilder {
             .map_err(store_error)
     }
 
-    fn finish(&self, conn: Conn, ack: Option<(Conn, Ack)>) -> RedisStore {
+    fn finish(&self, conn: Conn, ack: Option<(Conn, Ack)>, near: Option<near::Near>) -> RedisStore {
         RedisStore {
             conn,
             ack,
-            scripts: std::sync::Arc::new(Scripts::new()),
+            near,
+            scripts: Arc::new(Scripts::new()),
             timeout: self.timeout,
             reclaim_batch: self.reclaim_batch,
             max_entry_bytes: self.max_entry_bytes,
@@ -436,6 +489,28 @@ impl RedisStore {
             max_entry_bytes: DEFAULT_MAX_ENTRY_BYTES,
             put_deadline: DEFAULT_PUT_DEADLINE,
             ack: None,
+            near_cache: None,
+        }
+    }
+
+    /// Bytes the near cache holds now (entries, dep versions and their keys), or `None` without
+    /// one ([`RedisStoreBuilder::near_cache`]). Never more than its bound, give or take the
+    /// evictions still pending.
+    pub fn near_cache_bytes(&self) -> Option<u64> {
+        self.near.as_ref().map(near::Near::weighted_size)
+    }
+
+    /// Entries and dep versions the near cache holds now, or `None` without one.
+    pub fn near_cache_len(&self) -> Option<u64> {
+        self.near.as_ref().map(near::Near::slot_count)
+    }
+
+    /// Tests only: while `hold` is true, the near cache keeps Redis's invalidation pushes
+    /// instead of applying them, as if they were slow to arrive; `false` applies them in order.
+    #[doc(hidden)]
+    pub fn near_cache_hold_pushes(&self, hold: bool) {
+        if let Some(near) = &self.near {
+            near.hold_pushes(hold);
         }
     }
 
@@ -466,6 +541,25 @@ impl RedisStore {
     async fn lookup_inner(&self, key: &CacheKey, deps: &[&str]) -> Result<Lookup, StoreError> {
         let keys = TenantKeys::new(key.tenant());
         let entry_key = keys.entry(key);
+        if let Some(near) = &self.near {
+            let mut name = Vec::with_capacity(entry_key.len());
+            entry_key.write_into(&mut name);
+            let held = near.hit(&name, deps, |id, out| keys.dep_ver(id).write_into(out));
+            if let Some(held) = held {
+                // Served, the epochs count as observed now (a refresh put is checked by Redis
+                // anyway).
+                let mut entry = Entry::clone(&held);
+                entry.deps.restamp(Instant::now());
+                match entry.freshness(now_ms()) {
+                    Freshness::Fresh => return Ok(Lookup::Fresh(entry)),
+                    Freshness::Stale => return Ok(Lookup::Stale(entry)),
+                    Freshness::Expired => {}
+                }
+            }
+            if let Some(tracked) = near.tracked() {
+                return self.lookup_tracked(near, tracked, &keys, name, deps).await;
+            }
+        }
         // One command reads the entry and every dep's current epoch. A single command is atomic,
         // so this is the same snapshot a script would see, at a fraction of the cost of running
         // one (measured in benches/redis.rs). MGET answers nil for a key of another type.
@@ -476,50 +570,52 @@ impl RedisStore {
             cmd.arg(keys.dep_ver(dep));
         }
         let reply: Value = self.timed(self.conn.query(&cmd)).await?;
-        let observed_at = Instant::now();
-        let (raw, versions) = parse_lookup_reply(reply, deps)?;
-        let miss = || {
-            Lookup::Miss(DepEpochs::observed(
-                deps.iter()
-                    .zip(&versions)
-                    .map(|(id, &(epoch, life))| ((*id).to_owned(), epoch, life))
-                    .collect(),
-                observed_at,
-            ))
-        };
-        let Some(raw) = raw else {
-            return Ok(miss());
-        };
-        let mut entry = match codec::decode(raw) {
-            Ok(entry) => entry,
-            Err(e) => {
-                tracing::warn!(key = %entry_key, error = %e, "cachecore: undecodable value under an entry key, treated as a miss");
-                return Ok(miss());
-            }
-        };
-        // Rule 3: every recorded epoch must still be current. A recorded dep that was not
-        // declared cannot be checked in this round trip, so the entry is not served. The numbers
-        // suffice: a ver key outlives every entry that records it, so a live entry and the
-        // current epoch are of the same life.
-        let version = |id: &str| deps.iter().position(|d| *d == id).map(|i| versions[i]);
-        let current = entry
-            .deps
+        Ok(resolve_lookup(reply, deps, Instant::now(), &entry_key)?.0)
+    }
+
+    /// A lookup on the near cache's tracking connection, whose answer the near cache keeps
+    /// (near.rs: a fill never overwrites an invalidation that came in meanwhile).
+    async fn lookup_tracked(
+        &self,
+        near: &near::Near,
+        tracked: near::Tracked,
+        keys: &TenantKeys<'_>,
+        entry_name: Vec<u8>,
+        deps: &[&str],
+    ) -> Result<Lookup, StoreError> {
+        let ver_names: Vec<Vec<u8>> = deps
             .iter()
-            .all(|(id, epoch)| version(id).is_some_and(|(e, _)| e == epoch));
-        if !current {
-            return Ok(miss());
+            .map(|d| {
+                let ver = keys.dep_ver(d);
+                let mut name = Vec::with_capacity(ver.len());
+                ver.write_into(&mut name);
+                name
+            })
+            .collect();
+        let names =
+            || std::iter::once(entry_name.as_slice()).chain(ver_names.iter().map(Vec::as_slice));
+        let snapshot = near.snapshot(names());
+        let size = 4 + names().map(<[u8]>::len).sum::<usize>();
+        let mut cmd = redis::Cmd::with_capacity(2 + deps.len(), size);
+        cmd.arg("MGET");
+        for name in names() {
+            cmd.arg(name);
         }
-        // Served, the epochs are the ones observed now, lives included: a refresh put after
-        // this hit is checked against them.
-        entry
-            .deps
-            .set_lives(|id| version(id).map_or(0, |(_, life)| life));
-        entry.deps.restamp(observed_at);
-        Ok(match entry.freshness(now_ms()) {
-            Freshness::Fresh => Lookup::Fresh(entry),
-            Freshness::Stale => Lookup::Stale(entry),
-            Freshness::Expired => miss(),
-        })
+        let mut conn = tracked.conn.clone();
+        let reply: Value = self.timed(cmd.query_async(&mut conn)).await?;
+        let shown = String::from_utf8_lossy(&entry_name);
+        let (lookup, versions) = resolve_lookup(reply, deps, Instant::now(), &shown)?;
+        let served = match &lookup {
+            Lookup::Fresh(e) | Lookup::Stale(e) => Some((entry_name, Arc::new(e.clone()))),
+            Lookup::Miss(_) => None,
+        };
+        near.fill(
+            &tracked,
+            &snapshot,
+            served,
+            ver_names.into_iter().zip(versions).collect(),
+        );
+        Ok(lookup)
     }
 
     async fn put_inner(&self, key: &CacheKey, entry: Entry) -> Result<PutOutcome, StoreError> {
@@ -608,7 +704,21 @@ impl RedisStore {
             inv.arg(new_hash)
                 .arg(self.retention_ms)
                 .arg(keys::life().to_string());
-            match self.timed(raising.invoke::<Vec<u64>>(&inv)).await {
+            let raised = self.timed(raising.invoke::<Vec<u64>>(&inv)).await;
+            if let Some(near) = &self.near {
+                // Before this invalidation returns, whatever its outcome: a raise that timed out
+                // may still have happened (docs/design.md §4 rule 4 holds at once here).
+                let names: Vec<Vec<u8>> = chunk
+                    .iter()
+                    .map(|&i| {
+                        let mut name = Vec::new();
+                        keys.dep_ver(dep_ids[i]).write_into(&mut name);
+                        name
+                    })
+                    .collect();
+                near.evict(names.iter().map(Vec::as_slice));
+            }
+            match raised {
                 Ok(raised) => {
                     let acknowledged = match &self.ack {
                         Some((conn, ack)) => Some(self.acknowledged(conn, tenant, *ack).await),
@@ -704,6 +814,60 @@ impl RedisStore {
             }
         }
     }
+}
+
+/// The answer to a lookup from its `MGET` reply (the entry, then each of `deps`' ver key),
+/// with the version of each dep. `entry_key` names the entry in logs.
+fn resolve_lookup(
+    reply: Value,
+    deps: &[&str],
+    observed_at: Instant,
+    entry_key: &dyn fmt::Display,
+) -> Result<(Lookup, Vec<Version>), StoreError> {
+    let (raw, versions) = parse_lookup_reply(reply, deps)?;
+    let miss = || {
+        Lookup::Miss(DepEpochs::observed(
+            deps.iter()
+                .zip(&versions)
+                .map(|(id, &(epoch, life))| ((*id).to_owned(), epoch, life))
+                .collect(),
+            observed_at,
+        ))
+    };
+    let Some(raw) = raw else {
+        return Ok((miss(), versions));
+    };
+    let mut entry = match codec::decode(raw) {
+        Ok(entry) => entry,
+        Err(e) => {
+            tracing::warn!(key = %entry_key, error = %e, "cachecore: undecodable value under an entry key, treated as a miss");
+            return Ok((miss(), versions));
+        }
+    };
+    // Rule 3: every recorded epoch must still be current. A recorded dep that was not
+    // declared cannot be checked in this round trip, so the entry is not served. The numbers
+    // suffice: a ver key outlives every entry that records it, so a live entry and the
+    // current epoch are of the same life.
+    let version = |id: &str| deps.iter().position(|d| *d == id).map(|i| versions[i]);
+    let current = entry
+        .deps
+        .iter()
+        .all(|(id, epoch)| version(id).is_some_and(|(e, _)| e == epoch));
+    if !current {
+        return Ok((miss(), versions));
+    }
+    // Served, the epochs are the ones observed now, lives included: a refresh put after
+    // this hit is checked against them.
+    entry
+        .deps
+        .set_lives(|id| version(id).map_or(0, |(_, life)| life));
+    entry.deps.restamp(observed_at);
+    let lookup = match entry.freshness(now_ms()) {
+        Freshness::Fresh => Lookup::Fresh(entry),
+        Freshness::Stale => Lookup::Stale(entry),
+        Freshness::Expired => miss(),
+    };
+    Ok((lookup, versions))
 }
 
 /// The epoch and life in a dep ver value, `<epoch>.<life>:<last new_hash>` (or, written before
@@ -804,6 +968,7 @@ impl fmt::Debug for RedisStore {
             .field("max_entry_bytes", &self.max_entry_bytes)
             .field("put_deadline", &self.put_deadline)
             .field("ack", &self.ack.as_ref().map(|(_, ack)| ack))
+            .field("near_cache", &self.near.is_some())
             .finish()
     }
 }

@@ -1,0 +1,504 @@
+//! The near cache: hot entries and dep versions kept in process, coherent with Redis through
+//! server-assisted client-side caching (docs/design.md §7, "Near cache").
+//!
+//! - **One tracking connection** (RESP3, `CLIENT TRACKING ON`, default mode) does every lookup
+//!   whose answer may be kept. Redis remembers the keys it read and, when one of them changes,
+//!   expires or is evicted, pushes an `invalidate` message on that same connection; the
+//!   connection's reader evicts the local copy as it reads the push. Puts and invalidations go
+//!   through the store's ordinary connection, so every write keeps Redis's atomic checks.
+//! - **A near hit** needs the entry and the version of every dep it records, all filled under
+//!   the current tracking connection, the versions equal to the entry's, and a lease: a
+//!   heartbeat `PING` sent less than [`LEASE`] ago answered. A `PONG` comes after every push
+//!   Redis wrote before it, so even a connection that dies silently serves nothing older than
+//!   the lease.
+//! - **A lost connection** (a disconnection the reader sees, a heartbeat that fails) empties the
+//!   near cache before anything else is served from it; the supervisor task connects a new one,
+//!   and copies filled under the old one are never served again (each slot carries the
+//!   generation of the connection it was filled under).
+//! - **Fills never race an invalidation.** A fill snapshots the invalidation counters of its
+//!   keys before it sends the `MGET`, and inserts only if none moved meanwhile; the check and the
+//!   insert hold the same lock as every eviction, so a push handled while the reply was on its
+//!   way is never overwritten by the older reply.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use moka::sync::Cache;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, Value};
+
+use super::{store_error, timeout_error, Version};
+use crate::store::{now_ms, Entry, StoreError};
+
+/// How often the supervisor pings the tracking connection (and retries a lost one).
+pub(super) const HEARTBEAT: Duration = Duration::from_millis(100);
+
+/// How long an answered heartbeat lets near copies be served: the bound on staleness when the
+/// tracking connection dies without the process noticing (a silent network partition). Ten
+/// heartbeats, so a busy runtime that runs the supervisor late does not stop near hits.
+pub(super) const LEASE: Duration = Duration::from_secs(1);
+
+/// Invalidation counters; a key's counter is picked by its hash. More stripes, fewer fills
+/// given up because an unrelated key shared a counter.
+const STRIPES: usize = 1024;
+
+/// Bookkeeping bytes per slot besides its key and value.
+const SLOT_OVERHEAD: usize = 64;
+
+/// The client name of tracking connections, so an operator (or a test) can find them in
+/// `CLIENT LIST`.
+pub(super) const CLIENT_NAME: &str = "cachecore-near";
+
+/// What a near slot holds.
+#[derive(Clone)]
+enum Held {
+    Entry(Arc<Entry>),
+    Version(Version),
+}
+
+#[derive(Clone)]
+struct Slot {
+    /// The tracking connection the copy was read on.
+    gen: u64,
+    held: Held,
+}
+
+impl Slot {
+    fn weight(&self, key: &[u8]) -> u32 {
+        let value = match &self.held {
+            Held::Entry(e) => e.weight(),
+            Held::Version(_) => 16,
+        };
+        u32::try_from(key.len() + value + SLOT_OVERHEAD).unwrap_or(u32::MAX)
+    }
+}
+
+/// The tracking connection of one generation.
+#[derive(Clone)]
+pub(super) struct Tracked {
+    pub(super) conn: MultiplexedConnection,
+    gen: u64,
+}
+
+/// The invalidation counters a fill saw before it sent its read.
+pub(super) struct Snapshot {
+    flushes: u64,
+    stripes: Vec<(usize, u64)>,
+}
+
+/// The near cache of one [`RedisStore`](super::RedisStore) and its clones.
+#[derive(Clone)]
+pub(super) struct Near {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    cache: Cache<Box<[u8]>, Slot>,
+    /// Held by every eviction and by each fill's check-and-insert, never across an await.
+    gate: Mutex<()>,
+    stripes: Box<[AtomicU64]>,
+    /// Raised by every flush (lost connection, `FLUSHALL`), which every fill checks too.
+    flushes: AtomicU64,
+    /// The generation near copies may be served under; 0 while there is no tracking connection.
+    live: AtomicU64,
+    /// The highest generation known lost.
+    lost: AtomicU64,
+    next_gen: AtomicU64,
+    /// Near copies may be served until this many nanoseconds after `base`.
+    lease_until: AtomicU64,
+    base: Instant,
+    conn: Mutex<Option<Tracked>>,
+    /// Tests only: invalidation pushes kept here instead of applied, while `Some`.
+    held_pushes: Mutex<Option<Vec<PushInfo>>>,
+    client: Client,
+    max_entry_bytes: usize,
+    timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl Near {
+    /// A near cache of `max_bytes` on the Redis at `url`. Nothing is served from it until
+    /// [`start`](Self::start) has connected the tracking connection.
+    pub(super) fn new(
+        url: &str,
+        max_bytes: u64,
+        timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(store_error)?;
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = Client::open(info.set_redis_settings(settings)).map_err(store_error)?;
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(weigh)
+            .expire_after(SlotExpiry)
+            .build();
+        Ok(Self {
+            shared: Arc::new(Shared {
+                cache,
+                gate: Mutex::new(()),
+                stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                flushes: AtomicU64::new(0),
+                live: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
+                next_gen: AtomicU64::new(0),
+                lease_until: AtomicU64::new(0),
+                base: Instant::now(),
+                conn: Mutex::new(None),
+                held_pushes: Mutex::new(None),
+                client,
+                // As in MemoryStore: one entry may take at most an eighth of the bound.
+                max_entry_bytes: usize::try_from(max_bytes / 8).unwrap_or(usize::MAX),
+                timeout,
+                connect_timeout,
+            }),
+        })
+    }
+
+    /// Connects the tracking connection now.
+    pub(super) async fn connect(&self) -> Result<(), StoreError> {
+        self.shared.connect().await
+    }
+
+    /// Starts the supervisor task that keeps the tracking connection (and connects it, if
+    /// [`connect`](Self::connect) was not called). Must run inside a Tokio runtime.
+    pub(super) fn supervise(&self) {
+        tokio::spawn(supervise(Arc::downgrade(&self.shared)));
+    }
+
+    /// The tracking connection, while there is one.
+    pub(super) fn tracked(&self) -> Option<Tracked> {
+        lock(&self.shared.conn).clone()
+    }
+
+    /// The generation near copies may be served under now, if any.
+    fn serving(&self) -> Option<u64> {
+        let s = &self.shared;
+        let gen = s.live.load(Ordering::Acquire);
+        let now = s.nanos(Instant::now());
+        (gen != 0 && now < s.lease_until.load(Ordering::Acquire)).then_some(gen)
+    }
+
+    /// The entry under `entry_key` if it is held and every dep it records is held at the
+    /// version the entry records, all under the serving connection. `ver_key` writes the ver
+    /// key of a dep id; `declared` are the dep ids the request declares.
+    pub(super) fn hit(
+        &self,
+        entry_key: &[u8],
+        declared: &[&str],
+        mut ver_key: impl FnMut(&str, &mut Vec<u8>),
+    ) -> Option<Arc<Entry>> {
+        let gen = self.serving()?;
+        let cache = &self.shared.cache;
+        let entry = match cache.get(entry_key)? {
+            Slot {
+                gen: g,
+                held: Held::Entry(e),
+            } if g == gen => e,
+            _ => return None,
+        };
+        let mut buf = Vec::with_capacity(entry_key.len());
+        for (id, epoch, life) in entry.deps.iter_lives() {
+            if !declared.contains(&id) {
+                return None;
+            }
+            buf.clear();
+            ver_key(id, &mut buf);
+            match cache.get(buf.as_slice()) {
+                Some(Slot {
+                    gen: g,
+                    held: Held::Version(v),
+                }) if g == gen && v == (epoch, life) => {}
+                _ => return None,
+            }
+        }
+        Some(entry)
+    }
+
+    /// The counters of `keys`, read before the fill's `MGET` is sent.
+    pub(super) fn snapshot<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) -> Snapshot {
+        let s = &self.shared;
+        let flushes = s.flushes.load(Ordering::Acquire);
+        let stripes = keys
+            .map(|k| {
+                let i = stripe(k);
+                (i, s.stripes[i].load(Ordering::Acquire))
+            })
+            .collect();
+        Snapshot { flushes, stripes }
+    }
+
+    /// Keeps what a lookup on the tracking connection `tracked` read, unless an invalidation
+    /// of any of its keys (or a flush, or the loss of that connection) came in since
+    /// `snapshot`: `versions` are `(ver key, version)` pairs; `entry` the served entry.
+    pub(super) fn fill(
+        &self,
+        tracked: &Tracked,
+        snapshot: &Snapshot,
+        entry: Option<(Vec<u8>, Arc<Entry>)>,
+        versions: Vec<(Vec<u8>, Version)>,
+    ) {
+        let s = &self.shared;
+        let _gate = lock(&s.gate);
+        let unchanged = s.live.load(Ordering::Acquire) == tracked.gen
+            && s.flushes.load(Ordering::Acquire) == snapshot.flushes
+            && snapshot
+                .stripes
+                .iter()
+                .all(|&(i, n)| s.stripes[i].load(Ordering::Acquire) == n);
+        if !unchanged {
+            return;
+        }
+        let gen = tracked.gen;
+        for (key, version) in versions {
+            let held = Held::Version(version);
+            s.cache.insert(key.into_boxed_slice(), Slot { gen, held });
+        }
+        if let Some((key, entry)) = entry {
+            if entry.weight() <= s.max_entry_bytes {
+                let held = Held::Entry(entry);
+                s.cache.insert(key.into_boxed_slice(), Slot { gen, held });
+            }
+        }
+    }
+
+    /// Drops the local copies of `keys` (an invalidation made by this process, before it
+    /// returns; or a push).
+    pub(super) fn evict<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
+        self.shared.evict(keys);
+    }
+
+    /// Tests only: while `hold`, invalidation pushes are kept instead of applied (the window
+    /// of a slow push, made as long as a test needs); on release they are applied in order.
+    pub(super) fn hold_pushes(&self, hold: bool) {
+        let released = {
+            let mut held = lock(&self.shared.held_pushes);
+            if hold {
+                held.get_or_insert_with(Vec::new);
+                return;
+            }
+            held.take().unwrap_or_default()
+        };
+        for push in released {
+            self.shared.apply(push);
+        }
+    }
+
+    /// Bytes held now (after pending evictions have run).
+    pub(super) fn weighted_size(&self) -> u64 {
+        self.shared.cache.run_pending_tasks();
+        self.shared.cache.weighted_size()
+    }
+
+    /// Slots held now (entries and versions).
+    pub(super) fn slot_count(&self) -> u64 {
+        self.shared.cache.run_pending_tasks();
+        self.shared.cache.entry_count()
+    }
+}
+
+impl Shared {
+    fn nanos(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn evict<'k>(&self, keys: impl Iterator<Item = &'k [u8]>) {
+        let _gate = lock(&self.gate);
+        for key in keys {
+            // The counter first: a fill that has not checked yet will see it.
+            self.stripes[stripe(key)].fetch_add(1, Ordering::AcqRel);
+            self.cache.invalidate(key);
+        }
+    }
+
+    fn flush(&self) {
+        let _gate = lock(&self.gate);
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate_all();
+    }
+
+    /// The tracking connection of generation `gen` is gone: nothing filled under it is served
+    /// again, and the supervisor connects a new one.
+    fn lose(&self, gen: u64) {
+        {
+            let _gate = lock(&self.gate);
+            self.lost.fetch_max(gen, Ordering::AcqRel);
+            if self.live.load(Ordering::Acquire) == gen {
+                self.live.store(0, Ordering::Release);
+                self.lease_until.store(0, Ordering::Release);
+            }
+            self.flushes.fetch_add(1, Ordering::AcqRel);
+            self.cache.invalidate_all();
+        }
+        let mut conn = lock(&self.conn);
+        if conn.as_ref().is_some_and(|t| t.gen == gen) {
+            *conn = None;
+        }
+    }
+
+    /// Connects a tracking connection and makes it the serving one.
+    async fn connect(self: &Arc<Self>) -> Result<(), StoreError> {
+        let gen = self.next_gen.fetch_add(1, Ordering::AcqRel) + 1;
+        let weak = Arc::downgrade(self);
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_push_sender(move |push: PushInfo| on_push(&weak, gen, push));
+        let bound = self.connect_timeout.saturating_add(self.timeout);
+        let mut conn = tokio::time::timeout(
+            bound,
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
+        )
+        .await
+        .map_err(|_| timeout_error("connecting the near cache's tracking connection"))?
+        .map_err(store_error)?;
+        let sent = Instant::now();
+        let mut setup = redis::pipe();
+        setup
+            .cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(CLIENT_NAME)
+            .ignore()
+            .cmd("CLIENT")
+            .arg("TRACKING")
+            .arg("ON")
+            .ignore();
+        tokio::time::timeout(self.timeout, setup.exec_async(&mut conn))
+            .await
+            .map_err(|_| timeout_error("turning tracking on"))?
+            .map_err(store_error)?;
+        let _gate = lock(&self.gate);
+        if self.lost.load(Ordering::Acquire) >= gen {
+            return Err(StoreError::new(
+                crate::StoreErrorKind::Backend,
+                "the tracking connection was lost while it was set up",
+            ));
+        }
+        // Nothing filled under an earlier connection is served under this one.
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        self.cache.invalidate_all();
+        *lock(&self.conn) = Some(Tracked { conn, gen });
+        self.live.store(gen, Ordering::Release);
+        self.extend_lease(sent);
+        Ok(())
+    }
+
+    fn extend_lease(&self, sent: Instant) {
+        self.lease_until
+            .fetch_max(self.nanos(sent + LEASE), Ordering::AcqRel);
+    }
+
+    /// One heartbeat on `tracked`: an answer extends the lease, anything else loses the
+    /// connection.
+    async fn heartbeat(&self, tracked: Tracked) {
+        let sent = Instant::now();
+        let mut conn = tracked.conn.clone();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(self.timeout, ping.query_async::<()>(&mut conn)).await {
+            Ok(Ok(())) => {
+                if self.live.load(Ordering::Acquire) == tracked.gen {
+                    self.extend_lease(sent);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cachecore: near cache heartbeat failed; near cache emptied");
+                self.lose(tracked.gen);
+            }
+            Err(_) => {
+                tracing::warn!("cachecore: near cache heartbeat timed out; near cache emptied");
+                self.lose(tracked.gen);
+            }
+        }
+    }
+}
+
+/// Handles one push of the tracking connection of generation `gen`, in its reader.
+fn on_push(shared: &Weak<Shared>, gen: u64, push: PushInfo) -> Result<(), ()> {
+    let shared = shared.upgrade().ok_or(())?;
+    match push.kind {
+        PushKind::Invalidate => {
+            if let Some(held) = lock(&shared.held_pushes).as_mut() {
+                held.push(push);
+                return Ok(());
+            }
+            shared.apply(push);
+        }
+        PushKind::Disconnection => shared.lose(gen),
+        _ => {}
+    }
+    Ok(())
+}
+
+impl Shared {
+    /// Applies an `invalidate` push.
+    fn apply(&self, push: PushInfo) {
+        match push.data.first() {
+            Some(Value::Array(keys)) => self.evict(keys.iter().filter_map(|k| match k {
+                Value::BulkString(b) => Some(b.as_slice()),
+                _ => None,
+            })),
+            // `FLUSHALL` / `FLUSHDB` (a nil), or a shape this code does not know: drop all.
+            _ => self.flush(),
+        }
+    }
+}
+
+/// Keeps the tracking connection: pings it every [`HEARTBEAT`], connects a new one when it is
+/// lost. Ends when the store is dropped.
+async fn supervise(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(HEARTBEAT).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let current = lock(&shared.conn).clone();
+        match current {
+            Some(tracked) => shared.heartbeat(tracked).await,
+            None => {
+                if let Err(e) = shared.connect().await {
+                    tracing::warn!(error = %e, "cachecore: near cache tracking connection not established; lookups go to Redis");
+                }
+            }
+        }
+    }
+}
+
+/// moka's weigher signature takes the key type by reference.
+#[allow(clippy::borrowed_box)]
+fn weigh(key: &Box<[u8]>, slot: &Slot) -> u32 {
+    slot.weight(key)
+}
+
+fn stripe(key: &[u8]) -> usize {
+    (xxhash_rust::xxh3::xxh3_64(key) % STRIPES as u64) as usize
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Entries leave with their lifetime (fresh TTL plus stale window); versions stay until an
+/// invalidation or the byte bound removes them.
+struct SlotExpiry;
+
+impl moka::Expiry<Box<[u8]>, Slot> for SlotExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &Box<[u8]>,
+        slot: &Slot,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        match &slot.held {
+            Held::Entry(e) => {
+                let age = Duration::from_millis(e.age_ms(now_ms()));
+                Some(e.lifetime().saturating_sub(age))
+            }
+            Held::Version(_) => None,
+        }
+    }
+}
