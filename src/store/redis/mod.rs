@@ -49,6 +49,14 @@
 //!   same connection, and [`InvalidationResult::acknowledged`] says whether enough replicas
 //!   confirmed it.
 //!
+//! # Near cache
+//!
+//! With [`near_cache`](RedisStoreBuilder::near_cache) (single Redis only), hot entries and dep
+//! versions are also kept in process and a hit on them makes no round trip. They stay coherent
+//! through Redis's client tracking: an invalidation made through this store drops them before
+//! it returns, one made elsewhere when Redis's push arrives, and a lost tracking connection
+//! drops them all (docs/design.md §7).
+//!
 //! # Keys
 //!
 //! ```text
