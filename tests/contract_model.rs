@@ -29,6 +29,13 @@
 //! - every request completes: each seed runs under a watchdog that names the requests still in
 //!   flight if it overruns.
 //!
+//! The Redis store runs as it is, with its near cache on, and as two stores on two connections
+//! (two processes): the layer reads through a store with a near cache, and every other
+//! invalidation is made through a second layer on a store of its own, so the first hears of it
+//! only through Redis's push. There rule 4 holds with a bound: an invalidation made through
+//! the other store stops being served to requests issued more than [`REMOTE_BOUND`] after it
+//! returned ok (docs/design.md §7, "Near cache").
+//!
 //! Knobs (environment):
 //!
 //! - `CACHECORE_SEED=<n>`: replay one seed (every failure prints the exact command);
@@ -93,6 +100,10 @@ const CLOCK_SLACK: Duration = Duration::from_millis(25);
 const COALESCE_TOTAL: Duration = Duration::from_secs(5);
 /// Events kept for a failure report.
 const EVENTS_KEPT: usize = 60;
+/// Two stores on two connections: how long after an invalidation made through the other store
+/// returned its answers may still be served (the push on its way). Far above the measured
+/// window (README, "Near cache"), so a loaded test machine does not fail it.
+const REMOTE_BOUND: Duration = Duration::from_millis(250);
 
 /// What `CACHECORE_EXCLUDE` can leave out of generated programs: operations, store faults, the
 /// stale window, request options, and the key parts requests vary in.
@@ -828,8 +839,11 @@ struct ReqRecord {
     req: Req,
     label: String,
     issued_at: Instant,
-    /// Per dep, the highest invalidation that had returned ok when this request was issued.
+    /// Per dep, the highest invalidation that had returned ok when this request was issued
+    /// (one made through the other store: that had returned ok [`REMOTE_BOUND`] before).
     required: [u64; ALL_DEPS.len()],
+    /// Per dep, the highest invalidation that had returned ok, wherever it was made.
+    returned: [u64; ALL_DEPS.len()],
 }
 
 struct CallRecord {
@@ -857,6 +871,11 @@ struct Stats {
     invalidations_failed: u64,
     pairs: u64,
     faults: u64,
+    /// Invalidations made through the other store (two stores on two connections).
+    remote_invalidations: u64,
+    /// Answers served within [`REMOTE_BOUND`] of a remote invalidation they predate: the push
+    /// had not arrived yet.
+    served_in_window: u64,
 }
 
 impl Stats {
@@ -872,6 +891,8 @@ impl Stats {
         self.invalidations_failed += o.invalidations_failed;
         self.pairs += o.pairs;
         self.faults += o.faults;
+        self.remote_invalidations += o.remote_invalidations;
+        self.served_in_window += o.served_in_window;
     }
 }
 
@@ -881,6 +902,8 @@ struct Model {
     /// Per dep (index into `ALL_DEPS`): invalidations issued, and the highest one returned ok.
     issued: [u64; ALL_DEPS.len()],
     confirmed: [u64; ALL_DEPS.len()],
+    /// Per dep, invalidations made through the other store that returned ok, and when.
+    remote_confirmed: [Vec<(u64, Instant)>; ALL_DEPS.len()],
     requests: HashMap<u64, ReqRecord>,
     calls: HashMap<u64, CallRecord>,
     next_req: u64,
@@ -904,6 +927,7 @@ impl Model {
             stale_window: Duration::from_millis(program.stale_window_ms),
             issued: [0; ALL_DEPS.len()],
             confirmed: [0; ALL_DEPS.len()],
+            remote_confirmed: Default::default(),
             requests: HashMap::new(),
             calls: HashMap::new(),
             next_req: 1,
@@ -931,13 +955,24 @@ impl Model {
         let id = self.next_req;
         self.next_req += 1;
         let label = format!("{label} req#{id}");
+        let now = Instant::now();
+        let (mut required, mut returned) = (self.confirmed, self.confirmed);
+        for (d, remote) in self.remote_confirmed.iter().enumerate() {
+            for &(seq, at) in remote {
+                returned[d] = returned[d].max(seq);
+                if at + REMOTE_BOUND <= now {
+                    required[d] = required[d].max(seq);
+                }
+            }
+        }
         self.requests.insert(
             id,
             ReqRecord {
                 req: req.clone(),
                 label: label.clone(),
-                issued_at: Instant::now(),
-                required: self.confirmed,
+                issued_at: now,
+                required,
+                returned,
             },
         );
         self.stats.requests += 1;
@@ -953,11 +988,12 @@ impl Model {
     ) -> Result<(), String> {
         let now = Instant::now();
         let rec = self.requests.get(&id).expect("issued request");
-        let (label, req, issued_at, required) = (
+        let (label, req, issued_at, required, returned) = (
             rec.label.clone(),
             rec.req.clone(),
             rec.issued_at,
             rec.required,
+            rec.returned,
         );
         let x_cache = head
             .headers
@@ -1047,6 +1083,7 @@ impl Model {
                 ));
             }
             // Rule 4, for every dep the answer carries (the policy dep included).
+            let mut window = false;
             let deps = origin
                 .req
                 .dep_ids()
@@ -1061,8 +1098,11 @@ impl Model {
                          invalidation #{} of it returned ok",
                         call.issued_at_start[d], ALL_DEPS[d], required[d]
                     ));
+                } else if call.issued_at_start[d] < returned[d] {
+                    window = true;
                 }
             }
+            self.stats.served_in_window += u64::from(window);
             if let Some(done) = call.body_done_at {
                 let ttl = origin.req.ttl_ms.map_or(DEFAULT_TTL, Duration::from_millis);
                 let life = ttl + self.stale_window + CLOCK_SLACK;
@@ -1422,7 +1462,13 @@ impl CacheStore for Faulty {
 enum StoreKind {
     Memory,
     #[cfg(feature = "redis")]
-    Redis(Arc<dyn CacheStore>),
+    Redis {
+        name: &'static str,
+        store: Arc<dyn CacheStore>,
+        /// Another store on the same Redis, on connections of its own, through which every
+        /// other invalidation is made (two processes).
+        remote: Option<Arc<dyn CacheStore>>,
+    },
 }
 
 impl StoreKind {
@@ -1430,18 +1476,19 @@ impl StoreKind {
         match self {
             Self::Memory => "MemoryStore",
             #[cfg(feature = "redis")]
-            Self::Redis(_) => "RedisStore",
+            Self::Redis { name, .. } => name,
         }
     }
 
-    /// The store for one seed, and the tenant prefix that keeps it apart.
-    fn for_seed(&self, seed: u64) -> (Arc<dyn CacheStore>, String) {
+    /// The store for one seed, the tenant prefix that keeps it apart, and the other store.
+    fn for_seed(&self, seed: u64) -> (Arc<dyn CacheStore>, String, Option<Arc<dyn CacheStore>>) {
         match self {
-            Self::Memory => (Arc::new(MemoryStore::new()), String::new()),
+            Self::Memory => (Arc::new(MemoryStore::new()), String::new(), None),
             #[cfg(feature = "redis")]
-            Self::Redis(store) => (
+            Self::Redis { store, remote, .. } => (
                 Arc::clone(store),
                 format!("{}-s{seed}-", support::unique("contract")),
+                remote.clone(),
             ),
         }
     }
@@ -1451,6 +1498,8 @@ impl StoreKind {
 struct Env {
     svc: Stack,
     layer: CachecoreLayer,
+    /// A layer on the other store, for the invalidations made through it.
+    remote: Option<CachecoreLayer>,
     model: Arc<Mutex<Model>>,
     wd: Watchdog,
     style: Style,
@@ -1565,10 +1614,16 @@ async fn run_task(env: Env, task: usize, ops: Vec<Op>) -> Result<(), String> {
                 let _tracked = env
                     .wd
                     .track(format!("{label} invalidate {}", deps.join(",")));
+                // With two stores, every other invalidation goes through the other one.
+                let remote = env.remote.is_some() && (task + i).is_multiple_of(2);
+                let layer = match &env.remote {
+                    Some(other) if remote => other,
+                    _ => &env.layer,
+                };
                 let results = if many {
-                    env.layer.invalidate_many(&deps, new_hash).await
+                    layer.invalidate_many(&deps, new_hash).await
                 } else {
-                    vec![env.layer.invalidate(deps[0], new_hash).await]
+                    vec![layer.invalidate(deps[0], new_hash).await]
                 };
                 let mut m = lock(&env.model);
                 if results.len() != deps.len() {
@@ -1586,7 +1641,11 @@ async fn run_task(env: Env, task: usize, ops: Vec<Op>) -> Result<(), String> {
                         )));
                     }
                     let i = dep_index(dep);
-                    if r.ok {
+                    if r.ok && remote {
+                        m.stats.invalidations_ok += 1;
+                        m.stats.remote_invalidations += 1;
+                        m.remote_confirmed[i].push((seq, Instant::now()));
+                    } else if r.ok {
                         m.stats.invalidations_ok += 1;
                         m.confirmed[i] = m.confirmed[i].max(seq);
                     } else {
@@ -1629,7 +1688,19 @@ async fn run_seed(
     wd: &Watchdog,
 ) -> Result<Stats, String> {
     let program = Program::generate(seed, settings);
-    let (store, tenant_prefix) = kind.for_seed(seed);
+    let (store, tenant_prefix, remote) = kind.for_seed(seed);
+    let remote = remote.map(|store| {
+        let faultless = Faulty {
+            inner: store,
+            tenant_prefix: tenant_prefix.clone(),
+            per_mille: 0,
+            rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+            injected: Arc::new(AtomicU64::new(0)),
+        };
+        CachecoreLayer::builder()
+            .shared_store(Arc::new(faultless))
+            .build()
+    });
     let faults = Arc::new(AtomicU64::new(0));
     let faulty = Faulty {
         inner: store,
@@ -1664,6 +1735,7 @@ async fn run_seed(
     let env = Env {
         svc,
         layer: layer.clone(),
+        remote,
         model: Arc::clone(&model),
         wd: wd.clone(),
         style: program.style,
@@ -1792,7 +1864,11 @@ fn contract_redis_single() {
                 .build()
                 .await
                 .expect("connect to the test redis");
-            StoreKind::Redis(Arc::new(store))
+            StoreKind::Redis {
+                name: "RedisStore",
+                store: Arc::new(store),
+                remote: None,
+            }
         })
     });
 }
@@ -1809,9 +1885,64 @@ fn contract_redis_cluster() {
                 .build()
                 .await
                 .expect("connect to the test cluster");
-            StoreKind::Redis(Arc::new(store))
+            StoreKind::Redis {
+                name: "RedisStore (cluster)",
+                store: Arc::new(store),
+                remote: None,
+            }
         })
     });
+}
+
+#[cfg(feature = "redis")]
+async fn near_store() -> Arc<dyn CacheStore> {
+    let store = cachecore::RedisStore::builder()
+        .url(support::shared_redis().url())
+        .timeout(Duration::from_secs(2))
+        .near_cache(16 * 1024 * 1024)
+        .build()
+        .await
+        .expect("connect to the test redis");
+    Arc::new(store)
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn contract_redis_near_cache() {
+    contract("contract_redis_near_cache", || {
+        Box::pin(async {
+            StoreKind::Redis {
+                name: "RedisStore with near cache",
+                store: near_store().await,
+                remote: None,
+            }
+        })
+    });
+}
+
+/// Two processes: the layer reads through a near cache, half the invalidations are made through
+/// another store on connections of its own; rule 4 holds within [`REMOTE_BOUND`] for those.
+#[cfg(feature = "redis")]
+#[test]
+fn contract_redis_near_cache_two_stores_bounded_staleness() {
+    contract(
+        "contract_redis_near_cache_two_stores_bounded_staleness",
+        || {
+            Box::pin(async {
+                let other = cachecore::RedisStore::builder()
+                    .url(support::shared_redis().url())
+                    .timeout(Duration::from_secs(2))
+                    .build()
+                    .await
+                    .expect("connect to the test redis");
+                StoreKind::Redis {
+                    name: "RedisStore with near cache, and another store",
+                    store: near_store().await,
+                    remote: Some(Arc::new(other)),
+                }
+            })
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
