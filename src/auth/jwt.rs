@@ -523,10 +523,31 @@ mod tests {
         let auth = JwtAuth::new(SECRET).unwrap();
         let token = auth.mint(&Claims::new("t1", Duration::from_secs(60)));
         assert_eq!(auth.verify(&token).unwrap().tenant_id, "t1");
+        // One character of the signature changed, to another that is still canonical
+        // base64url: the first character of a segment carries six bits of the digest, while
+        // the last carries four plus two that must be zero (changing it to `B` after an `A`
+        // made a malformed segment, not a bad signature, once in sixteen tokens).
+        let sig = token.rfind('.').unwrap() + 1;
         let mut bad = token.clone();
-        bad.pop();
-        bad.push(if token.ends_with('A') { 'B' } else { 'A' });
+        let swap = if token[sig..].starts_with('A') { "B" } else { "A" };
+        bad.replace_range(sig..sig + 1, swap);
         assert_eq!(auth.verify(&bad), Err(JwtError::BadSignature));
+    }
+
+    #[test]
+    fn any_changed_signature_character_is_a_bad_signature() {
+        let auth = JwtAuth::new(SECRET).unwrap();
+        // Tokens differ in their tenant, so their signatures end in different characters.
+        for n in 0..64 {
+            let token = auth.mint(&Claims::new(format!("t{n}"), Duration::from_secs(60)));
+            let sig = token.rfind('.').unwrap() + 1;
+            for at in [sig, token.len() - 1] {
+                let mut bad = token.clone();
+                let swap = if token[at..].starts_with('A') { "Q" } else { "A" };
+                bad.replace_range(at..at + 1, swap);
+                assert_eq!(auth.verify(&bad), Err(JwtError::BadSignature), "{token} at {at}");
+            }
+        }
     }
 
     #[test]
