@@ -529,7 +529,11 @@ mod tests {
         // made a malformed segment, not a bad signature, once in sixteen tokens).
         let sig = token.rfind('.').unwrap() + 1;
         let mut bad = token.clone();
-        let swap = if token[sig..].starts_with('A') { "B" } else { "A" };
+        let swap = if token[sig..].starts_with('A') {
+            "B"
+        } else {
+            "A"
+        };
         bad.replace_range(sig..sig + 1, swap);
         assert_eq!(auth.verify(&bad), Err(JwtError::BadSignature));
     }
@@ -543,9 +547,17 @@ mod tests {
             let sig = token.rfind('.').unwrap() + 1;
             for at in [sig, token.len() - 1] {
                 let mut bad = token.clone();
-                let swap = if token[at..].starts_with('A') { "Q" } else { "A" };
+                let swap = if token[at..].starts_with('A') {
+                    "Q"
+                } else {
+                    "A"
+                };
                 bad.replace_range(at..at + 1, swap);
-                assert_eq!(auth.verify(&bad), Err(JwtError::BadSignature), "{token} at {at}");
+                assert_eq!(
+                    auth.verify(&bad),
+                    Err(JwtError::BadSignature),
+                    "{token} at {at}"
+                );
             }
         }
     }
