@@ -388,13 +388,17 @@ impl Shared {
         Ok(())
     }
 
+    fn lease_end(&self) -> Instant {
+        self.base + Duration::from_nanos(self.lease_until.load(Ordering::Acquire))
+    }
+
     fn extend_lease(&self, sent: Instant) {
         self.lease_until
             .fetch_max(self.nanos(sent + LEASE), Ordering::AcqRel);
     }
 
-    /// One heartbeat on `tracked`: an answer extends the lease, anything else loses the
-    /// connection.
+    /// One heartbeat on `tracked`: an answer extends the lease; an error, or a timeout once the
+    /// lease has run out, loses the connection.
     async fn heartbeat(&self, tracked: Tracked) {
         let sent = Instant::now();
         let mut conn = tracked.conn.clone();
@@ -409,8 +413,16 @@ impl Shared {
                 tracing::warn!(error = %e, "cachecore: near cache heartbeat failed; near cache emptied");
                 self.lose(tracked.gen);
             }
+            // A slow answer on a busy machine is not a lost connection: the lease stops near
+            // hits meanwhile; only once it has run out is the connection replaced (one that
+            // never answers again would otherwise be kept for ever).
+            Err(_) if Instant::now() < self.lease_end() => {
+                tracing::debug!("cachecore: near cache heartbeat timed out within the lease");
+            }
             Err(_) => {
-                tracing::warn!("cachecore: near cache heartbeat timed out; near cache emptied");
+                tracing::warn!(
+                    "cachecore: near cache heartbeat unanswered past the lease; near cache emptied"
+                );
                 self.lose(tracked.gen);
             }
         }
