@@ -4,6 +4,8 @@
 //! - [`RedisCluster::start`]: three masters joined with `redis-cli --cluster create`.
 //! - [`shared_redis`] / [`shared_cluster`]: one of each per test binary, for suites whose tests
 //!   keep apart by tenant.
+//! - [`RedisServer::start_stack`] / [`RedisCluster::start_stack`]: the same with the search module
+//!   (Redis Stack, fetched by `scripts/fetch-redis-stack` into `target/assets/redis-stack/`).
 //!
 //! Every process also gets a watchdog (`sh` polling this test process) that kills it when the
 //! test binary exits, so servers held in statics never outlive the run. Only 127.0.0.1 is used.
@@ -33,6 +35,31 @@ const START_ATTEMPTS: usize = 5;
 const INSTALL_HINT: &str = "redis-server was not found on PATH. The Redis tests need it: \
      `apt-get install -y redis-server` (Debian/Ubuntu; provides redis-cli too), \
      or run scripts/test, which installs it.";
+
+const STACK_HINT: &str = "Redis Stack (redis-server with the search module) was not found. \
+     The tests of the L2 index on Redis need it: run scripts/fetch-redis-stack (scripts/test runs \
+     it), which puts it into target/assets/redis-stack/, or point CACHECORE_REDIS_STACK at a \
+     directory with bin/redis-server, lib/redisearch.so and, if they need it, libssl/.";
+
+/// Where Redis Stack is: `$CACHECORE_REDIS_STACK`, or `target/assets/redis-stack` of the crate.
+pub fn stack_dir() -> PathBuf {
+    std::env::var_os("CACHECORE_REDIS_STACK").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/assets/redis-stack"),
+        PathBuf::from,
+    )
+}
+
+fn check_stack() -> PathBuf {
+    let dir = stack_dir();
+    for part in ["bin/redis-server", "lib/redisearch.so"] {
+        assert!(
+            dir.join(part).is_file(),
+            "{} is missing. {STACK_HINT}",
+            dir.join(part).display()
+        );
+    }
+    dir
+}
 
 fn check_installed() {
     for bin in ["redis-server", "redis-cli"] {
@@ -83,6 +110,8 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     extra: Vec<String>,
+    /// Redis Stack's directory, when it runs with the search module.
+    stack: Option<PathBuf>,
     child: Option<Child>,
     watchdog: Option<Child>,
 }
@@ -93,7 +122,16 @@ impl RedisServer {
         Self::start_with(Vec::new())
     }
 
+    /// Starts a Redis Stack (with the search module) with no persistence on a free port.
+    pub fn start_stack() -> Self {
+        Self::start_in(Vec::new(), Some(check_stack()))
+    }
+
     fn start_with(extra: Vec<String>) -> Self {
+        Self::start_in(extra, None)
+    }
+
+    fn start_in(extra: Vec<String>, stack: Option<PathBuf>) -> Self {
         check_installed();
         let dir = scratch_dir();
         let mut last = String::new();
@@ -102,6 +140,7 @@ impl RedisServer {
                 port: free_port(),
                 dir: dir.clone(),
                 extra: extra.clone(),
+                stack: stack.clone(),
                 child: None,
                 watchdog: None,
             };
@@ -117,7 +156,19 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<(), String> {
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = match &self.stack {
+            None => Command::new("redis-server"),
+            Some(stack) => {
+                let mut cmd = Command::new(stack.join("bin/redis-server"));
+                // Its libssl 1.1 (Debian 12 has 3), for this process only.
+                let libssl = stack.join("libssl");
+                if libssl.is_dir() {
+                    cmd.env("LD_LIBRARY_PATH", libssl);
+                }
+                cmd.arg("--loadmodule").arg(stack.join("lib/redisearch.so"));
+                cmd
+            }
+        };
         cmd.args(["--bind", HOST, "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--protected-mode", "yes", "--daemonize", "no"])
@@ -269,20 +320,32 @@ impl RedisCluster {
     /// Starts three cluster-enabled servers, joins them, and waits for `cluster_state:ok` on
     /// every node.
     pub fn start() -> Self {
+        Self::start_in(None)
+    }
+
+    /// The same cluster, of Redis Stack servers (with the search module).
+    pub fn start_stack() -> Self {
+        Self::start_in(Some(check_stack()))
+    }
+
+    fn start_in(stack: Option<PathBuf>) -> Self {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                RedisServer::start_with(vec![
-                    "--cluster-enabled".into(),
-                    "yes".into(),
-                    "--cluster-config-file".into(),
-                    "nodes.conf".into(),
-                    // Redis 7 lets the bus port be chosen; the default (port + 10000) may be
-                    // taken or out of range.
-                    "--cluster-port".into(),
-                    free_port().to_string(),
-                    "--cluster-node-timeout".into(),
-                    "5000".into(),
-                ])
+                RedisServer::start_in(
+                    vec![
+                        "--cluster-enabled".into(),
+                        "yes".into(),
+                        "--cluster-config-file".into(),
+                        "nodes.conf".into(),
+                        // Redis 7 lets the bus port be chosen; the default (port + 10000) may be
+                        // taken or out of range.
+                        "--cluster-port".into(),
+                        free_port().to_string(),
+                        "--cluster-node-timeout".into(),
+                        "5000".into(),
+                    ],
+                    stack.clone(),
+                )
             })
             .collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("{HOST}:{}", n.port)).collect();
