@@ -21,6 +21,15 @@ use http::{HeaderMap, Request, Response};
 use http_body_util::{BodyExt, Full};
 use tower::ServiceExt;
 
+#[cfg(feature = "redis")]
+#[path = "support/mod.rs"]
+mod support;
+
+/// The same, with the vectors in Redis (`RedisIndex`) on a real Redis Stack.
+#[cfg(feature = "redis")]
+#[path = "semantic/on_redis.rs"]
+mod on_redis;
+
 // ---------------------------------------------------------------------------------------------
 // A fake embedder: each registered text gets the vector the test chose; any other text gets a
 // vector of its own, orthogonal to every registered one.

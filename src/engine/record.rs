@@ -274,7 +274,7 @@ impl Recorder {
             // The vector goes beside the entry only once the entry is there (docs/design.md §5a).
             #[cfg(feature = "semantic")]
             if let (true, Some(l2)) = (stored, l2) {
-                l2.stored(&key, lifetime);
+                l2.stored(&key, lifetime).await;
             }
             if let Some(flight) = flight {
                 flight.finish(stored);

@@ -63,6 +63,8 @@ mod embed;
 mod guard;
 mod index;
 mod openai;
+#[cfg(feature = "redis")]
+mod redis;
 mod request;
 
 use std::fmt;
@@ -76,6 +78,8 @@ pub use bert::LocalEmbedder;
 pub use embed::{EmbedError, EmbedFuture, Embedder};
 pub use index::{MemoryIndex, DEFAULT_INDEX_BYTES};
 pub use openai::OpenAiEmbedder;
+#[cfg(feature = "redis")]
+pub use redis::RedisIndex;
 
 use crate::context::SemanticRequest;
 use crate::headers::X_CACHE_SIMILARITY;
@@ -107,7 +111,7 @@ const EMBED_COOLDOWN: Duration = Duration::from_secs(5);
 #[must_use]
 pub struct SemanticCache {
     embedder: Arc<dyn Embedder>,
-    index: Arc<MemoryIndex>,
+    index: Index,
     threshold: f32,
     timeout: Duration,
     allow_sampling: bool,
@@ -127,6 +131,30 @@ impl fmt::Debug for SemanticCache {
             .field("allow_tools", &self.allow_tools)
             .field("guards", &self.guards)
             .finish()
+    }
+}
+
+/// Where the vectors live.
+#[derive(Clone, Debug)]
+enum Index {
+    Memory(Arc<MemoryIndex>),
+    #[cfg(feature = "redis")]
+    Redis(Arc<RedisIndex>),
+}
+
+impl Index {
+    async fn search(
+        &self,
+        key: &PartitionKey,
+        query: &[f32],
+        min: f32,
+        k: usize,
+    ) -> Vec<index::Candidate> {
+        match self {
+            Self::Memory(ix) => ix.search(key, query, min, k, now_ms()),
+            #[cfg(feature = "redis")]
+            Self::Redis(ix) => ix.search(key, query, min, k).await,
+        }
     }
 }
 
@@ -160,7 +188,7 @@ impl SemanticCache {
     pub fn new(embedder: impl Embedder) -> Self {
         Self {
             embedder: Arc::new(embedder),
-            index: Arc::new(MemoryIndex::default()),
+            index: Index::Memory(Arc::new(MemoryIndex::default())),
             threshold: DEFAULT_THRESHOLD,
             timeout: DEFAULT_EMBED_TIMEOUT,
             allow_sampling: false,
@@ -214,7 +242,16 @@ impl SemanticCache {
     /// The index to keep vectors in (default: a [`MemoryIndex`] of
     /// [`DEFAULT_INDEX_BYTES`]). Shared: several layers may use one index.
     pub fn index(mut self, index: Arc<MemoryIndex>) -> Self {
-        self.index = index;
+        self.index = Index::Memory(index);
+        self
+    }
+
+    /// Keeps the vectors in Redis, beside the entries of the [`RedisStore`](crate::store::redis::RedisStore)
+    /// the index was created on (use that store for the layer too): see [`RedisIndex`].
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    pub fn redis_index(mut self, index: RedisIndex) -> Self {
+        self.index = Index::Redis(Arc::new(index));
         self
     }
 
@@ -267,7 +304,8 @@ impl SemanticCache {
         let lexicon = Arc::new(Lexicon::of(&split.question));
         for c in self
             .index
-            .search(&partition, &vector, threshold, CANDIDATES, now_ms())
+            .search(&partition, &vector, threshold, CANDIDATES)
+            .await
         {
             if probe.matches.len() == MAX_LOOKUPS {
                 break;
@@ -285,7 +323,8 @@ impl SemanticCache {
             });
         }
         probe.write = Some(L2Write {
-            index: Arc::clone(&self.index),
+            index: self.index.clone(),
+            question: split.question,
             stats: Arc::clone(&self.stats),
             deps: parts.deps.iter().map(|d| d.id().to_owned()).collect(),
             partition,
@@ -296,8 +335,14 @@ impl SemanticCache {
     }
 
     /// Drops the vectors of partitions that declare one of `dep_ids` (just invalidated).
+    ///
+    /// In Redis, the store's reclamation of the invalidated entries unlinks their vectors.
     pub(crate) fn forget_deps(&self, tenant: &str, dep_ids: &[&str]) {
-        self.index.forget_deps(tenant, dep_ids);
+        match &self.index {
+            Index::Memory(ix) => ix.forget_deps(tenant, dep_ids),
+            #[cfg(feature = "redis")]
+            Index::Redis(_) => {}
+        }
     }
 
     /// The question's vector, once, off the async threads and within the timeout; `None`
@@ -384,8 +429,20 @@ impl Probe {
 
     /// `m` named an entry that is gone (expired, evicted or invalidated): forget its vector.
     pub(crate) fn gone(&self, m: &Match) {
-        if let Some(w) = &self.write {
-            w.index.remove(&w.partition, m.key.digest());
+        let Some(w) = &self.write else {
+            return;
+        };
+        match &w.index {
+            Index::Memory(ix) => ix.remove(&w.partition, m.key.digest()),
+            // Off the request's path: the vector expires with its entry anyway.
+            #[cfg(feature = "redis")]
+            Index::Redis(ix) => {
+                let (ix, partition, digest) =
+                    (Arc::clone(ix), w.partition.clone(), *m.key.digest());
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move { ix.remove(&partition, &digest).await });
+                }
+            }
         }
     }
 
@@ -397,7 +454,9 @@ impl Probe {
 
 /// A request's vector, waiting for its response to be stored.
 pub(crate) struct L2Write {
-    index: Arc<MemoryIndex>,
+    index: Index,
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    question: String,
     stats: Arc<Counters>,
     partition: PartitionKey,
     deps: Arc<[String]>,
@@ -407,17 +466,30 @@ pub(crate) struct L2Write {
 
 impl L2Write {
     /// The entry under `key` was stored, to live `lifetime`: its vector goes beside it.
-    pub(crate) fn stored(self, key: &CacheKey, lifetime: Duration) {
-        let expires = now_ms().saturating_add(duration_ms(lifetime));
-        self.index.insert(
-            self.partition,
-            self.deps,
-            *key.digest(),
-            &self.vector,
-            self.lexicon,
-            expires,
-        );
-        self.stats.stored.fetch_add(1, Ordering::Relaxed);
+    pub(crate) async fn stored(self, key: &CacheKey, lifetime: Duration) {
+        let stored = match &self.index {
+            Index::Memory(ix) => {
+                let expires = now_ms().saturating_add(duration_ms(lifetime));
+                ix.insert(
+                    self.partition,
+                    self.deps,
+                    *key.digest(),
+                    &self.vector,
+                    self.lexicon,
+                    expires,
+                );
+                true
+            }
+            // The store gives the vector its entry's remaining lifetime itself.
+            #[cfg(feature = "redis")]
+            Index::Redis(ix) => {
+                ix.insert(&self.partition, key.digest(), &self.vector, &self.question)
+                    .await
+            }
+        };
+        if stored {
+            self.stats.stored.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -524,6 +524,9 @@ pub enum StoreErrorKind {
     CircuitOpen,
     /// The caller's input was rejected (e.g. an invalid dep id).
     InvalidInput,
+    /// The store lacks what the configuration asks of it (e.g. a Redis without the search
+    /// module for L2's vector index).
+    Unsupported,
 }
 
 impl StoreError {

@@ -7,6 +7,8 @@
 //! cc:{<tenant>}:dep:keys:<dep id>   the digests of the entries tagged with a dep (sorted set
 //!                                   scored by entry expiry; expires with its longest-lived entry)
 //! cc:{<tenant>}:gc:<nonce>          a tag set detached by an invalidation, being reclaimed
+//! cc:{<tenant>}:l2:<key hex>        the L2 vector of the entry of the same digest (hash, same
+//!                                   expiry; feature `semantic`, see vector.rs)
 //! ```
 //!
 //! The braces are the Redis Cluster hash tag: every key of a tenant lives in one slot, so each
@@ -74,6 +76,13 @@ impl<'t> TenantKeys<'t> {
         let mut hex = [0; 64];
         hex_into(digest, &mut hex);
         self.key("l1:", Name::Hex(hex))
+    }
+
+    /// The L2 vector hash beside the entry `digest`; reclaimed with it.
+    pub(super) fn l2_digest(&self, digest: &[u8; 32]) -> Key<'_> {
+        let mut hex = [0; 64];
+        hex_into(digest, &mut hex);
+        self.key("l2:", Name::Hex(hex))
     }
 
     pub(super) fn dep_ver<'a>(&'a self, dep_id: &'a str) -> Key<'a> {
@@ -167,6 +176,19 @@ pub(super) fn slot(tenant: &str) -> u16 {
     slot_of_tag(&tenant_tag(tenant))
 }
 
+/// The cluster hash slot of `key`: of its hash tag (the text between the first `{` and the
+/// next `}`, when not empty), else of the whole key.
+pub(super) fn slot_of_key(key: &str) -> u16 {
+    let tag = key
+        .find('{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.find('}').map(|close| &rest[..close])
+        })
+        .filter(|t| !t.is_empty());
+    slot_of_tag(tag.unwrap_or(key))
+}
+
 fn slot_of_tag(tag: &str) -> u16 {
     let mut crc: u16 = 0;
     for byte in tag.bytes() {
@@ -240,6 +262,9 @@ mod tests {
         // A hashed tenant's slot is its tag's.
         let odd = "we{ird}";
         assert_eq!(slot(odd), slot_of_tag(&tenant_tag(odd)));
+        assert_eq!(slot_of_key("cc:{foo}:l1:x"), 12_182);
+        assert_eq!(slot_of_key("foo"), 12_182);
+        assert_eq!(slot_of_key("x{}{foo}"), slot_of_tag("x{}{foo}"));
         assert_ne!(life(), 0);
         assert_ne!(life(), life());
     }
@@ -262,6 +287,10 @@ mod tests {
         assert_eq!(
             cmd.args_iter().nth(1),
             Some(redis::Arg::Simple(&b"cc:{t1}:dep:ver:doc:1"[..]))
+        );
+        assert_eq!(
+            k.l2_digest(&[0xab; 32]).to_string(),
+            format!("cc:{{t1}}:l2:{}", "ab".repeat(32))
         );
         assert_ne!(k.gc(), k.gc());
     }

@@ -125,6 +125,8 @@ mod codec;
 mod keys;
 mod near;
 mod scripts;
+#[cfg(feature = "semantic")]
+mod vector;
 
 use keys::TenantKeys;
 use scripts::Scripts;
@@ -208,6 +210,13 @@ impl Conn {
                 let reply = c.clone().route_command(cmd, routing).await?;
                 Ok(usize::from_redis_value(reply)?)
             }
+        }
+    }
+
+    async fn pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> redis::RedisResult<T> {
+        match self {
+            Self::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Self::Cluster(c) => pipe.query_async(&mut c.clone()).await,
         }
     }
 
@@ -800,17 +809,31 @@ impl RedisStore {
                 }
             };
             // ZPOPMIN answers member, score, member, score, ...
-            let names: Vec<keys::Key<'_>> = popped
+            let digests: Vec<[u8; 32]> = popped
                 .chunks(2)
                 .filter_map(|pair| <[u8; 32]>::try_from(pair[0].as_slice()).ok())
-                .map(|digest| keys.entry_digest(&digest))
                 .collect();
-            if !names.is_empty() {
-                match self
-                    .timed(self.conn.query::<u64>(redis::cmd("UNLINK").arg(&names)))
-                    .await
-                {
-                    Ok(n) => deleted += n,
+            if !digests.is_empty() {
+                // The entries and, in the same round trip, the L2 vectors beside them
+                // (docs/design.md §5a); absent vectors cost a lookup each. Only entries count.
+                let mut pipe = redis::pipe();
+                pipe.cmd("UNLINK")
+                    .arg(
+                        digests
+                            .iter()
+                            .map(|d| keys.entry_digest(d))
+                            .collect::<Vec<_>>(),
+                    )
+                    .cmd("UNLINK")
+                    .arg(
+                        digests
+                            .iter()
+                            .map(|d| keys.l2_digest(d))
+                            .collect::<Vec<_>>(),
+                    )
+                    .ignore();
+                match self.timed(self.conn.pipe::<(u64,)>(&pipe)).await {
+                    Ok((n,)) => deleted += n,
                     Err(e) => {
                         tracing::warn!(dep_id, error = %e, deleted, "cachecore: reclamation stopped; the rest expires with its TTL");
                         return deleted;
