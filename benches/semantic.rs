@@ -6,6 +6,10 @@
 //! cargo bench --all-features --bench semantic
 //! ```
 //!
+//! `cargo bench --all-features --bench semantic -- index` measures only the index searches: the
+//! in-process exact scan and, beside it in the same run, the Redis Query Engine (`RedisIndex`)
+//! on a Redis Stack it starts on a free loopback port (`scripts/fetch-redis-stack` gets it).
+//!
 //! The 600 pairs are split in two halves (alternate pairs of each category, by id): the
 //! threshold is tuned on the first half and every figure reported on the second, so the
 //! reported numbers were not fitted to the pairs they are measured on.
@@ -163,7 +167,11 @@ async fn x_cache(svc: &Svc, req: Request<Full<Bytes>>) -> String {
 
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes `--bench`; nothing else is taken from the command line.
+    // `cargo bench` passes `--bench`; `index` selects the index searches alone.
+    if std::env::args().skip(1).any(|a| a == "index") {
+        index_search().await;
+        return;
+    }
     let dir = assets();
     let model_dir = dir.join("all-MiniLM-L6-v2");
     if !model_dir.join("model.safetensors").exists() {
@@ -381,37 +389,7 @@ async fn latency(model: &Arc<LocalEmbedder>) {
         summary(samples)
     );
 
-    // Exact scan of one partition, 384 dimensions.
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut random_unit = || {
-        let mut v: Vec<f32> = (0..384)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect();
-        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        v.iter_mut().for_each(|x| *x /= n);
-        v
-    };
-    for n in [1_000usize, 10_000, 100_000] {
-        let index = MemoryIndex::new(usize::MAX);
-        let vectors: Vec<Vec<f32>> = (0..n).map(|_| random_unit()).collect();
-        cachecore::semantic::__bench::fill(&index, &vectors);
-        let query = random_unit();
-        let mut samples = Vec::new();
-        for _ in 0..if n >= 100_000 { 50 } else { 200 } {
-            let t = Instant::now();
-            std::hint::black_box(cachecore::semantic::__bench::search(&index, &query, 0.92));
-            samples.push(t.elapsed());
-        }
-        println!(
-            "index search, {n:>6} vectors in the partition: {}",
-            summary(samples)
-        );
-    }
+    index_search().await;
 
     // What L2 adds to a request, against a stand-in upstream that answers at once.
     let plain = CachecoreLayer::builder()
@@ -446,5 +424,107 @@ async fn latency(model: &Arc<LocalEmbedder>) {
             summary(hits),
             summary(misses)
         );
+    }
+}
+
+/// Search latency of one partition of random 384-dimension unit vectors: the in-process exact
+/// scan at 1k, 10k and 100k vectors and, with the `redis` feature and Redis Stack at hand, the
+/// Redis Query Engine (HNSW) at 1k and 10k, in the same run.
+async fn index_search() {
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut random_unit = || {
+        let mut v: Vec<f32> = (0..384)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+            })
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.iter_mut().for_each(|x| *x /= n);
+        v
+    };
+    for n in [1_000usize, 10_000, 100_000] {
+        let index = MemoryIndex::new(usize::MAX);
+        let vectors: Vec<Vec<f32>> = (0..n).map(|_| random_unit()).collect();
+        cachecore::semantic::__bench::fill(&index, &vectors);
+        let query = random_unit();
+        let mut samples = Vec::new();
+        for _ in 0..if n >= 100_000 { 50 } else { 200 } {
+            let t = Instant::now();
+            std::hint::black_box(cachecore::semantic::__bench::search(&index, &query, 0.92));
+            samples.push(t.elapsed());
+        }
+        println!(
+            "index search, {n:>6} vectors in the partition: {}",
+            summary(samples)
+        );
+    }
+
+    #[cfg(feature = "redis")]
+    redis_index_search(&mut random_unit).await;
+}
+
+#[cfg(feature = "redis")]
+async fn redis_index_search(random_unit: &mut impl FnMut() -> Vec<f32>) {
+    use cachecore::semantic::RedisIndex;
+    use cachecore::store::redis::RedisStore;
+
+    let stack = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/assets/redis-stack");
+    let server = stack.join("redis-stack-server");
+    if !server.exists() {
+        println!(
+            "(no Redis Stack in {}: run scripts/fetch-redis-stack for the Redis index)",
+            stack.display()
+        );
+        return;
+    }
+    for n in [1_000usize, 10_000] {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new(&server)
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "no", "--logfile", ""])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-stack-server starts");
+        let url = format!("redis://127.0.0.1:{port}/");
+        let mut store = None;
+        for _ in 0..100 {
+            if let Ok(s) = RedisStore::builder()
+                .url(&url)
+                .timeout(Duration::from_secs(5))
+                .build()
+                .await
+            {
+                store = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let store = store.expect("Redis Stack answers");
+        let index = RedisIndex::create(&store, 384)
+            .await
+            .expect("search module");
+        let vectors: Vec<Vec<f32>> = (0..n).map(|_| random_unit()).collect();
+        cachecore::semantic::__bench::redis_fill(&index, &vectors).await;
+        let query = random_unit();
+        let mut samples = Vec::new();
+        for _ in 0..200 {
+            let t = Instant::now();
+            std::hint::black_box(
+                cachecore::semantic::__bench::redis_search(&index, &query, 0.92).await,
+            );
+            samples.push(t.elapsed());
+        }
+        println!(
+            "Redis index search (HNSW, one round trip), {n:>6} vectors: {}",
+            summary(samples)
+        );
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -22,6 +22,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::{mpsc, Semaphore};
 
+#[cfg(all(feature = "semantic", feature = "redis"))]
+mod support;
+
 const BIN: &str = env!("CARGO_BIN_EXE_cachecore-gateway");
 const SECRET: &str = "gateway-bin-secret-0123456789abcdef";
 
@@ -374,6 +377,38 @@ async fn the_webhook_recipe_works_against_the_binary() {
 #[cfg(feature = "semantic")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_answers_a_paraphrase_from_l2() {
+    paraphrase_through_the_binary(&[]).await;
+}
+
+/// With `--redis` on a Redis Stack, the binary keeps L2's vectors in Redis beside the entries.
+#[cfg(all(feature = "semantic", feature = "redis"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_stack_the_binary_keeps_l2_vectors_in_redis() {
+    let redis = support::RedisServer::start_stack();
+    let url = redis.url();
+    paraphrase_through_the_binary(&["--redis", &url, "--no-queue-worker"]).await;
+    let l2 = support::cli(redis.port(), &["--raw", "KEYS", "cc:{acme}:l2:*"]);
+    // One per miss: the question, the order to cancel and its negation (the paraphrase hit).
+    assert_eq!(l2.lines().filter(|l| !l.is_empty()).count(), 3, "{l2}");
+}
+
+/// With `--redis` on a Redis without the search module, L2 keeps its vectors in the process
+/// (and logs a warning): paraphrases still hit, and nothing of L2 is written to Redis.
+#[cfg(all(feature = "semantic", feature = "redis"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_search_module_the_binary_keeps_l2_in_process() {
+    let redis = support::RedisServer::start();
+    let url = redis.url();
+    paraphrase_through_the_binary(&["--redis", &url, "--no-queue-worker"]).await;
+    let l1 = support::cli(redis.port(), &["--raw", "KEYS", "cc:{acme}:l1:*"]);
+    assert!(!l1.trim().is_empty(), "entries are in Redis");
+    let l2 = support::cli(redis.port(), &["--raw", "KEYS", "cc:{acme}:l2:*"]);
+    assert!(l2.trim().is_empty(), "{l2}");
+}
+
+/// A paraphrase is `HIT_L2` and a negation is not, through the binary started with `extra`.
+#[cfg(feature = "semantic")]
+async fn paraphrase_through_the_binary(extra: &[&str]) {
     let dir =
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/assets/all-MiniLM-L6-v2");
     if !dir.join("model.safetensors").exists() {
@@ -396,6 +431,7 @@ async fn the_binary_answers_a_paraphrase_from_l2() {
         "--semantic-timeout",
         "30s",
     ];
+    let flags: Vec<&str> = flags.iter().chain(extra).copied().collect();
     let (_gateway, addr, http) = start_gateway(upstream, &flags).await;
     let token = JwtAuth::new(SECRET)
         .unwrap()

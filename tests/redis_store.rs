@@ -351,9 +351,10 @@ async fn reclamation_runs_in_bounded_batches() {
             ("pttl".to_owned(), 2),
             ("set".to_owned(), 1),
             ("rename".to_owned(), 1),
-            // ... then bounded batches reclaim the entries.
+            // ... then bounded batches reclaim the entries, each batch one round trip that
+            // unlinks the entries and the L2 vectors beside them (docs/design.md §5a).
             ("zpopmin".to_owned(), batches),
-            ("unlink".to_owned(), batches),
+            ("unlink".to_owned(), 2 * batches),
         ])
     );
     // Only the epoch and the policy dep's tag set are left.

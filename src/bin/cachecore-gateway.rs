@@ -123,7 +123,8 @@ struct Args {
     /// Turns on the semantic (L2) cache with the sentence-transformers model in this directory
     /// (model.safetensors, tokenizer.json, config.json, 1_Pooling/config.json; e.g.
     /// bge-small-en-v1.5): a chat request that means the same as a cached one is answered
-    /// HIT_L2.
+    /// HIT_L2. With --redis, the vectors are kept in Redis when it has the search module (Redis
+    /// Stack, Redis 8), else in this process, with a warning.
     #[cfg(feature = "semantic")]
     #[arg(long, env = "CACHECORE_SEMANTIC_MODEL")]
     semantic_model: Option<std::path::PathBuf>,
@@ -244,11 +245,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .default_ttl(args.default_ttl)
         .store_timeout(args.store_timeout);
     #[cfg(feature = "redis")]
-    let cache = match &args.redis {
+    let redis_store = match &args.redis {
         Some(url) => {
             tracing::info!(redis = %url, "entries in Redis");
-            cache.store(cachecore::RedisStore::connect(url).await?)
+            Some(cachecore::RedisStore::connect(url).await?)
         }
+        None => None,
+    };
+    #[cfg(feature = "redis")]
+    let cache = match &redis_store {
+        Some(store) => cache.store(store.clone()),
         None => cache,
     };
     #[cfg(not(feature = "redis"))]
@@ -259,11 +265,28 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let model = cachecore::semantic::LocalEmbedder::load(dir)
                 .map_err(|e| format!("cannot load the semantic model in {}: {e}", dir.display()))?;
             tracing::info!(model = %dir.display(), threshold = args.semantic_threshold, "semantic cache (L2) on");
-            cache.semantic(
-                cachecore::semantic::SemanticCache::new(model)
-                    .threshold(args.semantic_threshold)
-                    .timeout(args.semantic_timeout),
-            )
+            #[cfg(feature = "redis")]
+            let dims = model.dims();
+            let l2 = cachecore::semantic::SemanticCache::new(model)
+                .threshold(args.semantic_threshold)
+                .timeout(args.semantic_timeout);
+            // With Redis, the vectors go beside the entries when Redis has the search module;
+            // without it, L2 keeps them in this process and says so (L1 is unaffected).
+            #[cfg(feature = "redis")]
+            let l2 = match &redis_store {
+                Some(store) => match cachecore::semantic::RedisIndex::create(store, dims).await {
+                    Ok(index) => {
+                        tracing::info!("L2 vectors in Redis (Redis Query Engine)");
+                        l2.redis_index(index)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "L2 vectors stay in this process");
+                        l2
+                    }
+                },
+                None => l2,
+            };
+            cache.semantic(l2)
         }
         None => cache,
     };

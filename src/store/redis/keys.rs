@@ -178,6 +178,7 @@ pub(super) fn slot(tenant: &str) -> u16 {
 
 /// The cluster hash slot of `key`: of its hash tag (the text between the first `{` and the
 /// next `}`, when not empty), else of the whole key.
+#[cfg_attr(not(feature = "semantic"), allow(dead_code))]
 pub(super) fn slot_of_key(key: &str) -> u16 {
     let tag = key
         .find('{')

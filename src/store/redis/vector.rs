@@ -312,6 +312,23 @@ impl RedisStore {
             .collect())
     }
 
+    /// For the benchmark: a placeholder L1 entry `digest` of `tenant` for an hour, so a vector
+    /// can be written beside it.
+    pub(crate) async fn l2_bench_entry(
+        &self,
+        tenant: &str,
+        digest: &[u8; 32],
+    ) -> Result<(), StoreError> {
+        let keys = TenantKeys::new(tenant);
+        let mut cmd = Cmd::new();
+        cmd.arg("SET")
+            .arg(keys.entry_digest(digest))
+            .arg("bench")
+            .arg("PX")
+            .arg(3_600_000);
+        self.timed(self.conn.query::<Value>(&cmd)).await.map(|_| ())
+    }
+
     /// Drops the vector of the entry `digest` of `tenant`.
     pub(crate) async fn l2_remove(
         &self,
