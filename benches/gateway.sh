@@ -12,6 +12,7 @@
 #   GATEWAY_SECONDS=10 GATEWAY_ROUNDS=5 benches/gateway.sh
 #   GATEWAY_REDIS=0 benches/gateway.sh      # bare hyper and the in-memory gateway only
 #   RUST_LOG=info benches/gateway.sh        # the gateway with its per-request log line on
+#   GATEWAY_BASELINE=394d3ae benches/gateway.sh   # adds that commit's gateway binary, same load
 #
 # Needs wrk (`apt-get install -y wrk`; benches are not run in CI) and, for the Redis rows,
 # redis-server and redis-benchmark (the Debian package redis-server). Servers listen on free
@@ -22,7 +23,7 @@ seconds="${GATEWAY_SECONDS:-5}"
 rounds="${GATEWAY_ROUNDS:-3}"
 with_redis="${GATEWAY_REDIS:-1}"
 export RUST_LOG="${RUST_LOG:-warn}"
-target="${CARGO_TARGET_DIR:-target}"
+target="$(realpath -m "${CARGO_TARGET_DIR:-target}")"
 
 command -v wrk >/dev/null || { echo "needs wrk: apt-get install -y wrk" >&2; exit 1; }
 if [ "$with_redis" = 1 ] && ! command -v redis-server >/dev/null; then
@@ -40,9 +41,20 @@ pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  [ -d "$work/base" ] && git worktree remove --force "$work/base" >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
+
+# The baseline binary: built from its commit in a throwaway worktree (same target dir, so only
+# cachecore itself is compiled again), copied out before this tree's build can replace it.
+baseline="${GATEWAY_BASELINE:-}"
+if [ -n "$baseline" ]; then
+  git worktree add -f "$work/base" "$baseline" >/dev/null 2>&1
+  (cd "$work/base" && CARGO_TARGET_DIR="$target" cargo build -q --release --features "$features" --bin cachecore-gateway)
+  cp "$target/release/cachecore-gateway" "$work/gateway-baseline"
+  cargo build -q --release --features "$features" --bin cachecore-gateway
+fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 100); do curl -fs -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1" >&2; exit 1; }
@@ -80,7 +92,9 @@ upstream="$(head -n1 "$work/server.addr")"
 start_gateway() { # NAME ARGS...: starts a gateway, fills its cache with one miss
   local name="$1"; shift
   local port; port=$(free_port)
-  "$gateway_bin" --listen "127.0.0.1:$port" --upstream "http://$upstream" --jwt-secret "$secret" "$@" \
+  local bin="$gateway_bin"
+  case "$name" in base_*) bin="$work/gateway-baseline" ;; esac
+  "$bin" --listen "127.0.0.1:$port" --upstream "http://$upstream" --jwt-secret "$secret" "$@" \
     > "$work/$name.log" 2>&1 &
   pids+=($!)
   wait_http "http://127.0.0.1:$port/health"
@@ -100,6 +114,7 @@ counts() { # URL: "hits others" from the gateway's cachecore_requests_total
 
 names=(bare memory)
 start_gateway memory
+if [ -n "$baseline" ]; then start_gateway base_memory; names+=(base_memory); fi
 if [ "$with_redis" = 1 ]; then
   redis_port=$(free_port)
   redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no > "$work/redis.log" 2>&1 &
@@ -107,6 +122,10 @@ if [ "$with_redis" = 1 ]; then
   for _ in $(seq 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
   start_gateway redis --redis "redis://127.0.0.1:$redis_port/"
   names+=(redis)
+  if [ -n "$baseline" ]; then
+    start_gateway base_redis --redis "redis://127.0.0.1:$redis_port/"
+    names+=(base_redis)
+  fi
   # The near cache (issue 12 item 1) is a RedisStore option; its row appears once the binary has
   # a flag for it. GATEWAY_NEAR_ARGS overrides the detected flag.
   near_flag=$("$gateway_bin" --help | grep -oE -- '--[a-z-]*near[a-z-]*' | head -n1 || true)
@@ -166,6 +185,8 @@ label() {
     redis) echo "gateway, Redis" ;;
     near) echo "gateway, Redis + near cache" ;;
     redis_get) echo "Redis GET of the payload (redis-benchmark -c 32)" ;;
+    base_memory) echo "gateway at $baseline, in-memory store" ;;
+    base_redis) echo "gateway at $baseline, Redis" ;;
   esac
 }
 bare=$(echo "${results[bare]}" | median)

@@ -8,11 +8,13 @@
 //! `benches/gateway_instructions.sh` runs it under callgrind: instructions per request do not
 //! move with the machine's load, where req/s do. The client's share is the same in every mode.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use cachecore::auth::jwt::{Claims, JwtAuth};
 use cachecore::gateway::{serve, Gateway, ServeOptions};
 use cachecore::CachecoreLayer;
+use memchr::memmem::Finder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -24,12 +26,14 @@ const SECRET: &str = "gateway-probe-secret-of-at-least-32-bytes";
 /// One request and its response on `conn`; returns the length of the response head. Light on
 /// purpose (no zeroed buffers, no copies of the head): the client's share is in every mode.
 async fn round_trip(conn: &mut TcpStream, request: &[u8], buf: &mut Vec<u8>) -> usize {
+    static HEAD_END: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\r\n\r\n"));
+    // hyper writes header names in lower case.
+    static LENGTH: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"content-length: "));
     conn.write_all(request).await.expect("write");
     buf.clear();
     loop {
-        if let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") {
-            // hyper writes header names in lower case.
-            let at = memchr::memmem::find(&buf[..end], b"content-length: ").expect("a length") + 16;
+        if let Some(end) = HEAD_END.find(buf) {
+            let at = LENGTH.find(&buf[..end]).expect("a length") + 16;
             let digits = buf[at..].iter().take_while(|b| b.is_ascii_digit());
             let len = digits.fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
             while buf.len() < end + 4 + len {

@@ -91,7 +91,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -102,6 +102,7 @@ use http_body::Body;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use memchr::memmem::Finder;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -786,9 +787,11 @@ fn asks_to_store(by_default: bool, body: &[u8]) -> bool {
         store: Option<bool>,
     }
     // Most bodies never name the field: skip the parse. A key spelled with `\u` escapes is the
-    // same key, so a body with escapes is parsed too.
-    let finder = |needle: &[u8]| memchr::memmem::find(body, needle).is_some();
-    if !finder(b"\"store\"") && !finder(b"\\u") {
+    // same key, so a body with escapes is parsed too. The searchers are built once: building
+    // one costs about as much as scanning a chat request with it.
+    static STORE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"store\""));
+    static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
+    if STORE_KEY.find(body).is_none() && ESCAPE.find(body).is_none() {
         return by_default;
     }
     match serde_json::from_slice::<Store>(body) {
