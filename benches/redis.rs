@@ -366,7 +366,7 @@ fn entry(deps: &DepEpochs, body: &Bytes) -> Entry {
         status: StatusCode::OK,
         headers,
         body: body.clone(),
-        stored_at_ms: cachecore::store::now_ms(),
+        stored_at_ms: cachecore::testing::now_ms(),
         fresh_ttl: Duration::from_secs(3600),
         stale_window: Duration::ZERO,
         deps: deps.clone(),

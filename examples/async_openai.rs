@@ -17,7 +17,7 @@ use async_openai::types::chat::{
     CreateChatCompletionRequestArgs,
 };
 use cachecore::testing::OutcomeRecorder;
-use cachecore::{scope, CacheStatus, CachecoreLayer, Dep, RequestContext};
+use cachecore::{scope, CacheStatus, CachecoreLayer, Dep, Invalidation, RequestContext};
 use reqwest_middleware::ClientWithMiddleware;
 
 #[path = "support/openai_standin.rs"]
@@ -89,7 +89,10 @@ pub async fn run() -> Result<Report, BoxError> {
         answers.push(res.choices[0].message.content.clone().unwrap_or_default());
     }
     // The contract changed: its summaries go, the next call reaches the model again.
-    layer.invalidate("doc:contract-123", Some("v2")).await;
+    layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:contract-123"]).new_hash("v2"))
+        .await?;
     let res = scope(
         contract(),
         openai.chat().create(question("Summarise contract 123")?),

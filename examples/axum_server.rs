@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use bytes::Bytes;
-use cachecore::{CachecoreLayer, Dep, RequestContext};
+use cachecore::{CachecoreLayer, Dep, Invalidation, RequestContext};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -111,8 +111,12 @@ async fn update_doc(
         Ok(mut docs) => docs.insert(id, text),
         Err(_) => return StatusCode::INTERNAL_SERVER_ERROR,
     };
-    let result = state.layer.invalidate(&format!("doc:{id}"), None).await;
-    if result.ok {
+    let result = state
+        .layer
+        .invalidator()
+        .invalidate(Invalidation::of([format!("doc:{id}")]))
+        .await;
+    if result.is_ok() {
         StatusCode::NO_CONTENT
     } else {
         // The edit is in, but old summaries could still be served: say so.

@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use cachecore::{CacheStatus, CachecoreLayer, Dep, RequestBody, RequestContext};
+use cachecore::{CacheStatus, CachecoreLayer, Dep, Invalidation, RequestBody, RequestContext};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -90,8 +90,14 @@ pub async fn run() -> Result<Report, BoxError> {
     for _ in 0..2 {
         statuses.push(ask(&mut svc, &url, "Summarise the FAQ", faq()).await?.0);
     }
-    let result = layer.invalidate("doc:faq", Some("v2")).await;
-    println!("invalidated doc:faq ({} entries deleted)", result.deleted);
+    let result = layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:faq"]).new_hash("v2"))
+        .await?;
+    println!(
+        "invalidated doc:faq ({} entries deleted)",
+        result.entries_deleted()
+    );
     statuses.push(ask(&mut svc, &url, "Summarise the FAQ", faq()).await?.0);
 
     Ok(Report {

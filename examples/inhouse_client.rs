@@ -9,7 +9,7 @@
 use std::fmt;
 
 use bytes::Bytes;
-use cachecore::{scope, CachecoreLayer, Dep, RequestBody, RequestContext};
+use cachecore::{scope, CachecoreLayer, Dep, Invalidation, RequestBody, RequestContext};
 use http::{StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -132,7 +132,10 @@ async fn main() -> Result<(), BoxError> {
     println!("{}", scope(ctx.clone(), classify()).await?);
     println!("{}", scope(ctx.clone(), classify()).await?);
     // The billing policy was edited: every answer derived from it goes.
-    layer.invalidate("doc:billing-policy", None).await;
+    layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:billing-policy"]))
+        .await?;
     println!("{}", scope(ctx, classify()).await?);
 
     // Never cached, never read from the cache.

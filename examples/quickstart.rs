@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
-use cachecore::{CachecoreLayer, Dep, MemoryStore, RequestContext};
+use cachecore::{CachecoreLayer, Dep, Invalidated, Invalidation, MemoryStore, RequestContext};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -92,10 +92,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let hit = ask("Summarise contract #123", contract()).await?;
     show("2. same call again", &hit);
 
-    let result = cache.invalidate("doc:contract-123", Some("v2")).await;
+    let result = cache
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:contract-123"]).new_hash("v2"))
+        .await;
     println!(
         "3. invalidate doc:contract-123      ok={} deleted={}",
-        result.ok, result.deleted
+        result.is_ok(),
+        result.as_ref().map_or(0, Invalidated::entries_deleted)
     );
     let after = ask("Summarise contract #123", contract()).await?;
     show("4. same call after invalidation", &after);

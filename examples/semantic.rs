@@ -18,7 +18,7 @@ use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use cachecore::semantic::{LocalEmbedder, SemanticCache};
-use cachecore::{CachecoreLayer, Dep, MemoryStore, RequestContext};
+use cachecore::{CachecoreLayer, Dep, Invalidation, MemoryStore, RequestContext};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -99,8 +99,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 
     let first = ask("When will my order ship?").await?;
     let paraphrase = ask("When is my order going to be shipped?").await?;
-    let result = cache.invalidate("order:48213", None).await;
-    println!("invalidate order:48213: ok={}", result.ok);
+    let result = cache
+        .invalidator()
+        .invalidate(Invalidation::of(["order:48213"]))
+        .await;
+    println!("invalidate order:48213: ok={}", result.is_ok());
     let after = ask("When is my order going to be shipped?").await?;
     println!("upstream calls: {}", calls.load(Ordering::SeqCst));
     assert_eq!(

@@ -56,20 +56,15 @@ impl Namespace {
     pub(crate) fn tenant_shared(&self) -> &Arc<str> {
         &self.tenant
     }
-
-    /// The policy version, shared.
-    pub(crate) fn policy_version_shared(&self) -> &Arc<str> {
-        &self.policy_version
-    }
 }
 
 /// Resolves the namespace of a request; `None` makes the request a bypass.
 pub type NamespaceResolver = Arc<dyn Fn(&RequestHead<'_>) -> Option<Namespace> + Send + Sync>;
 
-/// The tenant of a layer that is given none (and the one [`CachecoreLayer::invalidate`]
+/// The tenant of a layer that is given none (and the one [`CacheInvalidator::invalidate`]
 /// works on).
 ///
-/// [`CachecoreLayer::invalidate`]: crate::CachecoreLayer::invalidate
+/// [`CacheInvalidator::invalidate`]: crate::CacheInvalidator::invalidate
 pub const DEFAULT_TENANT: &str = "default";
 
 /// The key partition of requests that carry no credentials at all.

@@ -9,7 +9,7 @@
 //! ```no_run
 //! use cachecore::{CacheStatus, CachecoreLayer, Dep, MemoryStore, RequestContext};
 //!
-//! # async fn run() -> Result<(), reqwest_middleware::Error> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let layer = CachecoreLayer::builder().store(MemoryStore::new()).build();
 //! let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
 //!     .with(layer.reqwest_middleware())
@@ -25,7 +25,10 @@
 //! println!("{:?}", res.extensions().get::<CacheStatus>());
 //!
 //! // Later, when doc 123 changes (same layer, so same store):
-//! layer.invalidate("doc:123", Some("v8")).await;
+//! layer
+//!     .invalidator()
+//!     .invalidate(cachecore::Invalidation::of(["doc:123"]).new_hash("v8"))
+//!     .await?;
 //! # Ok(()) }
 //! ```
 //!

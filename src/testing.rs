@@ -1,8 +1,8 @@
 //! Aids for your own integration tests: read what the cache did with a response, record the
 //! outcome of every request a stack served, and look inside a [`MemoryStore`].
 //!
-//! Nothing here needs a feature flag or pulls a dependency: it is a few functions and one
-//! small layer.
+//! Behind the `test-util` feature (add it to your dev-dependencies); it pulls no dependency:
+//! it is a few functions and one small layer.
 //!
 //! ```
 //! use cachecore::testing::{cache_status, OutcomeRecorder};
@@ -356,4 +356,10 @@ pub fn key_of_body(store: &MemoryStore, body: &[u8]) -> Option<CacheKey> {
         .map(|(k, _)| k);
     let key = found.next()?;
     found.next().is_none().then_some(key)
+}
+
+/// Milliseconds since the Unix epoch, now: the clock entries' `stored_at_ms` is read on, for
+/// tests that build an [`Entry`](crate::Entry) by hand.
+pub fn now_ms() -> u64 {
+    crate::store::now_ms()
 }

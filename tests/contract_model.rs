@@ -67,6 +67,7 @@ use cachecore::{
     CacheKey, CacheStore, CachecoreLayer, Dep, Entry, InvalidationResult, Lookup, MemoryStore,
     PutOutcome, RequestBody, RequestContext, StoreError, StoreErrorKind, POLICY_DEP,
 };
+use cachecore::{Invalidated, Invalidation, InvalidationError};
 use common::watchdog::{self, Watchdog, Worker};
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -1620,11 +1621,16 @@ async fn run_task(env: Env, task: usize, ops: Vec<Op>) -> Result<(), String> {
                     Some(other) if remote => other,
                     _ => &env.layer,
                 };
-                let results = if many {
-                    layer.invalidate_many(&deps, new_hash).await
-                } else {
-                    vec![layer.invalidate(deps[0], new_hash).await]
-                };
+                let ids = if many { &deps[..] } else { &deps[..1] };
+                let mut invalidation = Invalidation::of(ids.iter().copied());
+                if let Some(h) = new_hash {
+                    invalidation = invalidation.new_hash(h);
+                }
+                let results = layer
+                    .invalidator()
+                    .invalidate(invalidation)
+                    .await
+                    .map_or_else(InvalidationError::into_results, Invalidated::into_results);
                 let mut m = lock(&env.model);
                 if results.len() != deps.len() {
                     return Err(m.violation(format!(
@@ -1953,7 +1959,7 @@ fn stress_entry(deps: cachecore::DepEpochs) -> Entry {
         status: StatusCode::OK,
         headers: http::HeaderMap::new(),
         body: Bytes::from_static(b"answer"),
-        stored_at_ms: cachecore::store::now_ms(),
+        stored_at_ms: cachecore::testing::now_ms(),
         fresh_ttl: Duration::from_secs(60),
         stale_window: Duration::ZERO,
         deps,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cachecore::{CacheStatus, CachecoreLayer, MemoryStore, Namespace, RequestBody};
+use cachecore::{Invalidated, Invalidation, InvalidationError};
 use common::{send, stack, Upstream};
 use http::{HeaderName, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -411,12 +412,28 @@ async fn invalidate_without_a_tenant_refuses_on_a_layer_that_resolves_tenants() 
     let layer = CachecoreLayer::builder()
         .namespace_resolver(|_| Some(Namespace::new("acme", "1")))
         .build();
-    let r = layer.invalidate("doc:1", None).await;
-    assert!(!r.ok, "silently invalidated tenant `default`");
-    assert!(r.error.unwrap().contains("invalidate_in"));
-    let many = layer.invalidate_many(&["doc:1", "doc:2"], None).await;
+    let r = layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:1"]))
+        .await
+        .map_or_else(InvalidationError::into_results, Invalidated::into_results);
+    assert!(!r[0].ok, "silently invalidated tenant `default`");
+    assert!(r[0]
+        .error
+        .as_ref()
+        .unwrap()
+        .contains("Invalidation::tenant"));
+    let many = layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:1", "doc:2"]))
+        .await
+        .map_or_else(InvalidationError::into_results, Invalidated::into_results);
     assert!(many.iter().all(|r| !r.ok));
-    assert!(layer.invalidate_in("acme", "doc:1", None).await.ok);
+    assert!(layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:1"]).tenant("acme"))
+        .await
+        .is_ok());
 }
 
 #[tokio::test]
@@ -432,11 +449,19 @@ async fn an_invalid_new_hash_is_refused_and_changes_nothing() {
     };
     send(&svc, req()).await;
     for bad in ["has space", "line\nbreak", "", &"x".repeat(300)] {
-        let r = layer.invalidate("doc:1", Some(bad)).await;
-        assert!(!r.ok, "{bad:?} accepted");
-        assert!(r.error.is_some());
+        let r = layer
+            .invalidator()
+            .invalidate(Invalidation::of(["doc:1"]).new_hash(bad))
+            .await
+            .map_or_else(InvalidationError::into_results, Invalidated::into_results);
+        assert!(!r[0].ok, "{bad:?} accepted");
+        assert!(r[0].error.is_some());
     }
     assert_eq!(send(&svc, req()).await.x_cache, "HIT_L1");
-    assert!(layer.invalidate("doc:1", Some("v2")).await.ok);
+    assert!(layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:1"]).new_hash("v2"))
+        .await
+        .is_ok());
     assert_eq!(send(&svc, req()).await.x_cache, "MISS");
 }

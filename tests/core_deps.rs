@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use cachecore::{CachecoreLayer, Dep, MemoryStore, RequestContext, POLICY_DEP};
+use cachecore::{Invalidated, Invalidation, InvalidationError};
 use common::*;
 
 fn with_deps(body: &str, deps: &[Dep]) -> http::Request<http_body_util::Full<bytes::Bytes>> {
@@ -27,8 +28,12 @@ async fn rule_1_record_at_lookup_time() {
     let layer = layer_on(&store);
     let up = Upstream::new();
     let svc = stack(&layer, &up);
-    layer.invalidate("doc:1", Some("v2")).await;
-    layer.invalidate("doc:1", Some("v3")).await;
+    for hash in ["v2", "v3"] {
+        let _ = layer
+            .invalidator()
+            .invalidate(Invalidation::of(["doc:1"]).new_hash(hash))
+            .await;
+    }
     send(&svc, with_deps("a", &[Dep::new("doc:1")])).await;
     let entries = store.entries();
     assert_eq!(entries.len(), 1);
@@ -67,9 +72,16 @@ async fn rule_2_invalidate_turns_the_next_request_into_a_miss_and_spares_other_e
         assert_eq!(send(&svc, req).await.x_cache, "HIT_L1");
     }
 
-    let r = layer.invalidate("doc:contract-123", Some("v2")).await;
-    assert!(r.ok, "{r:?}");
-    assert_eq!(r.deleted, 2, "both entries tagged with the dep are deleted");
+    let r = layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:contract-123"]).new_hash("v2"))
+        .await;
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(
+        r.unwrap().entries_deleted(),
+        2,
+        "both entries tagged with the dep are deleted"
+    );
     assert_eq!(
         store.dep_hash("acme", "doc:contract-123").as_deref(),
         Some("v2")
@@ -99,12 +111,11 @@ async fn rule_2_every_call_invalidates_even_with_the_same_hash() {
         send(&svc, req()).await;
         assert_eq!(send(&svc, req()).await.x_cache, "HIT_L1");
         // Two ETL runs on the same day give the same hash; both must take effect.
-        assert!(
-            layer
-                .invalidate("table:products", Some("batch-2026-11-23"))
-                .await
-                .ok
-        );
+        assert!(layer
+            .invalidator()
+            .invalidate(Invalidation::of(["table:products"]).new_hash("batch-2026-11-23"))
+            .await
+            .is_ok());
         assert_eq!(send(&svc, req()).await.x_cache, "MISS");
     }
 }
@@ -120,11 +131,13 @@ async fn rule_2_invalidate_many_reports_per_id() {
     send(&svc, with_deps("r", &[Dep::new("table:other")])).await;
 
     let results = layer
-        .invalidate_many(
-            &["table:products", "", "table:prices", "bad\nid"],
-            Some("2024-03-15"),
+        .invalidator()
+        .invalidate(
+            Invalidation::of(["table:products", "", "table:prices", "bad\nid"])
+                .new_hash("2024-03-15"),
         )
-        .await;
+        .await
+        .map_or_else(InvalidationError::into_results, Invalidated::into_results);
     let summary: Vec<(&str, bool, u64)> = results
         .iter()
         .map(|r| (r.dep_id.as_str(), r.ok, r.deleted))
@@ -165,7 +178,11 @@ async fn rule_3_validate_on_read_rejects_entries_whose_dep_moved() {
     let req = || with_deps("q", &[Dep::new("doc:9").hash("v1")]);
     send(&svc, req()).await;
     let (key, mut entry) = store.entries().pop().unwrap();
-    assert!(layer.invalidate("doc:9", Some("v2")).await.ok);
+    assert!(layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:9"]).new_hash("v2"))
+        .await
+        .is_ok());
     // Put the old entry back under its key behind the store's back, epochs as recorded.
     entry.deps = cachecore::DepEpochs::new(vec![("doc:9".into(), 0), (POLICY_DEP.into(), 0)]);
     let lookup = cachecore::CacheStore::lookup(&store, &key, &["doc:9", POLICY_DEP]).await;
@@ -192,7 +209,11 @@ async fn rule_4_invalidation_is_a_barrier() {
     });
     assert_eq!(started.recv().await, Some(1));
     // ...when the webhook fires.
-    assert!(layer.invalidate("doc:contract-123", Some("v2")).await.ok);
+    assert!(layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:contract-123"]).new_hash("v2"))
+        .await
+        .is_ok());
     gate.add_permits(1);
     let answer = slow.await.unwrap();
     assert_eq!(answer.x_cache, "MISS", "the caller still gets its answer");
@@ -227,9 +248,12 @@ async fn rule_5_cost_does_not_grow_with_the_number_of_entries() {
         .await;
     }
     assert_eq!(store.tagged_count("acme", "table:products"), N);
-    let r = layer.invalidate("table:products", None).await;
-    assert!(r.ok);
-    assert_eq!(r.deleted, N as u64);
+    let r = layer
+        .invalidator()
+        .invalidate(Invalidation::of(["table:products"]))
+        .await
+        .unwrap();
+    assert_eq!(r.entries_deleted(), N as u64);
     assert_eq!(store.tagged_count("acme", "table:products"), 0);
     for i in (0..N).step_by(97) {
         let seen = send(
@@ -263,10 +287,15 @@ async fn rule_6_invalidating_the_policy_version_retires_one_tenant_only() {
         send(&svc, as_tenant(t, "y", &[Dep::new("doc:1")])).await;
     }
     let r = layer
-        .invalidate_in("tenant-a", POLICY_DEP, Some("v2"))
-        .await;
-    assert!(r.ok);
-    assert_eq!(r.deleted, 2, "every entry of the tenant");
+        .invalidator()
+        .invalidate(
+            Invalidation::of([POLICY_DEP])
+                .tenant("tenant-a")
+                .new_hash("v2"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.entries_deleted(), 2, "every entry of the tenant");
     assert_eq!(
         send(&svc, as_tenant("tenant-a", "x", &[])).await.x_cache,
         "MISS"
@@ -302,8 +331,12 @@ async fn invalidation_reaches_every_credentials_partition() {
         assert_eq!(send(&svc, as_key(k)).await.x_cache, "HIT_L1");
     }
     assert_eq!(store.entry_count(), 2, "one entry per API key");
-    let r = layer.invalidate("doc:1", None).await;
-    assert_eq!(r.deleted, 2);
+    let r = layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:1"]))
+        .await
+        .map_or_else(InvalidationError::into_results, Invalidated::into_results);
+    assert_eq!(r[0].deleted, 2);
     for k in ["sk-a", "sk-b"] {
         assert_eq!(send(&svc, as_key(k)).await.x_cache, "MISS");
     }
@@ -435,7 +468,11 @@ async fn rule_7_stale_is_only_old_never_invalidated() {
     let req = || with_deps("q", &[Dep::new("doc:1")]);
     send(&svc, req()).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(layer.invalidate("doc:1", None).await.ok);
+    assert!(layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:1"]))
+        .await
+        .is_ok());
     let seen = send(&svc, req()).await;
     assert_eq!(
         seen.x_cache, "MISS",

@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use cachecore::Invalidation;
 use cachecore::{CacheStatus, CachecoreLayer, MemoryStore, RequestContext};
 use common::*;
 use http::{Request, StatusCode};
@@ -355,9 +356,13 @@ async fn a_store_that_always_errors_never_fails_a_request() {
     let m = layer.metrics();
     assert!(m.store_errors >= 5, "{m:?}");
     assert!(m.store_skipped > 0, "the breaker opened: {m:?}");
-    let r = layer.invalidate("doc:1", None).await;
+    let r = layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:1"]))
+        .await
+        .unwrap_err();
     assert!(
-        !r.ok && r.error.is_some(),
+        r.results().iter().all(|r| !r.ok && r.error.is_some()),
         "a failed invalidation is reported: {r:?}"
     );
 }

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use cachecore::auth::jwt::{Claims, JwtAuth, JwtError, CLOCK_LEEWAY};
 use cachecore::auth::{AuthError, Authenticator};
 use cachecore::wire::encode_deps;
+use cachecore::Invalidation;
 use cachecore::{CacheStatus, CachecoreLayer, Dep, RequestBody, X_CACHE_ERROR, X_CACHE_SIMILARITY};
 use hmac::{Hmac, KeyInit, Mac};
 use http::{HeaderMap, Request, Response};
@@ -348,7 +349,11 @@ async fn wire_mode_deps_header_tags_entries_and_malformed_bypasses() {
     ];
     assert_eq!(x_cache(&send(&svc, &with).await), "MISS");
     assert_eq!(x_cache(&send(&svc, &with).await), "HIT_L1");
-    assert!(layer.invalidate_in("acme", "doc:1", Some("v2")).await.ok);
+    assert!(layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:1"]).tenant("acme").new_hash("v2"))
+        .await
+        .is_ok());
     assert_eq!(x_cache(&send(&svc, &with).await), "MISS");
 
     for bad in [
@@ -443,12 +448,11 @@ async fn an_authenticator_gives_the_layer_its_namespace_without_trusted_headers(
     assert_eq!(x_cache(&res), "BYPASS");
     assert!(res.headers().contains_key(X_CACHE_ERROR));
     // The policy dep is per tenant: retiring acme leaves globex alone.
-    assert!(
-        layer
-            .invalidate_in("acme", cachecore::POLICY_DEP, None)
-            .await
-            .ok
-    );
+    assert!(layer
+        .invalidator()
+        .invalidate(Invalidation::of([cachecore::POLICY_DEP]).tenant("acme"))
+        .await
+        .is_ok());
     assert_eq!(x_cache(&send(&svc, &hs).await), "MISS");
     assert_eq!(
         x_cache(&send(&svc, &[("authorization", &globex)]).await),

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cachecore::store::now_ms;
+use cachecore::testing::now_ms;
 use cachecore::{CacheKey, CacheStore, Entry, Lookup, PutOutcome, RedisStore, POLICY_DEP};
 use http::{HeaderMap, StatusCode};
 

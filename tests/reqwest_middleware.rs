@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use bytes::Bytes;
 use cachecore::testing::{cache_status, OutcomeRecorder};
+use cachecore::Invalidation;
 use cachecore::{
     assert_cache_status, scope, CacheStatus, CachecoreLayer, Dep, MemoryStore, RequestContext,
     POLICY_DEP,
@@ -171,9 +172,13 @@ async fn invalidating_a_dep_declared_in_the_extension_drops_the_entry() {
     assert_eq!(deps, ["cc:policy-version", "doc:contract-123"]);
     assert_cache_status!(send().await.unwrap(), CacheStatus::Hit);
 
-    let result = s.layer.invalidate("doc:contract-123", Some("v2")).await;
-    assert!(result.ok);
-    assert_eq!(result.deleted, 1);
+    let result = s
+        .layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:contract-123"]).new_hash("v2"))
+        .await
+        .unwrap();
+    assert_eq!(result.entries_deleted(), 1);
 
     let res = send().await.unwrap();
     assert_cache_status!(
@@ -207,7 +212,11 @@ async fn deps_declared_with_a_task_local_scope_are_recorded() {
         .unwrap();
     assert_cache_status!(hit, CacheStatus::Hit);
 
-    s.layer.invalidate("table:products", None).await;
+    let _ = s
+        .layer
+        .invalidator()
+        .invalidate(Invalidation::of(["table:products"]))
+        .await;
     let res = scope(
         RequestContext::new().dep(Dep::new("table:products")),
         s.chat(r#"{"q":"prices"}"#).send(),

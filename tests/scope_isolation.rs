@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use cachecore::{scope, CachecoreLayer, Dep, MemoryStore, RequestContext, POLICY_DEP};
+use cachecore::{Invalidated, Invalidation, InvalidationError};
 
 #[allow(dead_code, unreachable_pub)]
 #[path = "../examples/inhouse_client.rs"]
@@ -95,8 +96,12 @@ async fn concurrent_scopes_never_see_each_others_deps() {
 
     // And the deps work: invalidating one task's doc drops exactly that task's entry.
     let before = store.entry_count();
-    let result = layer.invalidate("doc:5", None).await;
-    assert_eq!(result.deleted, 1);
+    let result = layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:5"]))
+        .await
+        .map_or_else(InvalidationError::into_results, Invalidated::into_results);
+    assert_eq!(result[0].deleted, 1);
     assert_eq!(store.entry_count(), before - 1);
 }
 

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use cachecore::semantic::{
     lexical_veto, EmbedError, EmbedFuture, Embedder, GuardVeto, LocalEmbedder, SemanticCache,
 };
+use cachecore::Invalidation;
 use cachecore::{
     CacheStatus, CachecoreLayer, Dep, MemoryStore, Namespace, RequestBody, RequestContext,
     ResponseBody,
@@ -762,7 +763,11 @@ async fn invalidating_the_dep_of_a_matched_entry_makes_the_paraphrase_miss() {
             .x_cache,
         "HIT_L2"
     );
-    assert!(layer.invalidate("doc:contract-123", None).await.ok);
+    assert!(layer
+        .invalidator()
+        .invalidate(Invalidation::of(["doc:contract-123"]))
+        .await
+        .is_ok());
     assert_eq!(
         send(&svc, with_ctx(post(body(PARAPHRASE)), ctx()))
             .await
@@ -787,7 +792,11 @@ async fn an_invalidation_the_index_never_heard_of_still_wins() {
     let svc = stack(&serving, &Upstream::default());
     let ctx = || RequestContext::new().dep(Dep::new("table:products"));
     send(&svc, with_ctx(post(body(Q)), ctx())).await;
-    assert!(other.invalidate("table:products", None).await.ok);
+    assert!(other
+        .invalidator()
+        .invalidate(Invalidation::of(["table:products"]))
+        .await
+        .is_ok());
     assert_eq!(
         send(&svc, with_ctx(post(body(PARAPHRASE)), ctx()))
             .await
@@ -801,7 +810,11 @@ async fn the_policy_dep_retires_l2_too() {
     let layer = layer_with(SemanticCache::new(fake_pair(0.99)));
     let svc = stack(&layer, &Upstream::default());
     ask(&svc, Q).await;
-    assert!(layer.invalidate(cachecore::POLICY_DEP, None).await.ok);
+    assert!(layer
+        .invalidator()
+        .invalidate(Invalidation::of([cachecore::POLICY_DEP]))
+        .await
+        .is_ok());
     assert_eq!(ask(&svc, PARAPHRASE).await.x_cache, "MISS");
 }
 

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cachecore::store::redis::RedisStore;
-use cachecore::store::{now_ms, RefusedReason, DEFAULT_PUT_DEADLINE};
+use cachecore::store::{RefusedReason, DEFAULT_PUT_DEADLINE};
+use cachecore::testing::now_ms;
 use cachecore::{
     CacheKey, CacheStore, DepEpochs, Entry, Lookup, MemoryStore, PutOutcome, MAX_DEP_ID_LEN,
     POLICY_DEP,

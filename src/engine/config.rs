@@ -93,18 +93,15 @@ impl NamespaceSource {
         matches!(self, Self::Credentials { .. })
     }
 
-    /// For an authenticator, the one verification of the request's credentials: `Some(None)`
-    /// when it has none, an error saying why when they are rejected. `None` for other sources.
-    pub(super) fn authenticate(
-        &self,
-        head: &RequestHead<'_>,
-    ) -> Result<Option<Option<Namespace>>, String> {
+    /// For an authenticator, the one verification of the request's credentials; an error
+    /// saying why when they are rejected.
+    pub(super) fn authenticate(&self, head: &RequestHead<'_>) -> Result<Authentication, String> {
         let Self::Authenticated(auth) = self else {
-            return Ok(None);
+            return Ok(Authentication::NotUsed);
         };
         match auth.authenticate(head.headers) {
-            Ok(ns) => Ok(Some(Some(ns))),
-            Err(AuthError::Missing) => Ok(Some(None)),
+            Ok(ns) => Ok(Authentication::Verified(ns)),
+            Err(AuthError::Missing) => Ok(Authentication::Missing),
             Err(e @ AuthError::Invalid(_)) => Err(e.to_string()),
         }
     }
@@ -116,6 +113,73 @@ impl NamespaceSource {
             Self::Fixed(ns) => Some(ns.tenant_shared().clone()),
             Self::Credentials { anonymous } => Some(anonymous.tenant_shared().clone()),
             Self::Resolver(_) | Self::Authenticated(_) => None,
+        }
+    }
+}
+
+/// What an authenticator made of a request's credentials.
+pub(super) enum Authentication {
+    /// The namespace comes from another source.
+    NotUsed,
+    /// The request carries no credentials: it has no namespace.
+    Missing,
+    /// The namespace the credentials entitle the request to.
+    Verified(Namespace),
+}
+
+/// The namespace settings of a builder, each kept apart so that the order of the calls never
+/// matters: [`resolve`](Self::resolve) applies one precedence (docs/design.md §3).
+#[derive(Clone, Default)]
+pub(crate) struct NamespaceSettings {
+    pub(crate) tenant: Option<Arc<str>>,
+    pub(crate) policy_version: Option<Arc<str>>,
+    pub(crate) resolver: Option<NamespaceResolver>,
+    pub(crate) authenticator: Option<Arc<dyn Authenticator>>,
+}
+
+impl NamespaceSettings {
+    /// The source of every request's namespace. Precedence, highest first: an authenticator
+    /// (trusted-header mode included), a namespace resolver, a fixed tenant, and by default
+    /// the credentials partition in [`DEFAULT_TENANT`]. The policy version applies to the last
+    /// two; an authenticator's or a resolver's namespaces carry their own. A setting that is
+    /// shadowed is reported once, as a warning, when the layer is built.
+    pub(crate) fn resolve(self) -> NamespaceSource {
+        let Self {
+            tenant,
+            policy_version,
+            resolver,
+            authenticator,
+        } = self;
+        let shadowed = |what: &str, by: &str| {
+            tracing::warn!(target: "cachecore", "the builder's {what} is not used: {by} takes precedence (docs/design.md §3)");
+        };
+        if let Some(auth) = authenticator {
+            for (set, what) in [
+                (resolver.is_some(), "namespace_resolver"),
+                (tenant.is_some(), "tenant"),
+                (policy_version.is_some(), "policy_version"),
+            ] {
+                if set {
+                    shadowed(what, "the authenticator");
+                }
+            }
+            return NamespaceSource::Authenticated(auth);
+        }
+        if let Some(resolve) = resolver {
+            for (set, what) in [
+                (tenant.is_some(), "tenant"),
+                (policy_version.is_some(), "policy_version"),
+            ] {
+                if set {
+                    shadowed(what, "the namespace resolver");
+                }
+            }
+            return NamespaceSource::Resolver(resolve);
+        }
+        let policy_version = policy_version.unwrap_or_else(|| Arc::from(DEFAULT_POLICY_VERSION));
+        match tenant {
+            Some(tenant) => NamespaceSource::Fixed(Namespace::new(tenant, policy_version)),
+            None => NamespaceSource::credentials(policy_version),
         }
     }
 }
@@ -145,16 +209,6 @@ pub(crate) struct Config {
 }
 
 impl Config {
-    pub(crate) fn policy_version(&self) -> Arc<str> {
-        match &self.namespace {
-            NamespaceSource::Fixed(ns) => ns.policy_version_shared().clone(),
-            NamespaceSource::Credentials { anonymous } => anonymous.policy_version_shared().clone(),
-            NamespaceSource::Resolver(_) | NamespaceSource::Authenticated(_) => {
-                Arc::from(DEFAULT_POLICY_VERSION)
-            }
-        }
-    }
-
     pub(crate) fn namespace_of(&self, head: &RequestHead<'_>) -> Option<Namespace> {
         self.namespace.resolve(head, &self.credential_headers)
     }
@@ -187,5 +241,63 @@ impl Default for Config {
             #[cfg(feature = "semantic")]
             semantic: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> NamespaceSettings {
+        NamespaceSettings::default()
+    }
+
+    fn head_of(req: &http::Request<()>) -> RequestHead<'_> {
+        RequestHead::of(req)
+    }
+
+    #[test]
+    fn with_nothing_set_keys_are_partitioned_by_credentials_in_the_default_tenant() {
+        let source = settings().resolve();
+        assert!(source.is_credentials());
+        assert_eq!(source.default_tenant().as_deref(), Some(DEFAULT_TENANT));
+    }
+
+    #[test]
+    fn tenant_and_policy_version_combine_whatever_their_order() {
+        let s = NamespaceSettings {
+            tenant: Some("acme".into()),
+            policy_version: Some("7".into()),
+            ..settings()
+        };
+        let req = http::Request::new(());
+        let ns = s.resolve().resolve(&head_of(&req), &[]).unwrap();
+        assert_eq!((ns.tenant(), ns.policy_version()), ("acme", "7"));
+    }
+
+    #[test]
+    fn a_resolver_takes_precedence_over_a_tenant_and_an_authenticator_over_both() {
+        let resolver: NamespaceResolver = Arc::new(|_| Some(Namespace::new("resolved", "1")));
+        let auth: Arc<dyn Authenticator> =
+            Arc::new(|_: &http::HeaderMap| Ok(Namespace::new("authenticated", "1")));
+        let req = http::Request::new(());
+        let tenant_of = |s: NamespaceSettings| {
+            s.resolve()
+                .resolve(&head_of(&req), &[])
+                .map(|ns| ns.tenant().to_owned())
+        };
+        let with_resolver = NamespaceSettings {
+            tenant: Some("fixed".into()),
+            resolver: Some(resolver.clone()),
+            ..settings()
+        };
+        assert_eq!(tenant_of(with_resolver).as_deref(), Some("resolved"));
+        let with_all = NamespaceSettings {
+            tenant: Some("fixed".into()),
+            resolver: Some(resolver),
+            authenticator: Some(auth),
+            ..settings()
+        };
+        assert_eq!(tenant_of(with_all).as_deref(), Some("authenticated"));
     }
 }

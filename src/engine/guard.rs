@@ -7,7 +7,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use super::config::Config;
-use crate::metrics::{LatencyHistogram, Metrics, StoreOp};
+use crate::counters::{LatencyHistogram, Metrics, StoreOp};
 use crate::store::{duration_ms, CacheStore, StoreFuture};
 
 /// The store, behind its timeout and its breakers: the only way the engine reaches the store.

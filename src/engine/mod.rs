@@ -13,9 +13,9 @@ use http::header::HeaderValue;
 use http::{Extensions, HeaderMap, Response};
 
 use crate::context::RequestHead;
+use crate::counters::{Metrics, StoreOp};
 use crate::headers::{VARY_KEY, X_CACHE, X_CACHE_AGE, X_CACHE_ERROR, X_CACHE_SIMILARITY};
 use crate::key::{self, KeyMemo};
-use crate::metrics::{Metrics, StoreOp};
 use crate::store::{now_ms, CacheKey, CacheStore, DepEpochs, Entry, Lookup, PutOutcome};
 use crate::CacheStatus;
 
@@ -30,7 +30,7 @@ mod record;
 
 pub use body::ResponseBody;
 pub(crate) use body::{into_bytes, Unwrapped};
-pub(crate) use config::{Config, NamespaceSource};
+pub(crate) use config::{Config, NamespaceSettings};
 use flight::Flights;
 pub(crate) use flow::{RefreshCall, Upstream};
 use guard::StoreGuard;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::header::HeaderName;
 use http::HeaderMap;
 
+use super::config::Authentication;
 use super::Engine;
 use crate::context::RequestHead;
 use crate::headers::{cache_control, content_length};
@@ -130,9 +131,12 @@ impl Engine {
                 return Err(BypassReason::InvalidDep(format!("{e}: {:?}", dep.id())));
             }
         }
-        let namespace = authenticated
-            .unwrap_or_else(|| self.config.namespace_of(head))
-            .ok_or(BypassReason::NoNamespace)?;
+        let namespace = match authenticated {
+            Authentication::NotUsed => self.config.namespace_of(head),
+            Authentication::Missing => None,
+            Authentication::Verified(ns) => Some(ns),
+        }
+        .ok_or(BypassReason::NoNamespace)?;
         Ok(Plan {
             namespace,
             fresh_ttl: ctx.ttl.unwrap_or(self.config.fresh_ttl),

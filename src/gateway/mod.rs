@@ -345,7 +345,7 @@ impl GatewayBuilder {
         );
         Ok(Gateway {
             cached: cache.layer(proxy),
-            invalidate: InvalidateService::from_shared(Arc::new(cache.clone()), self.auth),
+            invalidate: InvalidateService::from_shared(Arc::new(cache.invalidator()), self.auth),
             cache,
             metrics,
             registry: Arc::new(registry),

@@ -25,7 +25,7 @@
 //!     // .route("/v1/chat/completions", ...)
 //!     .route_service(
 //!         "/v1/invalidate",
-//!         InvalidateService::new(cache.clone(), FixedTenant::new("acme")),
+//!         InvalidateService::new(cache.invalidator(), FixedTenant::new("acme")),
 //!     )
 //!     .layer(cache);
 //! # let _ = app;
@@ -42,7 +42,7 @@ mod service;
 pub use error::ApiError;
 pub use service::{InvalidateService, ResponseFuture};
 
-use crate::{CachecoreLayer, InvalidationResult};
+use crate::{CacheInvalidator, CachecoreLayer, InvalidationResult};
 
 /// Largest request body read, in bytes: a thousand 40-byte ids with their JSON quoting fit
 /// with room to spare.
@@ -58,9 +58,10 @@ pub const MAX_NEW_HASH_LEN: usize = crate::MAX_NEW_HASH_LEN;
 /// The future an [`Invalidator`] returns.
 pub type InvalidateFuture<'a> = Pin<Box<dyn Future<Output = Vec<InvalidationResult>> + Send + 'a>>;
 
-/// Something that invalidates deps in a tenant: a [`CachecoreLayer`], or a wrapper of your own
-/// (to fan out, to audit). The invalidation service and the queue worker apply invalidations
-/// through it.
+/// Something that applies invalidations in bulk, one result per id: a layer's
+/// [`CacheInvalidator`], or a wrapper of your own (to fan out, to audit). The invalidation
+/// service and the queue worker apply the invalidations they receive through it; your own code
+/// calls [`CacheInvalidator::invalidate`].
 pub trait Invalidator: Send + Sync + 'static {
     /// Invalidates each of `dep_ids` in `tenant` (recording `new_hash`, or a random one), and
     /// reports one result per id, in order. Never fails as a whole: failures are per id.
@@ -72,6 +73,18 @@ pub trait Invalidator: Send + Sync + 'static {
     ) -> InvalidateFuture<'a>;
 }
 
+impl Invalidator for CacheInvalidator {
+    fn invalidate_many<'a>(
+        &'a self,
+        tenant: &'a str,
+        dep_ids: &'a [&'a str],
+        new_hash: Option<&'a str>,
+    ) -> InvalidateFuture<'a> {
+        Box::pin(self.invalidate_in(tenant, dep_ids, new_hash))
+    }
+}
+
+/// A layer applies invalidations through its [`invalidator`](CachecoreLayer::invalidator).
 impl Invalidator for CachecoreLayer {
     fn invalidate_many<'a>(
         &'a self,
@@ -79,7 +92,11 @@ impl Invalidator for CachecoreLayer {
         dep_ids: &'a [&'a str],
         new_hash: Option<&'a str>,
     ) -> InvalidateFuture<'a> {
-        Box::pin(self.invalidate_many_in(tenant, dep_ids, new_hash))
+        Box::pin(async move {
+            self.invalidator()
+                .invalidate_in(tenant, dep_ids, new_hash)
+                .await
+        })
     }
 }
 

@@ -1,4 +1,7 @@
 //! The cache key: SHA-256 of everything that makes two requests "the same" (docs/design.md §3).
+// Public only with `test-util`, for the crate's own property tests and benches; otherwise
+// crate-internal.
+#![cfg_attr(not(feature = "test-util"), allow(unreachable_pub, dead_code))]
 
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};

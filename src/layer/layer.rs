@@ -10,10 +10,11 @@ use tower_layer::Layer;
 use super::Cachecore;
 use crate::auth::Authenticator;
 use crate::context::{ContextResolver, RequestHead};
-use crate::engine::{Config, Engine, NamespaceSource};
-use crate::metrics::MetricsSnapshot;
+use crate::counters::MetricsSnapshot;
+use crate::engine::{Config, Engine, NamespaceSettings};
+use crate::invalidation::{outcome, Invalidated, InvalidationError};
 use crate::namespace::{Namespace, NamespaceResolver};
-use crate::{CacheStore, InvalidationResult, MemoryStore, RequestContext};
+use crate::{CacheStore, Invalidation, InvalidationResult, MemoryStore, RequestContext};
 
 /// A tower [`Layer`] that caches responses and drops them when their deps are invalidated.
 ///
@@ -58,65 +59,30 @@ impl CachecoreLayer {
         CachecoreBuilder {
             store: None,
             config: Config::default(),
+            namespace: NamespaceSettings::default(),
         }
     }
 
-    /// Invalidates `dep_id` in the layer's tenant (the one given to
-    /// [`CachecoreBuilder::tenant`], else [`DEFAULT_TENANT`](crate::DEFAULT_TENANT), which
-    /// holds the entries of every credentials partition): every entry derived from it stops
-    /// being served at once. With no `new_hash` a random one is recorded. Every call invalidates, even with
-    /// the same hash as last time.
+    /// The handle to invalidate this layer's entries from (and its clones': they share one
+    /// store). Keep one where your webhooks run.
     ///
-    /// A layer whose tenants come from a [`namespace_resolver`](CachecoreBuilder::namespace_resolver)
-    /// or an [`authenticator`](CachecoreBuilder::authenticator) has no single tenant: there
-    /// this refuses (a failed result saying so) rather than guess; name the tenant with
-    /// [`invalidate_in`](Self::invalidate_in).
-    pub async fn invalidate(&self, dep_id: &str, new_hash: Option<&str>) -> InvalidationResult {
-        let Some(tenant) = self.engine.default_tenant() else {
-            return InvalidationResult::failed(dep_id, NO_DEFAULT_TENANT);
-        };
-        self.invalidate_in(&tenant, dep_id, new_hash).await
-    }
-
-    /// [`invalidate`](Self::invalidate) for several deps; one result per id, in order.
-    pub async fn invalidate_many(
-        &self,
-        dep_ids: &[&str],
-        new_hash: Option<&str>,
-    ) -> Vec<InvalidationResult> {
-        let Some(tenant) = self.engine.default_tenant() else {
-            return dep_ids
-                .iter()
-                .map(|id| InvalidationResult::failed(*id, NO_DEFAULT_TENANT))
-                .collect();
-        };
-        self.invalidate_many_in(&tenant, dep_ids, new_hash).await
-    }
-
-    /// Invalidates `dep_id` in the named tenant.
-    pub async fn invalidate_in(
-        &self,
-        tenant: &str,
-        dep_id: &str,
-        new_hash: Option<&str>,
-    ) -> InvalidationResult {
-        let mut results = self
-            .engine
-            .invalidate_many(tenant, &[dep_id], new_hash)
-            .await;
-        results
-            .pop()
-            .unwrap_or_else(|| InvalidationResult::failed(dep_id, "store gave no result"))
-    }
-
-    /// Invalidates several deps in the named tenant; one result per id, in order.
-    pub async fn invalidate_many_in(
-        &self,
-        tenant: &str,
-        dep_ids: &[&str],
-        new_hash: Option<&str>,
-    ) -> Vec<InvalidationResult> {
-        self.engine.invalidate_many(tenant, dep_ids, new_hash).await
+    /// ```
+    /// use cachecore::{CachecoreLayer, Invalidation};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = CachecoreLayer::new();
+    /// let done = cache
+    ///     .invalidator()
+    ///     .invalidate(Invalidation::of(["doc:1"]).new_hash("v8"))
+    ///     .await
+    ///     .expect("a memory store does not fail");
+    /// assert_eq!(done.entries_deleted(), 0);
+    /// # }
+    /// ```
+    pub fn invalidator(&self) -> CacheInvalidator {
+        CacheInvalidator {
+            engine: Arc::clone(&self.engine),
+        }
     }
 
     /// The namespace a request with this head would be cached in (`None`: it would bypass).
@@ -135,17 +101,76 @@ impl CachecoreLayer {
     }
 }
 
-/// Why [`CachecoreLayer::invalidate`] refuses on a layer whose tenants are resolved per request.
+/// Invalidates the entries of a [`CachecoreLayer`]: every entry derived from an invalidated dep
+/// stops being served at once (docs/design.md §4). Built by [`CachecoreLayer::invalidator`];
+/// clones share the layer's store.
+#[derive(Clone)]
+pub struct CacheInvalidator {
+    engine: Arc<Engine>,
+}
+
+impl fmt::Debug for CacheInvalidator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CacheInvalidator").finish_non_exhaustive()
+    }
+}
+
+impl CacheInvalidator {
+    /// Applies `invalidation`: `Ok` when every dep was invalidated, else an error whose
+    /// [`results`](crate::InvalidationError::results) say which failed and why. Never skipped by
+    /// the circuit breaker nor cut by the lookup timeout: a caller told `Ok` can rely on it.
+    ///
+    /// Without a [`tenant`](Invalidation::tenant), the layer's own is used (its fixed tenant, or
+    /// [`DEFAULT_TENANT`](crate::DEFAULT_TENANT)); a layer whose tenants come from a resolver
+    /// or an authenticator has none, and refuses rather than guess.
+    pub async fn invalidate(
+        &self,
+        invalidation: Invalidation,
+    ) -> Result<Invalidated, InvalidationError> {
+        let ids: Vec<&str> = invalidation.dep_ids().collect();
+        let tenant = match invalidation.tenant_name() {
+            Some(tenant) => Arc::from(tenant),
+            None => match self.engine.default_tenant() {
+                Some(tenant) => tenant,
+                None => {
+                    return outcome(
+                        ids.iter()
+                            .map(|id| InvalidationResult::failed(*id, NO_DEFAULT_TENANT))
+                            .collect(),
+                    )
+                }
+            },
+        };
+        outcome(
+            self.engine
+                .invalidate_many(&tenant, &ids, invalidation.hash())
+                .await,
+        )
+    }
+
+    /// Per-id results in `tenant`, for the services that apply invalidations in bulk
+    /// ([`Invalidator`](crate::invalidate::Invalidator)).
+    pub(crate) async fn invalidate_in(
+        &self,
+        tenant: &str,
+        dep_ids: &[&str],
+        new_hash: Option<&str>,
+    ) -> Vec<InvalidationResult> {
+        self.engine.invalidate_many(tenant, dep_ids, new_hash).await
+    }
+}
+
+/// Why an invalidation that names no tenant is refused on a layer whose tenants are resolved
+/// per request.
 const NO_DEFAULT_TENANT: &str = "this layer resolves tenants per request (namespace resolver or \
-     authenticator): name the tenant with invalidate_in / invalidate_many_in";
+     authenticator): name the tenant with Invalidation::tenant";
 
 /// Configures a [`CachecoreLayer`].
 #[must_use]
 pub struct CachecoreBuilder {
     store: Option<Arc<dyn CacheStore>>,
-    // Crate-visible: optional parts (the `semantic` feature) add their builder methods where
-    // they live.
-    pub(crate) config: Config,
+    config: Config,
+    namespace: NamespaceSettings,
 }
 
 impl fmt::Debug for CachecoreBuilder {
@@ -249,42 +274,44 @@ impl CachecoreBuilder {
     /// their credentials header; a fixed tenant drops that partition (use
     /// [`vary_header`](Self::vary_header) or a [`namespace_resolver`](Self::namespace_resolver)
     /// when callers with different credentials must not share entries).
+    ///
+    /// Where the namespace comes from does not depend on the order of the calls: an
+    /// [`authenticator`](Self::authenticator) (or [`trusted_headers`](Self::trusted_headers))
+    /// takes precedence over a [`namespace_resolver`](Self::namespace_resolver), which takes
+    /// precedence over a fixed tenant, which replaces the default credentials partition. A
+    /// shadowed setting is reported as a warning when the layer is built.
     pub fn tenant(mut self, tenant: impl Into<Arc<str>>) -> Self {
-        let policy = self.config.policy_version();
-        self.config.namespace = NamespaceSource::Fixed(Namespace::new(tenant, policy));
+        self.namespace.tenant = Some(tenant.into());
         self
     }
 
     /// The policy version every key is scoped to (default `"1"`). A new one changes every key.
+    /// It applies to a fixed [`tenant`](Self::tenant) and to the default credentials partition;
+    /// the namespaces a resolver or an authenticator gives carry their own.
     pub fn policy_version(mut self, version: impl Into<Arc<str>>) -> Self {
-        let version = version.into();
-        self.config.namespace = match self.config.namespace {
-            NamespaceSource::Fixed(ns) => {
-                NamespaceSource::Fixed(Namespace::new(ns.tenant().to_owned(), version))
-            }
-            NamespaceSource::Credentials { .. } => NamespaceSource::credentials(version),
-            r @ (NamespaceSource::Resolver(_) | NamespaceSource::Authenticated(_)) => r,
-        };
+        self.namespace.policy_version = Some(version.into());
         self
     }
 
     /// Resolves tenant and policy version per request; a request it returns `None` for
-    /// bypasses the cache.
+    /// bypasses the cache. Takes precedence over [`tenant`](Self::tenant); an
+    /// [`authenticator`](Self::authenticator) takes precedence over it.
     pub fn namespace_resolver(
         mut self,
         resolve: impl Fn(&RequestHead<'_>) -> Option<Namespace> + Send + Sync + 'static,
     ) -> Self {
         let resolve: NamespaceResolver = Arc::new(resolve);
-        self.config.namespace = NamespaceSource::Resolver(resolve);
+        self.namespace.resolver = Some(resolve);
         self
     }
 
     /// Takes the namespace of each request from `auth` (for example
     /// [`JwtAuth`](crate::auth::jwt::JwtAuth)): a request without credentials bypasses the
     /// cache, one with rejected credentials bypasses it with the reason in `X-Cache-Error`.
-    /// The credentials are verified once per request.
+    /// The credentials are verified once per request. Takes precedence over every other
+    /// namespace setting.
     pub fn authenticator(mut self, auth: impl Authenticator) -> Self {
-        self.config.namespace = NamespaceSource::Authenticated(Arc::new(auth));
+        self.namespace.authenticator = Some(Arc::new(auth));
         self
     }
 
@@ -361,7 +388,8 @@ impl CachecoreBuilder {
     }
 
     /// Builds the layer.
-    pub fn build(self) -> CachecoreLayer {
+    pub fn build(mut self) -> CachecoreLayer {
+        self.config.namespace = self.namespace.resolve();
         let store = self
             .store
             .unwrap_or_else(|| Arc::new(MemoryStore::new()) as Arc<dyn CacheStore>);

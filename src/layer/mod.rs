@@ -11,5 +11,5 @@ pub use crate::engine::ResponseBody;
 pub use crate::headers::X_CACHE_ERROR;
 pub use body::RequestBody;
 pub use future::ResponseFuture;
-pub use layer::{CachecoreBuilder, CachecoreLayer};
+pub use layer::{CacheInvalidator, CachecoreBuilder, CachecoreLayer};
 pub use service::Cachecore;

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
-use super::{QueueMetrics, StoreOp};
+use crate::counters::{QueueMetrics, StoreOp};
 use crate::engine::Engine;
 use crate::{CacheStatus, CachecoreLayer};
 

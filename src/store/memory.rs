@@ -123,6 +123,8 @@ impl MemoryStore {
     }
 
     /// The entries held now, with their keys.
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn entries(&self) -> Vec<(CacheKey, Entry)> {
         self.entries.run_pending_tasks();
         self.entries
@@ -132,6 +134,8 @@ impl MemoryStore {
     }
 
     /// The dep ids recorded on the entry under `key`, the policy dep included.
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn deps_of(&self, key: &CacheKey) -> Option<Vec<String>> {
         self.entries
             .get(key)
@@ -140,12 +144,16 @@ impl MemoryStore {
 
     /// The current epoch of `dep_id` in `tenant` (0 until it is first invalidated, and again
     /// once it has been forgotten).
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn dep_epoch(&self, tenant: &str, dep_id: &str) -> u64 {
         self.deps.read().epoch(tenant, dep_id).0
     }
 
     /// How many dep states the index holds, plus the raised epochs waiting to be forgotten:
     /// what per-dep memory the store uses, for tests of its bound.
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     #[doc(hidden)]
     pub fn dep_index_size(&self) -> usize {
         let index = self.deps.read();
@@ -153,6 +161,8 @@ impl MemoryStore {
     }
 
     /// The last `new_hash` given for `dep_id` in `tenant` (none once the epoch is forgotten).
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn dep_hash(&self, tenant: &str, dep_id: &str) -> Option<String> {
         let index = self.deps.read();
         index
@@ -163,6 +173,8 @@ impl MemoryStore {
     }
 
     /// How many keys are tagged under `dep_id` in `tenant`.
+    #[cfg(any(test, feature = "test-util"))]
+    #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
     pub fn tagged_count(&self, tenant: &str, dep_id: &str) -> usize {
         let index = self.deps.read();
         index
