@@ -16,6 +16,21 @@ pub(crate) fn into_bytes<D: Buf>(mut d: D) -> Bytes {
     d.copy_to_bytes(d.remaining())
 }
 
+/// Polls `inner` for its next frame, its data as `Bytes`.
+pub(crate) fn poll_bytes<B: Body>(
+    inner: Pin<&mut B>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    inner
+        .poll_frame(cx)
+        .map(|f| f.map(|f| f.map(|f| f.map_data(into_bytes))))
+}
+
+/// The one frame of a body held in memory (`None` once it was taken, or when it is empty).
+pub(crate) fn take_bytes<E>(data: &mut Option<Bytes>) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+    Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
+}
+
 pin_project! {
     /// The response body the cache returns: an entry's bytes on a hit, or the inner service's
     /// body forwarded frame by frame (and recorded on a cacheable miss).
@@ -111,12 +126,8 @@ impl<B: Body> Body for ResponseBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
-            ResponseKindProj::Cached { data } => {
-                Poll::Ready(data.take().map(|d| Ok(Frame::data(d))))
-            }
-            ResponseKindProj::Passthrough { inner } => inner
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map(|f| f.map_data(into_bytes)))),
+            ResponseKindProj::Cached { data } => take_bytes(data),
+            ResponseKindProj::Passthrough { inner } => poll_bytes(inner, cx),
             ResponseKindProj::Recording {
                 mut inner,
                 recorder,

@@ -29,7 +29,7 @@ mod plan;
 mod record;
 
 pub use body::ResponseBody;
-pub(crate) use body::{into_bytes, Unwrapped};
+pub(crate) use body::{into_bytes, poll_bytes, take_bytes, Unwrapped};
 pub(crate) use config::{Config, NamespaceSettings};
 use flight::Flights;
 pub(crate) use flow::{RefreshCall, Upstream};

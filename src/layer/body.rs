@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::engine::into_bytes;
+use crate::engine::{poll_bytes, take_bytes};
 
 pin_project! {
     /// The request body the inner service receives: the buffered body of a cached request, or
@@ -80,10 +80,8 @@ impl<B: Body> Body for RequestBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().kind.project() {
-            RequestKindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            RequestKindProj::Passthrough { inner } => inner
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map(|f| f.map_data(into_bytes)))),
+            RequestKindProj::Full { data } => take_bytes(data),
+            RequestKindProj::Passthrough { inner } => poll_bytes(inner, cx),
             RequestKindProj::Replay {
                 prefix,
                 error,
@@ -95,9 +93,7 @@ impl<B: Body> Body for RequestBody<B> {
                 if let Some(e) = error.take() {
                     return Poll::Ready(Some(Err(e)));
                 }
-                rest.as_mut()
-                    .poll_frame(cx)
-                    .map(|f| f.map(|f| f.map(|f| f.map_data(into_bytes))))
+                poll_bytes(rest.as_mut(), cx)
             }
         }
     }
