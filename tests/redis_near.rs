@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cachecore::store::redis::RedisStore;
-use cachecore::store::{now_ms, RefusedReason};
+use cachecore::store::RefusedReason;
+use cachecore::testing::now_ms;
 use cachecore::{
     CacheKey, CacheStore, DepEpochs, Entry, Lookup, PutOutcome, StoreErrorKind, POLICY_DEP,
 };
