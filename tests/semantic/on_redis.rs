@@ -329,7 +329,11 @@ async fn redis_cluster_each_tenant_has_its_index_on_its_slot_owner() {
             list.contains(&format!("cachecore:l2:v1:{DIMS}:{{{tenant}}}")),
             "{list}"
         );
-        assert!(layer.invalidate_in(&tenant, "doc:1", None).await.ok);
+        assert!(layer
+            .invalidator()
+            .invalidate(cachecore::Invalidation::of(["doc:1"]).tenant(tenant.as_str()))
+            .await
+            .is_ok());
         let after = send(&svc, as_tenant(&tenant, PARAPHRASE, ctx())).await;
         assert_eq!(after.x_cache, "MISS", "{tenant}");
     }
