@@ -129,7 +129,7 @@ if [ "$with_redis" = 1 ]; then
   # The near cache (issue 12 item 1) is a RedisStore option; its row appears once the binary has
   # a flag for it. GATEWAY_NEAR_ARGS overrides the detected flag.
   near_flag=$("$gateway_bin" --help | grep -oE -- '--[a-z-]*near[a-z-]*' | head -n1 || true)
-  near_args="${GATEWAY_NEAR_ARGS:-$near_flag}"
+  near_args="${GATEWAY_NEAR_ARGS:-${near_flag:+$near_flag 64MiB}}"
   if [ -n "$near_args" ]; then
     # shellcheck disable=SC2086 # the flag and its value, split on purpose
     start_gateway near --redis "redis://127.0.0.1:$redis_port/" $near_args

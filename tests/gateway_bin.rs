@@ -47,6 +47,8 @@ const FLAGS: &[(&str, &str)] = &[
     ("--queue-group", "CACHECORE_QUEUE_GROUP"),
     #[cfg(feature = "redis")]
     ("--no-queue-worker", "CACHECORE_NO_QUEUE_WORKER"),
+    #[cfg(feature = "redis")]
+    ("--redis-near-cache", "CACHECORE_REDIS_NEAR_CACHE"),
     (
         "--upstream-connect-timeout",
         "CACHECORE_UPSTREAM_CONNECT_TIMEOUT",
@@ -313,9 +315,109 @@ async fn sigterm_finishes_the_stream_in_flight_and_refuses_new_connections() {
 /// its dep invalidated over HTTP, the next request a miss; bad input refused with a JSON error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_recipe_works_against_the_binary() {
+    webhook_recipe(&[]).await;
+}
+
+/// The same recipe with the entries in Redis and the near cache on: the invalidation made
+/// through this instance drops its near copy before the answer.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_recipe_works_with_redis_and_the_near_cache() {
+    let redis = support::RedisServer::start();
+    let url = redis.url();
+    webhook_recipe(&[
+        "--redis",
+        url.as_str(),
+        "--redis-near-cache",
+        "1MiB",
+        "--no-queue-worker",
+    ])
+    .await;
+}
+
+/// Two instances with near caches on one Redis: an invalidation sent to one stops the other
+/// serving its near copy within a bound (the push's way), with no request to the other.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_through_one_instance_reaches_the_other_near_cache() {
+    let redis = support::RedisServer::start();
+    let url = redis.url();
+    let upstream = start_upstream(Arc::new(Semaphore::new(Semaphore::MAX_PERMITS))).await;
+    let flags = [
+        "--redis",
+        url.as_str(),
+        "--redis-near-cache",
+        "1MiB",
+        "--no-queue-worker",
+    ];
+    let (_a, a, http) = start_gateway(upstream, &flags).await;
+    let (_b, b, _) = start_gateway(upstream, &flags).await;
+    let token = JwtAuth::new(SECRET)
+        .unwrap()
+        .mint(&Claims::new("acme", Duration::from_secs(60)));
+    let deps = cachecore::wire::encode_deps(&[cachecore::Dep::new("doc:7")]);
+    let send = |addr: SocketAddr, path: &'static str, body: &'static str| {
+        let req = Request::post(format!("http://{addr}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .header("x-cachecore-deps", deps.as_str())
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let http = http.clone();
+        async move {
+            let res = http.request(req).await.unwrap();
+            let x_cache = res
+                .headers()
+                .get("x-cache")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            res.into_body().collect().await.unwrap();
+            x_cache
+        }
+    };
+    const CHAT: &str = r#"{"model":"m","messages":[{"role":"user","content":"Summarise doc 7"}]}"#;
+    assert_eq!(send(b, "/v1/chat/completions", CHAT).await, "MISS");
+    // Served twice by b: the second from its near copy.
+    assert_eq!(send(b, "/v1/chat/completions", CHAT).await, "HIT_L1");
+    assert_eq!(send(b, "/v1/chat/completions", CHAT).await, "HIT_L1");
+    send(a, "/v1/invalidate", r#"{"dep_id":"doc:7"}"#).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let seen = send(b, "/v1/chat/completions", CHAT).await;
+        if seen == "MISS" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the other instance still answers {seen} 2 s after the invalidation"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn a_bad_near_cache_size_is_refused_at_start_up() {
+    for size in ["0", "lots", "5TB", "99999999999999999999GiB"] {
+        let out = Command::new(BIN)
+            .args(["--upstream", "http://127.0.0.1:9", "--jwt-secret", SECRET])
+            .arg(format!("--redis-near-cache={size}"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{size}: a usage error");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--redis-near-cache"),
+            "{size}"
+        );
+    }
+}
+
+/// Cached SSE answer, a bad `new_hash` refused with 422, invalidation over HTTP, then a miss,
+/// against the binary started with `extra` flags.
+async fn webhook_recipe(extra: &[&str]) {
     // The upstream streams its whole answer at once.
     let upstream = start_upstream(Arc::new(Semaphore::new(Semaphore::MAX_PERMITS))).await;
-    let (_gateway, addr, http) = start_gateway(upstream, &[]).await;
+    let (_gateway, addr, http) = start_gateway(upstream, extra).await;
     let token = JwtAuth::new(SECRET)
         .unwrap()
         .mint(&Claims::new("acme", Duration::from_secs(60)));
