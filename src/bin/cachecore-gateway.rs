@@ -159,16 +159,22 @@ fn similarity(text: &str) -> Result<f32, String> {
     }
 }
 
-/// A duration: a number with a unit (`ms`, `s`, `m`, `h`), or bare seconds.
-fn duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
+/// The leading number of `text` and the rest (its unit); `what` says what was expected.
+fn number_and_unit<'t>(text: &'t str, what: &str) -> Result<(u64, &'t str), String> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let n: u64 = number
+    let n = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration such as 250ms, 30s, 5m or 1h"))?;
+        .map_err(|_| format!("{text:?} is not {what}"))?;
+    Ok((n, unit))
+}
+
+/// A duration: a number with a unit (`ms`, `s`, `m`, `h`), or bare seconds.
+fn duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (n, unit) = number_and_unit(text, "a duration such as 250ms, 30s, 5m or 1h")?;
     let secs = |mul: u64| {
         n.checked_mul(mul)
             .map(Duration::from_secs)
@@ -189,13 +195,7 @@ fn duration(text: &str) -> Result<Duration, String> {
 #[cfg(feature = "redis")]
 fn byte_size(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size such as 64MiB or 1GiB"))?;
+    let (n, unit) = number_and_unit(text, "a size such as 64MiB or 1GiB")?;
     let mul: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
