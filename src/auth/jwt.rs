@@ -528,14 +528,21 @@ mod tests {
         // the last carries four plus two that must be zero (changing it to `B` after an `A`
         // made a malformed segment, not a bad signature, once in sixteen tokens).
         let sig = token.rfind('.').unwrap() + 1;
-        let mut bad = token.clone();
-        let swap = if token[sig..].starts_with('A') {
-            "B"
+        let bad = changed_at(&token, sig);
+        assert_eq!(auth.verify(&bad), Err(JwtError::BadSignature));
+    }
+
+    /// `token` with the character at `at` changed to another that is canonical base64url in
+    /// any position (`A` and `Q` both leave the low two bits zero).
+    fn changed_at(token: &str, at: usize) -> String {
+        let mut bad = token.to_owned();
+        let swap = if token[at..].starts_with('A') {
+            "Q"
         } else {
             "A"
         };
-        bad.replace_range(sig..sig + 1, swap);
-        assert_eq!(auth.verify(&bad), Err(JwtError::BadSignature));
+        bad.replace_range(at..at + 1, swap);
+        bad
     }
 
     #[test]
@@ -546,15 +553,8 @@ mod tests {
             let token = auth.mint(&Claims::new(format!("t{n}"), Duration::from_secs(60)));
             let sig = token.rfind('.').unwrap() + 1;
             for at in [sig, token.len() - 1] {
-                let mut bad = token.clone();
-                let swap = if token[at..].starts_with('A') {
-                    "Q"
-                } else {
-                    "A"
-                };
-                bad.replace_range(at..at + 1, swap);
                 assert_eq!(
-                    auth.verify(&bad),
+                    auth.verify(&changed_at(&token, at)),
                     Err(JwtError::BadSignature),
                     "{token} at {at}"
                 );
