@@ -201,7 +201,8 @@ impl Near {
             } if g == gen => e,
             _ => return None,
         };
-        let mut buf = Vec::with_capacity(entry_key.len());
+        // Allocated by the first dep's key only: a hit on an entry without deps allocates nothing.
+        let mut buf = Vec::new();
         for (id, epoch, life) in entry.deps.iter_lives() {
             if !declared.contains(&id) {
                 return None;
