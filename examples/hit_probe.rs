@@ -61,7 +61,8 @@ fn main() {
 
 #[cfg(feature = "redis")]
 async fn redis_layer() -> CachecoreLayer {
-    let url = std::env::var("HIT_PROBE_REDIS").expect("HIT_PROBE_REDIS: a redis:// URL on 127.0.0.1");
+    let url =
+        std::env::var("HIT_PROBE_REDIS").expect("HIT_PROBE_REDIS: a redis:// URL on 127.0.0.1");
     let store = cachecore::RedisStore::builder()
         .url(url)
         .build()

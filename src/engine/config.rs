@@ -89,6 +89,7 @@ impl NamespaceSource {
     }
 
     /// Whether keys are partitioned by the credentials the layer sees (no tenant configured).
+    #[cfg(any(test, feature = "reqwest"))]
     pub(crate) fn is_credentials(&self) -> bool {
         matches!(self, Self::Credentials { .. })
     }

@@ -29,11 +29,14 @@ mod plan;
 mod record;
 
 pub use body::ResponseBody;
-pub(crate) use body::{into_bytes, poll_bytes, take_bytes, Unwrapped};
+#[cfg(feature = "reqwest")]
+pub(crate) use body::Unwrapped;
+pub(crate) use body::{into_bytes, poll_bytes, take_bytes};
 pub(crate) use config::{Config, NamespaceSettings};
 use flight::Flights;
 pub(crate) use flow::{RefreshCall, Upstream};
 use guard::StoreGuard;
+#[cfg(feature = "reqwest")]
 pub(crate) use invalidate::random_hash;
 pub(crate) use plan::Plan;
 

@@ -8,7 +8,9 @@ use sha2::{Digest, Sha256};
 
 mod canonical;
 mod memo;
-pub use canonical::{hash_canonical_json, NotJson};
+pub use canonical::hash_canonical_json;
+#[cfg(any(test, feature = "test-util"))]
+pub use canonical::NotJson;
 pub(crate) use memo::KeyMemo;
 
 use crate::Dep;

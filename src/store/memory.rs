@@ -458,6 +458,7 @@ impl DepIndex {
 }
 
 impl Tenants {
+    #[cfg(any(test, feature = "test-util"))]
     fn epoch(&self, tenant: &str, dep_id: &str) -> (u64, u64) {
         epoch_in(self.tenants.get(tenant), dep_id)
     }

@@ -257,6 +257,7 @@ impl DepEpochs {
 
     /// Sets the life of every dep to `life(id)`. In place when the set is not shared (a freshly
     /// decoded entry), so a hit pays no allocation for it.
+    #[cfg(feature = "redis")]
     pub(crate) fn set_lives(&mut self, life: impl Fn(&str) -> u64) {
         match Arc::get_mut(&mut self.deps) {
             Some(deps) => deps.iter_mut().for_each(|d| d.life = life(&d.id)),
