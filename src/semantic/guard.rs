@@ -10,18 +10,46 @@
 //! - **entities**: the same names (capitalised words not opening a sentence, acronyms, days and
 //!   months);
 //! - **opposites**: no pair of opposites (open/closed, include/exclude, increase/reduce, on/off,
-//!   tenant/landlord, `safe`/`unsafe`, ...) where one question moved one way and the other the
-//!   other way;
+//!   `safe`/`unsafe`, ...) where one question moved one way and the other the other way;
 //! - **direction**: what comes after `from` in one question does not come after `to` in the
 //!   other ("from my savings to my current account" and back again).
+//!
+//! # Where the word lists come from
+//!
+//! The precision L2 reports is measured on labelled pairs (PyPI `fow-cache`'s `pairs.jsonl`,
+//! split in two halves by `benches/semantic.rs`), so the lists must not have been written by
+//! reading the half the figures come from. They were rebuilt in two steps:
+//!
+//! 1. **Generic English, written without the data**: closed-class negators, number words and
+//!    ordinals, days, months and relative days, closed-class function words and greetings,
+//!    the negating prefixes (`un-`, `in-`, `dis-`, ...), and domain-free antonyms of general
+//!    English (open/close, include/exclude, increase/decrease, add/remove, more/less,
+//!    before/after, buy/sell, enable/disable, on/off, in/out, up/down, start/stop,
+//!    allow/forbid, send/receive, good/bad, ...).
+//! 2. **Then only from the errors of the tuning half**
+//!    (`cargo bench --all-features --bench semantic -- tuning`, which never reads the other
+//!    half): each entry added that way names, beside it, the tuning pair that called for it
+//!    (`avoid` as a negator, ban, approve/decline, compulsory/optional, within/after,
+//!    home/abroad, visitor/resident, tenant/landlord, online/paper, benefits/drawbacks,
+//!    pause/resume, free/paid, same/next, puppy/kitten, outstanding/inadequate). The direction
+//!    guard was kept because three tuning traps need it (entity_swap-009, -013, -a014).
+//!
+//! The structural rules (light stemming, one slip allowed in names of five letters or more,
+//! casing as a hint, contractions) are kept from the first version: generic, but written by
+//! someone who had read traps of both halves.
 
-/// Words whose presence reverses a statement.
+/// Closed-class English negators (`n't` is split off by [`expand`]). Generic: written
+/// without the data.
 const NEGATORS: &[&str] = &[
     "not", "no", "never", "none", "nobody", "nothing", "nowhere", "neither", "nor", "without",
-    "cannot", "non", "avoid", "avoiding", "unable", "fail", "fails", "failed", "lack", "lacking",
+    "cannot", "non",
+    // From the tuning half: "Which foods should I eat / avoid before surgery?" (negation-003,
+    // negation-b001).
+    "avoid", "avoids", "avoided", "avoiding",
 ];
 
-/// Pairs of opposite word groups.
+/// Pairs of opposite word groups. Generic, domain-free antonyms of general English (written
+/// without the data), then the entries marked with the tuning-half error they came from.
 #[rustfmt::skip]
 const OPPOSITES: &[(&[&str], &[&str])] = &[
     (
@@ -29,149 +57,218 @@ const OPPOSITES: &[(&[&str], &[&str])] = &[
         &["close", "closes", "closed", "closing", "shut"],
     ),
     (
-        &["include", "includes", "included", "including", "inclusive"],
-        &["exclude", "excludes", "excluded", "excluding", "exclusive"],
+        &["include", "includes", "included", "including"],
+        &["exclude", "excludes", "excluded", "excluding"],
     ),
     (
-        &["allow", "allows", "allowed", "permit", "permits", "permitted"],
-        &["ban", "bans", "banned", "forbidden", "prohibit", "prohibited", "disallowed"],
+        &["increase", "increases", "increased", "increasing", "raise", "raises", "raised", "raising"],
+        &["decrease", "decreases", "decreased", "decreasing", "reduce", "reduces", "reduced", "reducing"],
     ),
     (
-        &["approve", "approved", "accept", "accepted", "accepts", "granted", "successful"],
-        &[
-            "reject", "rejected", "decline", "declined", "refuse", "refused", "deny", "denied",
-            "unsuccessful",
-        ],
+        &["add", "adds", "added", "adding"],
+        &["remove", "removes", "removed", "removing", "delete", "deletes", "deleted", "deleting"],
     ),
     (
-        &[
-            "increase", "increases", "increased", "increasing", "raise", "raising", "more",
-            "higher", "boost", "extend", "add", "adding", "upgrade", "up",
-        ],
-        &[
-            "decrease", "decreases", "decreased", "decreasing", "reduce", "reduced", "reducing",
-            "lower", "less", "fewer", "cut", "shorten", "remove", "removing", "downgrade", "down",
-        ],
+        &["more"],
+        &["less", "fewer"],
     ),
     (
-        &["on", "enable", "enabled", "activate", "activated", "start", "starting"],
-        &["off", "disable", "disabled", "deactivate", "deactivated", "stop", "stopping"],
+        &["most", "max", "maximum"],
+        &["least", "min", "minimum"],
     ),
     (
-        &["safe", "safely", "recommended", "healthy"],
-        &["unsafe", "dangerous", "harmful", "unhealthy", "risky"],
+        &["high", "higher", "highest"],
+        &["low", "lower", "lowest"],
     ),
     (
-        &["before", "prior", "earlier", "early", "advance"],
-        &["after", "later", "late", "afterwards"],
+        &["big", "bigger", "biggest", "large", "larger", "largest"],
+        &["small", "smaller", "smallest"],
     ),
     (
-        &["buy", "buying", "bought", "purchase", "purchasing"],
-        &["sell", "selling", "sold"],
+        &["long", "longer", "longest"],
+        &["short", "shorter", "shortest"],
     ),
     (
-        &["send", "sending", "sent", "outgoing", "outbound", "export", "upload"],
-        &["receive", "receiving", "received", "incoming", "inbound", "import", "download"],
+        &["fast", "faster", "fastest"],
+        &["slow", "slower", "slowest"],
     ),
     (
-        &["deposit", "deposits", "credit", "credits"],
-        &["withdraw", "withdrawal", "withdrawals", "debit", "debits"],
+        &["cheap", "cheaper", "cheapest"],
+        &["expensive"],
     ),
     (
-        &["join", "joining", "arrive", "arrival", "arrivals"],
-        &["leave", "leaving", "depart", "departure", "departures"],
+        &["new", "newer", "newest"],
+        &["old", "older", "oldest"],
     ),
     (
-        &["max", "maximum", "most", "largest", "biggest", "highest", "longest"],
-        &["min", "minimum", "least", "smallest", "lowest", "shortest"],
+        &["before", "earlier"],
+        &["after", "later"],
     ),
     (
-        &["domestic", "national", "inland"],
-        &["international", "abroad", "overseas", "foreign"],
+        &["early"],
+        &["late"],
     ),
     (
-        &["online", "digital", "electronic", "electronically", "website", "app"],
-        &["paper", "postal", "offline", "printed", "person"],
+        &["buy", "buys", "buying", "bought"],
+        &["sell", "sells", "selling", "sold"],
     ),
     (
-        &[
-            "son", "boy", "he", "his", "him", "man", "men", "male", "husband", "father", "dad",
-            "brother",
-        ],
-        &[
-            "daughter", "girl", "she", "her", "woman", "women", "female", "wife", "mother", "mum",
-            "mom", "sister",
-        ],
+        &["enable", "enables", "enabled", "enabling", "activate", "activates", "activated"],
+        &["disable", "disables", "disabled", "disabling", "deactivate", "deactivates", "deactivated"],
     ),
     (
-        &["adult", "adults"],
-        &["child", "children", "kid", "kids", "baby", "infant", "teen", "teenager", "minor"],
-    ),
-    (
-        &["dog", "dogs", "puppy", "puppies"],
-        &["cat", "cats", "kitten", "kittens"],
-    ),
-    (
-        &["weekday", "weekdays"],
-        &["weekend", "weekends"],
-    ),
-    (
-        &["win", "won", "winning"],
-        &["lose", "lost", "losing"],
+        &["on"],
+        &["off"],
     ),
     (
         &["in", "into", "inside"],
         &["out", "outside"],
     ),
     (
-        &["tenant", "tenants", "renter", "renters"],
-        &["landlord", "landlords", "landlady", "letting"],
+        &["up"],
+        &["down"],
     ),
     (
-        &["buyer", "buyers"],
-        &["seller", "sellers", "vendor"],
+        &["above", "over"],
+        &["below", "under"],
     ),
     (
-        &["employer", "employers"],
-        &["employee", "employees", "staff", "worker"],
+        &["start", "starts", "started", "starting"],
+        &["stop", "stops", "stopped", "stopping"],
     ),
     (
-        &["economy"],
-        &["business", "premium"],
+        &["allow", "allows", "allowed", "permit", "permitted"],
+        &[
+            "forbid", "forbids", "forbidden", "prohibit", "prohibited",
+            // Tuning half: allow / ban pets (negation-b003).
+            "ban", "bans", "banned",
+        ],
     ),
     (
-        &["full", "whole", "entire"],
-        &["part", "partial", "half"],
+        // Tuning half: a claim approved / rejected (negation-a010).
+        &["accept", "accepts", "accepted", "approve", "approves", "approved"],
+        // Tuning half: accept / decline an invite (negation-023).
+        &["reject", "rejects", "rejected", "decline", "declines", "declined"],
     ),
     (
-        &["under", "below", "within", "inside"],
-        &["over", "above", "beyond", "after", "outside"],
+        &["send", "sends", "sending", "sent"],
+        &["receive", "receives", "receiving", "received"],
+    ),
+    (
+        &["import", "imports", "imported", "importing"],
+        &["export", "exports", "exported", "exporting"],
+    ),
+    (
+        &["upload", "uploads", "uploaded", "uploading"],
+        &["download", "downloads", "downloaded", "downloading"],
+    ),
+    (
+        &["push", "pushes", "pushed", "pushing"],
+        &["pull", "pulls", "pulled", "pulling"],
+    ),
+    (
+        &["input", "inputs"],
+        &["output", "outputs"],
+    ),
+    (
+        &["internal"],
+        &["external"],
+    ),
+    (
+        &["public"],
+        &["private"],
+    ),
+    (
+        &["win", "wins", "won", "winning"],
+        &["lose", "loses", "lost", "losing"],
+    ),
+    (
+        &["pass", "passes", "passed", "passing"],
+        &["fail", "fails", "failed", "failing"],
+    ),
+    (
+        // Tuning half: schools rated outstanding / inadequate (negation-a022).
+        &["good", "better", "best", "outstanding", "excellent"],
+        &["bad", "worse", "worst", "inadequate", "poor"],
+    ),
+    (
+        &["true"],
+        &["false"],
     ),
     (
         &["same"],
-        &["next", "different", "another"],
+        // Tuning half: a same-day / next-day appointment (number_date-017).
+        &["different", "next"],
     ),
     (
-        &["benefit", "benefits", "advantage", "advantages", "pros", "upside", "upsides"],
-        &["drawback", "drawbacks", "disadvantage", "disadvantages", "cons", "downside", "downsides", "risks"],
+        &["hot"],
+        &["cold"],
     ),
     (
-        &["hot", "warm", "summer", "busy", "compulsory", "mandatory", "required"],
-        &["cold", "cool", "winter", "quiet", "optional", "voluntary"],
+        &["north", "northern"],
+        &["south", "southern"],
     ),
     (
-        &["pause", "paused", "suspend", "freeze"],
-        &["resume", "resumed", "restart", "unfreeze", "reactivate"],
+        &["east", "eastern"],
+        &["west", "western"],
+    ),
+    // The rest come from the errors of the tuning half (the pair ids of fow-cache's
+    // pairs.jsonl in brackets), nothing else.
+    (
+        // Compulsory / optional subjects (negation-a008).
+        &["compulsory", "mandatory", "required"],
+        &["optional"],
     ),
     (
-        &["good", "great", "excellent", "outstanding", "best", "better", "working", "properly",
-          "positive", "pass", "passed"],
-        &["bad", "poor", "inadequate", "worst", "worse", "fault", "faulty", "broken", "negative",
-          "failing"],
+        // Cancel within / after the cooling-off period (scope-007).
+        &["within"],
+        &["after", "beyond"],
+    ),
+    (
+        // A laptop at home / abroad (scope-a012).
+        &["home"],
+        &["abroad", "overseas"],
+    ),
+    (
+        // Parking for visitors / residents (scope-017).
+        &["visitor", "visitors"],
+        &["resident", "residents"],
+    ),
+    (
+        // Notice from a tenant / a landlord (scope-a020); switching supplier as a homeowner /
+        // a tenant (scope-b013).
+        &["tenant", "tenants"],
+        &["landlord", "landlords", "homeowner", "homeowners"],
+    ),
+    (
+        // An online / a paper tax return (scope-a004).
+        &["online"],
+        &["paper", "postal", "offline"],
+    ),
+    (
+        // The benefits / drawbacks of remote work (negation-011).
+        &["benefit", "benefits", "advantage", "advantages", "pros"],
+        &["drawback", "drawbacks", "disadvantage", "disadvantages", "cons"],
+    ),
+    (
+        // Pause / resume deliveries (negation-b011).
+        &["pause", "pauses", "paused", "pausing"],
+        &["resume", "resumes", "resumed", "resuming"],
+    ),
+    (
+        // The rate limit of the free / the enterprise plan (scope-b007).
+        &["free"],
+        &["paid", "enterprise"],
+    ),
+    (
+        // Vaccines for a puppy / a kitten (scope-013).
+        &["puppy", "puppies", "dog", "dogs"],
+        &["kitten", "kittens", "cat", "cats"],
     ),
 ];
 
-/// Number words and ordinals, with the digits they stand for.
+/// Number words and ordinals, with the digits they stand for. Generic. (`one` is left out: it
+/// is far more often a pronoun.)
 #[rustfmt::skip]
 const NUMBER_WORDS: &[(&str, &str)] = &[
     ("zero", "0"), ("two", "2"), ("three", "3"), ("four", "4"), ("five", "5"),
@@ -182,37 +279,33 @@ const NUMBER_WORDS: &[(&str, &str)] = &[
     ("ninety", "90"), ("hundred", "100"), ("thousand", "1000"), ("million", "1000000"),
     ("billion", "1000000000"), ("half", "0.5"), ("dozen", "12"), ("first", "1"), ("second", "2"),
     ("third", "3"), ("fourth", "4"), ("fifth", "5"), ("sixth", "6"), ("seventh", "7"),
-    ("eighth", "8"), ("ninth", "9"), ("tenth", "10"), ("twice", "2"),     ];
+    ("eighth", "8"), ("ninth", "9"), ("tenth", "10"), ("twice", "2"),
+];
 
-/// Days, months, relative days and colours: one that differs is a different question. (`may`
+/// Days, months and relative days: one that differs is a different question. Generic. (`may`
 /// is left out: it is far more often the verb.)
 #[rustfmt::skip]
-const TIME_WORDS: &[&str] = &[
+const DATE_WORDS: &[&str] = &[
     "monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday", "mondays",
     "tuesdays", "wednesdays", "thursdays", "fridays", "saturdays", "sundays", "january", "february",
     "march", "april", "june", "july", "august", "september", "october", "november", "december",
-    "today", "tomorrow", "yesterday", "tonight", "red", "blue", "green", "yellow", "black", "white",
-    "orange", "purple", "pink", "grey", "gray", "brown", "silver", "gold",
+    "today", "tomorrow", "yesterday", "tonight",
 ];
 
-/// Words that carry no content of their own: differences in them are wording, not meaning.
+/// Closed-class words (articles, pronouns, auxiliaries, prepositions, conjunctions, question
+/// words) and greetings: never a name, and skipped when looking for what follows `from`/`to`.
+/// Generic.
 #[rustfmt::skip]
 const FUNCTION_WORDS: &[&str] = &[
-    "um", "uh", "er", "erm", "so", "yeah", "yes", "sorry", "silly", "bother", "cheers",
-    "morning", "hiya", "advance", "usually", "ok", "okay",
     "a", "an", "the", "i", "me", "my", "mine", "we", "us", "our", "you", "your", "yours", "it",
-    "its", "they", "them", "their", "this", "that", "these", "those", "is", "are", "was", "were",
-    "be", "been", "being", "am", "do", "does", "did", "doing", "have", "has", "had", "having",
-    "can", "could", "will", "would", "shall", "should", "may", "might", "must", "need", "to", "of",
-    "in", "for", "at", "by", "from", "with", "about", "into", "through", "as", "and", "or", "but",
-    "if", "so", "then", "than", "there", "here", "what", "which", "who", "whom", "whose", "when",
-    "where", "why", "how", "whats", "any", "some", "all", "each", "every", "just", "also", "too",
-    "very", "really", "please", "hi", "hello", "hey", "team", "thanks", "thank", "there", "anyone",
-    "someone", "somebody", "something", "somewhere", "anything", "anywhere", "way", "quick",
-    "question", "wondering", "want", "like", "know", "tell", "get", "got", "go", "going",
-    "possible", "able", "kindly", "actually", "exactly", "basically", "ok", "okay", "s", "d", "ll",
-    "re", "ve", "m", "t", "is", "out", "over", "own", "same", "such", "only", "much", "many", "bit",
-    "help", "now", "currently", "right",
+    "its", "he", "him", "his", "she", "her", "they", "them", "their", "this", "that", "these",
+    "those", "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "doing",
+    "have", "has", "had", "having", "can", "could", "will", "would", "shall", "should", "may",
+    "might", "must", "to", "of", "in", "on", "at", "by", "for", "from", "with", "about", "into",
+    "onto", "through", "as", "and", "or", "but", "if", "so", "then", "than", "there", "here",
+    "what", "which", "who", "whom", "whose", "when", "where", "why", "how", "any", "some", "all",
+    "each", "every", "just", "also", "too", "very", "please", "hi", "hello", "hey", "thanks",
+    "thank", "anyone", "someone", "something", "anything", "s", "d", "ll", "re", "ve", "m", "t",
 ];
 
 /// What the guards need to know about one question, computed once.
@@ -388,7 +481,7 @@ impl Lexicon {
                 if let Some((_, n)) = number_word {
                     lex.numbers.push((*n).to_owned());
                 }
-                if TIME_WORDS.contains(&part.as_str()) {
+                if DATE_WORDS.contains(&part.as_str()) {
                     lex.entities.push(part.trim_end_matches('s').to_owned());
                 }
                 if NEGATORS.contains(&part.as_str()) {
@@ -618,6 +711,72 @@ mod tests {
             ),
             Some(Veto::Opposites)
         );
+    }
+
+    #[test]
+    fn generic_opposites_must_not_flip() {
+        for (a, b) in [
+            (
+                "Does the price include delivery?",
+                "Does the price exclude delivery?",
+            ),
+            (
+                "How do I increase my credit limit?",
+                "How do I decrease my credit limit?",
+            ),
+            (
+                "Should I stretch before running?",
+                "Should I stretch after running?",
+            ),
+            (
+                "Is it a good time to buy shares?",
+                "Is it a good time to sell shares?",
+            ),
+            ("How do I enable dark mode?", "How do I disable dark mode?"),
+            ("How do I log in?", "How do I log out?"),
+        ] {
+            assert_eq!(veto(a, b), Some(Veto::Opposites), "{a} / {b}");
+        }
+        // Only a flip vetoes: a word of one side on one side alone is wording.
+        assert_eq!(
+            veto(
+                "How do I increase my credit limit?",
+                "How do I get a higher credit limit?"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn tuning_half_entries_veto_their_traps() {
+        // Entries added from errors of the tuning half (see the module doc), on those pairs.
+        assert_eq!(
+            veto(
+                "Which foods should I eat before surgery?",
+                "Which foods should I avoid before surgery?"
+            ),
+            Some(Veto::Negation)
+        );
+        for (a, b) in [
+            (
+                "Which airlines allow pets in the cabin?",
+                "Which airlines ban pets in the cabin?",
+            ),
+            (
+                "Can I cancel within the cooling-off period?",
+                "Can I cancel after the cooling-off period?",
+            ),
+            (
+                "Which subjects are compulsory at GCSE?",
+                "Which subjects are optional at GCSE?",
+            ),
+            (
+                "How do I pause my meal kit deliveries?",
+                "How do I resume my meal kit deliveries?",
+            ),
+        ] {
+            assert_eq!(veto(a, b), Some(Veto::Opposites), "{a} / {b}");
+        }
     }
 
     #[test]
