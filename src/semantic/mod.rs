@@ -581,18 +581,8 @@ pub mod __bench {
         }
     }
 
-    /// [`fill`] for a [`RedisIndex`]: each vector beside a placeholder entry.
-    #[cfg(feature = "redis")]
-    pub async fn redis_fill(index: &RedisIndex, vectors: &[Vec<f32>]) {
-        for (i, v) in vectors.iter().enumerate() {
-            let mut digest = [0u8; 32];
-            digest[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            index.bench_entry(&partition(), &digest).await;
-            assert!(index.insert(&partition(), &digest, v, "bench").await);
-        }
-    }
-
-    /// [`search`] for a [`RedisIndex`].
+    /// [`search`] for a [`RedisIndex`], on the partition of tenant `bench` and the all-zero
+    /// signature (the benchmark writes its hashes itself: see `benches/semantic.rs`).
     #[cfg(feature = "redis")]
     pub async fn redis_search(index: &RedisIndex, query: &[f32], min: f32) -> usize {
         index

@@ -181,14 +181,6 @@ impl RedisIndex {
         }
     }
 
-    /// For the benchmark: a placeholder entry to write a vector beside.
-    pub(crate) async fn bench_entry(&self, key: &PartitionKey, digest: &[u8; 32]) {
-        self.store
-            .l2_bench_entry(&key.tenant, digest)
-            .await
-            .expect("the benchmark's Redis answers");
-    }
-
     /// Drops the vector of the entry `digest` (found gone).
     pub(crate) async fn remove(&self, key: &PartitionKey, digest: &[u8; 32]) {
         if let Err(e) = self.store.l2_remove(&key.tenant, digest).await {

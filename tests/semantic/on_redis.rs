@@ -106,6 +106,29 @@ async fn redis_a_paraphrase_is_hit_l2_and_the_vector_sits_beside_its_entry() {
 }
 
 #[tokio::test]
+async fn redis_a_resp3_connection_reads_the_search_reply_too() {
+    // On RESP3 FT.SEARCH answers a map (`results` of `id` and `extra_attributes`), not the
+    // RESP2 array: read as an array, every search failed open and no paraphrase ever hit.
+    let server = redis_stack();
+    let store = connect(&format!("{}?protocol=resp3", server.url())).await;
+    let up = Upstream::default();
+    let svc = stack(
+        &layer_on(&store, SemanticCache::new(fake_pair(0.955))).await,
+        &up,
+    );
+    let tenant = unique("rq-resp3");
+    let first = ask_as(&svc, &tenant, Q).await;
+    assert_eq!(first.x_cache, "MISS");
+    let second = ask_as(&svc, &tenant, PARAPHRASE).await;
+    assert_eq!(second.x_cache, "HIT_L2");
+    assert_eq!(second.similarity.as_deref(), Some("0.95"));
+    assert_eq!(second.body, first.body);
+    assert_eq!(up.calls(), 1);
+    let clients = support::cli(server.port(), &["CLIENT", "LIST"]);
+    assert!(clients.contains("resp=3"), "no RESP3 client: {clients}");
+}
+
+#[tokio::test]
 async fn redis_invalidating_the_dep_of_a_matched_entry_makes_the_paraphrase_miss() {
     let server = redis_stack();
     let store = connect(&server.url()).await;

@@ -312,23 +312,6 @@ impl RedisStore {
             .collect())
     }
 
-    /// For the benchmark: a placeholder L1 entry `digest` of `tenant` for an hour, so a vector
-    /// can be written beside it.
-    pub(crate) async fn l2_bench_entry(
-        &self,
-        tenant: &str,
-        digest: &[u8; 32],
-    ) -> Result<(), StoreError> {
-        let keys = TenantKeys::new(tenant);
-        let mut cmd = Cmd::new();
-        cmd.arg("SET")
-            .arg(keys.entry_digest(digest))
-            .arg("bench")
-            .arg("PX")
-            .arg(3_600_000);
-        self.timed(self.conn.query::<Value>(&cmd)).await.map(|_| ())
-    }
-
     /// Drops the vector of the entry `digest` of `tenant`.
     pub(crate) async fn l2_remove(
         &self,
@@ -342,53 +325,101 @@ impl RedisStore {
     }
 }
 
-/// Reads an `FT.SEARCH` reply (RESP2: total, then id and fields per document). The distance
-/// is the cosine *distance*, `1 - cosine similarity`, in `[0, 2]`.
+/// Reads an `FT.SEARCH` reply, in either protocol. RESP2: the total, then an id and a flat
+/// array of fields per document. RESP3 (a connection opened with `protocol=resp3`): a map whose
+/// `results` are maps of `id` and `extra_attributes` (a map of the returned fields). The
+/// distance is the cosine *distance*, `1 - cosine similarity`, in `[0, 2]`.
 fn parse_search(reply: Value) -> Result<Vec<Neighbour>, StoreError> {
-    let bad =
-        |what: &str| StoreError::new(StoreErrorKind::Backend, format!("FT.SEARCH reply: {what}"));
-    let Value::Array(items) = reply else {
-        return Err(bad("not an array (RESP2 expected)"));
-    };
-    let mut items = items.into_iter();
-    items.next().ok_or_else(|| bad("empty"))?;
     let mut out = Vec::new();
-    while let Some(id) = items.next() {
-        let id: Vec<u8> = FromRedisValue::from_redis_value(id).map_err(|_| bad("document id"))?;
-        let fields = match items.next() {
-            Some(Value::Array(fields)) => fields,
-            _ => Vec::new(),
-        };
-        let Some(digest) = digest_of(&id) else {
-            continue;
-        };
-        let mut distance = None;
-        let mut question = None;
-        let mut fields = fields.into_iter();
-        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
-            let name: Vec<u8> = FromRedisValue::from_redis_value(name).map_err(|_| bad("field"))?;
-            let value: Vec<u8> =
-                FromRedisValue::from_redis_value(value).map_err(|_| bad("value"))?;
-            match name.as_slice() {
-                b"dist" => {
-                    distance = std::str::from_utf8(&value)
-                        .ok()
-                        .and_then(|s| s.parse::<f32>().ok());
+    match reply {
+        Value::Array(items) => {
+            let mut items = items.into_iter();
+            items.next().ok_or_else(|| bad_reply("empty"))?;
+            while let Some(id) = items.next() {
+                let fields = match items.next() {
+                    Some(Value::Array(fields)) => fields,
+                    _ => Vec::new(),
+                };
+                let mut fields = fields.into_iter();
+                let mut pairs = Vec::new();
+                while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+                    pairs.push((name, value));
                 }
-                b"q" => question = String::from_utf8(value).ok(),
-                _ => {}
+                out.extend(neighbour(id, pairs)?);
             }
         }
-        // No distance (a document gone between the search and the reply): not a neighbour.
-        if let Some(distance) = distance {
-            out.push(Neighbour {
-                digest,
-                similarity: 1.0 - distance,
-                question,
-            });
+        Value::Map(entries) => {
+            let results = entries
+                .into_iter()
+                .find_map(|(k, v)| is_name(&k, b"results").then_some(v));
+            let Some(Value::Array(docs)) = results else {
+                return Err(bad_reply("a RESP3 map without results"));
+            };
+            for doc in docs {
+                let Value::Map(doc) = doc else {
+                    return Err(bad_reply("a RESP3 result that is not a map"));
+                };
+                let (mut id, mut fields) = (None, Vec::new());
+                for (k, v) in doc {
+                    if is_name(&k, b"id") {
+                        id = Some(v);
+                    } else if is_name(&k, b"extra_attributes") {
+                        if let Value::Map(attributes) = v {
+                            fields = attributes;
+                        }
+                    }
+                }
+                let id = id.ok_or_else(|| bad_reply("a RESP3 result without an id"))?;
+                out.extend(neighbour(id, fields)?);
+            }
         }
+        _ => return Err(bad_reply("neither a RESP2 array nor a RESP3 map")),
     }
     Ok(out)
+}
+
+fn bad_reply(what: &str) -> StoreError {
+    StoreError::new(StoreErrorKind::Backend, format!("FT.SEARCH reply: {what}"))
+}
+
+/// Whether a RESP3 map key (a simple or a bulk string) is `name`.
+fn is_name(key: &Value, name: &[u8]) -> bool {
+    match key {
+        Value::SimpleString(s) => s.as_bytes() == name,
+        Value::BulkString(b) => b.as_slice() == name,
+        _ => false,
+    }
+}
+
+/// One document of a reply: its id and its returned fields. `None` for a key that names no
+/// digest, or a document with no distance (gone between the search and the reply).
+fn neighbour(id: Value, fields: Vec<(Value, Value)>) -> Result<Option<Neighbour>, StoreError> {
+    let id: Vec<u8> = FromRedisValue::from_redis_value(id).map_err(|_| bad_reply("document id"))?;
+    let Some(digest) = digest_of(&id) else {
+        return Ok(None);
+    };
+    let mut distance = None;
+    let mut question = None;
+    for (name, value) in fields {
+        let name: Vec<u8> =
+            FromRedisValue::from_redis_value(name).map_err(|_| bad_reply("field"))?;
+        let value: Vec<u8> =
+            FromRedisValue::from_redis_value(value).map_err(|_| bad_reply("value"))?;
+        match name.as_slice() {
+            b"dist" => {
+                distance = std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|s| s.parse::<f32>().ok());
+            }
+            b"q" => question = String::from_utf8(value).ok(),
+            _ => {}
+        }
+    }
+    Ok(distance.map(|distance| Neighbour {
+        digest,
+        similarity: 1.0 - distance,
+        question,
+    }))
 }
 
 /// The digest an l2 key names: the 64 hex digits after its last `:`.
@@ -442,6 +473,54 @@ mod tests {
         assert!((sims[2] + 1.0).abs() < 1e-6);
         assert_eq!(found[0].digest, [0xab; 32]);
         assert_eq!(found[0].question.as_deref(), Some("hello"));
+    }
+
+    #[test]
+    fn a_resp3_reply_is_read_like_a_resp2_one() {
+        // The shape RediSearch 2.10 answers on a RESP3 connection (HELLO 3).
+        let s = |t: &str| Value::SimpleString(t.to_owned());
+        let b = |t: &str| Value::BulkString(t.as_bytes().to_vec());
+        let doc = |hex: &str, dist: &str, q: Option<&str>| {
+            let mut attributes = vec![(b("dist"), b(dist))];
+            if let Some(q) = q {
+                attributes.push((b("q"), b(q)));
+            }
+            Value::Map(vec![
+                (s("id"), b(&format!("cc:{{t}}:l2:{}", hex.repeat(32)))),
+                (s("extra_attributes"), Value::Map(attributes)),
+                (s("values"), Value::Array(Vec::new())),
+            ])
+        };
+        let reply = Value::Map(vec![
+            (s("attributes"), Value::Array(Vec::new())),
+            (s("total_results"), Value::Int(3)),
+            (s("format"), s("STRING")),
+            (
+                s("results"),
+                Value::Array(vec![
+                    doc("ab", "0.0500000119209", Some("hello")),
+                    doc("cd", "0.399999976158", None),
+                    doc("zz", "0", Some("not an l2 key")),
+                ]),
+            ),
+            (s("warning"), Value::Array(Vec::new())),
+        ]);
+        let found = parse_search(reply).unwrap();
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].digest, [0xab; 32]);
+        assert!((found[0].similarity - 0.95).abs() < 1e-6);
+        assert_eq!(found[0].question.as_deref(), Some("hello"));
+        assert_eq!(found[1].digest, [0xcd; 32]);
+        assert!((found[1].similarity - 0.6).abs() < 1e-6);
+        assert_eq!(found[1].question, None);
+
+        let empty = Value::Map(vec![
+            (s("total_results"), Value::Int(0)),
+            (s("results"), Value::Array(Vec::new())),
+        ]);
+        assert!(parse_search(empty).unwrap().is_empty());
+        assert!(parse_search(Value::Map(Vec::new())).is_err());
+        assert!(parse_search(Value::Int(1)).is_err());
     }
 
     #[test]
