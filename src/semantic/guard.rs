@@ -512,7 +512,32 @@ impl Lexicon {
         lex.entities.dedup();
         lex.words.sort();
         lex.words.dedup();
+        for list in [
+            &mut lex.numbers,
+            &mut lex.entities,
+            &mut lex.from,
+            &mut lex.to,
+            &mut lex.words,
+        ] {
+            list.shrink_to_fit();
+        }
         lex
+    }
+
+    /// The bytes it holds: the question's distinct words and what the guards derived from
+    /// them. An index keeping it counts these against its bound.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        let strings = |list: &Vec<String>| {
+            list.capacity() * std::mem::size_of::<String>()
+                + list.iter().map(String::capacity).sum::<usize>()
+        };
+        std::mem::size_of::<Self>()
+            + strings(&self.numbers)
+            + strings(&self.entities)
+            + strings(&self.from)
+            + strings(&self.to)
+            + strings(&self.words)
+            + self.opposites.capacity() * std::mem::size_of::<(u16, u16)>()
     }
 
     /// `Ok` when no guard objects to answering `self` with an answer to `other`.

@@ -13,12 +13,16 @@ pub(crate) struct PartitionKey {
     pub(crate) signature: [u8; 32],
 }
 
-/// One stored question: the L1 entry it names, when that entry expires, and its words.
+/// One stored question: the L1 entry it names, when that entry expires, and its words (the
+/// question's distinct words, lower-cased, and what the guards derived from them: the text
+/// itself is not kept).
 struct Row {
     digest: [u8; 32],
     expires_ms: u64,
     lexicon: Arc<Lexicon>,
     seq: u64,
+    /// What it counts against the bound: its vector, its words and its bookkeeping.
+    cost: usize,
 }
 
 struct Partition {
@@ -53,7 +57,8 @@ pub(crate) struct Candidate {
     pub(crate) lexicon: Arc<Lexicon>,
 }
 
-/// Room for a vector's bookkeeping besides its floats (row, digest map, eviction queue).
+/// Room for a vector's bookkeeping besides its floats and its question's words (row, digest
+/// map, eviction queue).
 const ROW_OVERHEAD: usize = 160;
 
 /// The in-process vector index of [`SemanticCache`](super::SemanticCache), for the
@@ -61,7 +66,8 @@ const ROW_OVERHEAD: usize = 160;
 ///
 /// Vectors are kept per context signature and searched by an exact scan (a dot product per
 /// vector: the vectors are of unit length). Memory is bounded: past `max_bytes` the oldest
-/// vectors go first. A vector is also dropped when the entry it names turns out to be gone,
+/// vectors go first. The bound counts each vector's floats, the words kept of its question
+/// for the lexical guards (a long question costs more) and a fixed overhead. A vector is also dropped when the entry it names turns out to be gone,
 /// when its expiry passes, and when a dep its partition declares is invalidated.
 pub struct MemoryIndex {
     partitions: RwLock<HashMap<PartitionKey, Arc<RwLock<Partition>>>>,
@@ -186,7 +192,7 @@ impl MemoryIndex {
         expires_ms: u64,
     ) {
         let dims = vector.len();
-        let cost = dims * 4 + ROW_OVERHEAD;
+        let cost = dims * 4 + ROW_OVERHEAD + lexicon.heap_bytes();
         if cost > self.max_bytes {
             return;
         }
@@ -211,9 +217,10 @@ impl MemoryIndex {
                 return;
             }
             if let Some(&i) = p.by_digest.get(&digest) {
+                let old = p.rows[i].cost;
                 p.remove_at(i);
                 order.rows -= 1;
-                order.bytes -= cost;
+                order.bytes -= old;
             }
             p.vectors.extend_from_slice(vector);
             let at = p.rows.len();
@@ -222,6 +229,7 @@ impl MemoryIndex {
                 expires_ms,
                 lexicon,
                 seq,
+                cost,
             });
             p.by_digest.insert(digest, at);
         }
@@ -270,8 +278,8 @@ impl MemoryIndex {
         if seq.is_some_and(|s| p.rows[i].seq != s) {
             return None;
         }
+        let cost = p.rows[i].cost;
         p.remove_at(i);
-        let cost = p.dims * 4 + ROW_OVERHEAD;
         let empty = p.rows.is_empty();
         drop(p);
         if empty {
@@ -295,7 +303,7 @@ impl MemoryIndex {
                 .any(|id| *id == crate::POLICY_DEP || p.deps.iter().any(|d| d == id));
             if hit {
                 order.rows -= p.rows.len();
-                order.bytes -= p.rows.len() * (p.dims * 4 + ROW_OVERHEAD);
+                order.bytes -= p.rows.iter().map(|r| r.cost).sum::<usize>();
             }
             !hit
         });
@@ -375,7 +383,7 @@ mod tests {
 
     #[test]
     fn bounded_oldest_first() {
-        let cost = 16 * 4 + ROW_OVERHEAD;
+        let cost = 16 * 4 + ROW_OVERHEAD + Lexicon::default().heap_bytes();
         let ix = MemoryIndex::new(3 * cost);
         for d in 0..5u8 {
             insert(&ix, &key("t", 1), d, &unit(0, 16));
@@ -385,6 +393,48 @@ mod tests {
         let mut digests: Vec<u8> = found.iter().map(|c| c.digest[0]).collect();
         digests.sort_unstable();
         assert_eq!(digests, [2, 3, 4]);
+    }
+
+    #[test]
+    fn the_bound_counts_the_words_kept_of_each_question() {
+        let short = Arc::new(Lexicon::of("Where is my parcel?"));
+        let long = Arc::new(Lexicon::of(
+            &(0..2_000)
+                .map(|i| format!("word{i}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        ));
+        assert!(long.heap_bytes() > 50 * short.heap_bytes());
+        let row = |lexicon: &Arc<Lexicon>| 16 * 4 + ROW_OVERHEAD + lexicon.heap_bytes();
+        let ix = MemoryIndex::new(4 * row(&short));
+        let put = |d: u8, lexicon: &Arc<Lexicon>| {
+            ix.insert(
+                key("t", 1),
+                Arc::from(Vec::new()),
+                [d; 32],
+                &unit(0, 16),
+                Arc::clone(lexicon),
+                u64::MAX,
+            );
+        };
+        for d in 0..4 {
+            put(d, &short);
+        }
+        assert_eq!(ix.len(), 4);
+        assert_eq!(lock(&ix.order).bytes, 4 * row(&short));
+        // A question whose words alone outweigh the bound is not kept; one that fits pushes
+        // out as many of the oldest as its words weigh.
+        put(9, &long);
+        assert_eq!(ix.len(), 4);
+        let medium = Arc::new(Lexicon::of(
+            "Hello, could you tell me where my parcel is, the one I ordered last week?",
+        ));
+        assert!(row(&medium) > row(&short) && row(&medium) < 3 * row(&short));
+        put(10, &medium);
+        assert!(ix.len() < 4);
+        assert!(lock(&ix.order).bytes <= 4 * row(&short));
+        ix.forget_deps("t", &[crate::POLICY_DEP]);
+        assert_eq!((ix.len(), lock(&ix.order).bytes), (0, 0));
     }
 
     #[test]
