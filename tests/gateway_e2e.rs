@@ -1449,6 +1449,75 @@ async fn connections_past_the_limit_wait_for_a_free_slot() {
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
 
+/// `GET /health` on a raw connection; the answer's first bytes (one read: the answer is small).
+async fn raw_health(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+// The connection's one header-read sleep is moved to each new head's deadline (serve.rs,
+// `ConnectionTimer`): these two tests fail if it is not moved, or not armed again.
+
+#[tokio::test]
+async fn a_head_trickled_past_the_head_timeout_closes_the_connection_after_earlier_requests() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = Duration::from_millis(200);
+    let env = Env::serving(
+        CachecoreLayer::builder(),
+        |b| b,
+        ServeOptions::default().header_read_timeout(timeout),
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    for _ in 0..3 {
+        assert!(raw_health(&mut conn).await.starts_with("HTTP/1.1 200"));
+    }
+    let started = tokio::time::Instant::now();
+    conn.write_all(b"GET /health HTTP/1.1\r\nhost:")
+        .await
+        .unwrap();
+    let mut buf = vec![0; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("the connection is closed within the head timeout's bound");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "an answer to half a head: {read:?}"
+    );
+    assert!(started.elapsed() >= timeout - Duration::from_millis(20));
+}
+
+#[tokio::test]
+async fn prompt_heads_keep_a_connection_open_longer_than_the_head_timeout() {
+    let timeout = Duration::from_millis(200);
+    let env = Env::serving(
+        CachecoreLayer::builder(),
+        |b| b,
+        ServeOptions::default().header_read_timeout(timeout),
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let started = tokio::time::Instant::now();
+    // Each head comes 50 ms after the last answer: four times the timeout in all.
+    while started.elapsed() < timeout * 4 {
+        let reply = raw_health(&mut conn).await;
+        assert!(
+            reply.starts_with("HTTP/1.1 200"),
+            "closed after {:?}: {reply:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn an_upstream_slower_than_the_head_timeout_is_a_504() {
     let env = Env::with(CachecoreLayer::builder(), |b| {
