@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    entries: Cache<CacheKey, Arc<Entry>>,
+    entries: Cache<CacheKey, Arc<Stored>>,
     deps: Arc<DepIndex>,
     max_entry_bytes: usize,
     put_deadline: Duration,
@@ -75,9 +76,9 @@ impl MemoryStoreBuilder {
         let listener_deps = Arc::clone(&deps);
         let entries = Cache::builder()
             .max_capacity(self.max_bytes)
-            .weigher(|_k: &CacheKey, e: &Arc<Entry>| u32::try_from(e.weight()).unwrap_or(u32::MAX))
+            .weigher(|_k: &CacheKey, e: &Arc<Stored>| u32::try_from(e.weight()).unwrap_or(u32::MAX))
             .expire_after(EntryExpiry)
-            .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Entry>, cause| {
+            .eviction_listener(move |key: Arc<CacheKey>, entry: Arc<Stored>, cause| {
                 // A replacement under the same key carries the same dep ids (deps are part of
                 // the key), and its tags are already in place.
                 if cause != RemovalCause::Replaced {
@@ -129,7 +130,7 @@ impl MemoryStore {
         self.entries.run_pending_tasks();
         self.entries
             .iter()
-            .map(|(k, e)| ((*k).clone(), (*e).clone()))
+            .map(|(k, e)| ((*k).clone(), Entry::clone(&e)))
             .collect()
     }
 
@@ -193,13 +194,20 @@ impl MemoryStore {
 
     fn lookup_now(&self, key: &CacheKey, deps: &[&str]) -> Lookup {
         if let Some(entry) = self.entries.get(key) {
-            let valid = {
+            // No write to the dep index since this entry was last found valid: it still is,
+            // without taking the lock or looking its deps up again.
+            let valid = entry.valid_at.load(Ordering::SeqCst) == self.deps.writes() || {
                 let index = self.deps.read();
+                let writes = self.deps.writes();
                 let tenant = index.tenants.get(key.tenant());
-                entry
+                let valid = entry
                     .deps
                     .iter_lives()
-                    .all(|(id, epoch, life)| current(epoch_in(tenant, id), epoch, life))
+                    .all(|(id, epoch, life)| current(epoch_in(tenant, id), epoch, life));
+                if valid {
+                    entry.valid_at.store(writes, Ordering::SeqCst);
+                }
+                valid
             };
             if valid {
                 // The epochs were current just now: a put after this hit (a refresh) counts its
@@ -257,7 +265,8 @@ impl MemoryStore {
             }
         }
         let deps = entry.deps.clone();
-        self.entries.insert(key.clone(), Arc::new(entry));
+        self.entries
+            .insert(key.clone(), Arc::new(Stored::new(entry)));
         // An invalidation may have run between the tagging above and the insert: it took the
         // tag set before the entry existed. The entry could never be served (its epochs are
         // old), but drop it now rather than let it hold memory until its TTL.
@@ -361,9 +370,42 @@ impl CacheStore for MemoryStore {
     }
 }
 
+/// An entry as the store holds it.
+struct Stored {
+    entry: Entry,
+    /// The dep index's [write count](DepIndex::writes) when a lookup last found every epoch
+    /// the entry records current ([`NEVER_VALIDATED`] before the first).
+    valid_at: AtomicU64,
+}
+
+/// A write count the index never reaches.
+const NEVER_VALIDATED: u64 = u64::MAX;
+
+impl Stored {
+    fn new(entry: Entry) -> Self {
+        Self {
+            entry,
+            valid_at: AtomicU64::new(NEVER_VALIDATED),
+        }
+    }
+}
+
+impl Deref for Stored {
+    type Target = Entry;
+
+    fn deref(&self) -> &Entry {
+        &self.entry
+    }
+}
+
 /// Epochs, last hashes and the keys tagged under each dep, per tenant.
 struct DepIndex {
     inner: RwLock<Tenants>,
+    /// Raised each time the write lock is taken, before anything is changed under it. A lookup
+    /// that reads the same count as when it last validated an entry (under the read lock) knows
+    /// no epoch, life or state has changed since: the entry is still valid. Any later change,
+    /// an invalidation included, raises the count before it is made.
+    writes: AtomicU64,
     /// How long a raised epoch that no entry records is kept after its last raise.
     retention: Duration,
     /// The life the next state raised from nothing gets; never 0, never reused.
@@ -422,6 +464,7 @@ impl DepIndex {
     fn new(retention: Duration) -> Self {
         Self {
             inner: RwLock::default(),
+            writes: AtomicU64::new(0),
             retention,
             next_life: AtomicU64::new(1),
         }
@@ -434,7 +477,14 @@ impl DepIndex {
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Tenants> {
-        self.inner.write().unwrap_or_else(|p| p.into_inner())
+        let guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        guard
+    }
+
+    /// How many times the write lock has been taken.
+    fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
     }
 
     fn untag(&self, key: &CacheKey, entry: &Entry) {
@@ -536,11 +586,11 @@ fn current((cur_epoch, cur_life): (u64, u64), epoch: u64, life: u64) -> bool {
 
 struct EntryExpiry;
 
-impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
+impl moka::Expiry<CacheKey, Arc<Stored>> for EntryExpiry {
     fn expire_after_create(
         &self,
         _key: &CacheKey,
-        entry: &Arc<Entry>,
+        entry: &Arc<Stored>,
         _created_at: Instant,
     ) -> Option<Duration> {
         let age = Duration::from_millis(entry.age_ms(now_ms()));
@@ -550,7 +600,7 @@ impl moka::Expiry<CacheKey, Arc<Entry>> for EntryExpiry {
     fn expire_after_update(
         &self,
         key: &CacheKey,
-        entry: &Arc<Entry>,
+        entry: &Arc<Stored>,
         updated_at: Instant,
         _current: Option<Duration>,
     ) -> Option<Duration> {
@@ -581,6 +631,41 @@ mod tests {
         let mut digest = [0u8; 32];
         digest[..4].copy_from_slice(&i.to_be_bytes());
         CacheKey::new("t", digest)
+    }
+
+    #[test]
+    fn a_remembered_validation_never_outlives_an_epoch_change() {
+        let store = MemoryStore::new();
+        let deps = [("doc:1", 0), (POLICY_DEP, 0)];
+        let declared = ["doc:1", POLICY_DEP];
+        let out = store.put_now(&key(1), entry(10, Duration::from_secs(60), &deps));
+        assert_eq!(out, PutOutcome::Stored);
+        // The first hit validates under the lock and remembers it; the second uses the memo.
+        for _ in 0..2 {
+            assert!(matches!(
+                store.lookup_now(&key(1), &declared),
+                Lookup::Fresh(_)
+            ));
+        }
+        // Another dep's invalidation: the entry is checked again, and still valid.
+        store.invalidate_now("t", "doc:2", "h");
+        assert!(matches!(
+            store.lookup_now(&key(1), &declared),
+            Lookup::Fresh(_)
+        ));
+        // The epoch moves while the entry is still held (its deletion not done yet, rule 3).
+        store
+            .deps
+            .write()
+            .tenants
+            .get_mut("t")
+            .and_then(|t| t.get_mut("doc:1"))
+            .expect("tagged")
+            .epoch += 1;
+        assert!(matches!(
+            store.lookup_now(&key(1), &declared),
+            Lookup::Miss(_)
+        ));
     }
 
     #[test]
