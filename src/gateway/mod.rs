@@ -618,27 +618,22 @@ impl Gateway {
                         )
                     },
                 ))),
-                Destination::Cache {
-                    read_store: Some(by_default),
-                } => {
-                    // The body decides (`store`): read it before the cache plans the request.
+                Destination::Cache { read_store } => {
+                    // The body is read once, here: it decides `store`, and the cache keys it.
                     // The proxy is always ready, so a clone may be called without polling.
-                    let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
-                    let mut cached = self.cached.clone();
+                    let cached = self.cached.clone();
                     let max_body = self.max_body;
                     Box::pin(async move {
-                        let req = read_store_intent(req, by_default, max_body).await;
-                        match cached.call(req).await {
+                        let res = cached_whole(cached, req, read_store, max_body).await;
+                        match res {
                             Ok(res) => Ok(res.map(|b| b.map_err(Into::into).boxed_unsync())),
                             Err(never) => match never {},
                         }
                     })
                 }
-                Destination::Cache { read_store: None } | Destination::Bypass => {
+                Destination::Bypass => {
                     let mut req = req.map(|b| b.map_err(Into::into).boxed_unsync());
-                    if matches!(destination, Destination::Bypass) {
-                        mark_bypass(&mut req);
-                    }
+                    mark_bypass(&mut req);
                     let fut = self.cached.clone().call(req);
                     Box::pin(async move {
                         match fut.await {
@@ -722,61 +717,55 @@ impl Route {
 /// Makes the request a bypass through the cache's own mechanism, the [`RequestContext`]
 /// extension, which wins over a task-local scope and the trusted headers.
 fn mark_bypass<B>(req: &mut Request<B>) {
-    let ctx = match req.extensions_mut().remove::<RequestContext>() {
+    mark_bypass_parts(req.extensions_mut());
+}
+
+/// [`mark_bypass`] on a request's extensions.
+fn mark_bypass_parts(extensions: &mut http::Extensions) {
+    let ctx = match extensions.remove::<RequestContext>() {
         Some(ctx) => ctx.bypass(),
         None => RequestContext::bypass_all(),
     };
-    req.extensions_mut().insert(ctx);
+    extensions.insert(ctx);
 }
 
-/// Reads the body (up to `max_body`) and marks the request a bypass when it asks the provider
-/// to store its result (`by_default`: its path stores unless told not to), or cannot be read
-/// whole to tell. The body goes on frame for frame.
-async fn read_store_intent(
-    req: Request<GatewayBody>,
-    by_default: bool,
+/// A request to a cacheable path through the cache. The body is read once (up to `max_body`);
+/// when `read_store` is `Some(by_default)` it decides whether the request asks the provider to
+/// store its result (`by_default`: its path stores unless told not to), and such a request is
+/// a bypass. A body that cannot be read whole is forwarded frame for frame as a bypass: the
+/// cache could not key it, nor tell what it asks.
+async fn cached_whole<B>(
+    cached: Cachecore<Proxy>,
+    req: Request<B>,
+    read_store: Option<bool>,
     max_body: usize,
-) -> Request<GatewayBody> {
-    let (parts, mut body) = req.into_parts();
-    let mut frames = std::collections::VecDeque::new();
-    let mut read = 0usize;
-    let mut error = None;
-    let whole = loop {
-        match body.frame().await {
-            None => break true,
-            Some(Ok(frame)) => {
-                read += frame.data_ref().map_or(0, Bytes::len);
-                frames.push_back(frame);
-                if read > max_body {
-                    break false;
-                }
+) -> Result<Response<crate::ResponseBody<GatewayBody>>, Infallible>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let (mut parts, body) = req.into_parts();
+    let body = body.map_err(Into::<BoxError>::into);
+    match crate::layer::buffer(body, max_body).await {
+        Ok(body) => {
+            if read_store.is_some_and(|by_default| asks_to_store(by_default, &body)) {
+                mark_bypass_parts(&mut parts.extensions);
             }
-            Some(Err(e)) => {
-                error = Some(e);
-                break false;
-            }
+            cached
+                .call_buffered::<GatewayBody, GatewayBody>(parts, body)
+                .await
         }
-    };
-    let stores = !whole || {
-        let mut data = frames.iter().filter_map(|f| f.data_ref());
-        match (data.next(), data.next()) {
-            (None, _) => asks_to_store(by_default, b""),
-            (Some(only), None) => asks_to_store(by_default, only),
-            (Some(first), Some(second)) => {
-                let mut all = Vec::with_capacity(read);
-                for d in [first, second].into_iter().chain(data) {
-                    all.extend_from_slice(d);
-                }
-                asks_to_store(by_default, &all)
-            }
+        Err(crate::layer::Unbuffered {
+            prefix,
+            error,
+            rest,
+        }) => {
+            mark_bypass_parts(&mut parts.extensions);
+            let body = RequestBody::replay(prefix, error, rest).boxed_unsync();
+            let mut cached = cached;
+            cached.call(Request::from_parts(parts, body)).await
         }
-    };
-    let body = RequestBody::replay(frames, error, Box::pin(body)).boxed_unsync();
-    let mut req = Request::from_parts(parts, body);
-    if stores {
-        mark_bypass(&mut req);
     }
-    req
 }
 
 /// Whether a request body asks the provider to keep what it produces: `"store": true` at the

@@ -13,3 +13,5 @@ pub use body::RequestBody;
 pub use future::ResponseFuture;
 pub use layer::{CacheInvalidator, CachecoreBuilder, CachecoreLayer};
 pub use service::Cachecore;
+#[cfg(feature = "gateway")]
+pub(crate) use service::{buffer, Unbuffered};

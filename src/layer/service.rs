@@ -106,16 +106,58 @@ where
     }
 }
 
+impl<S> Cachecore<S> {
+    /// The cache path of a request whose body the caller has already read whole, as
+    /// [`Service::call`] would take it, without reading the body again: the gateway reads it
+    /// first to see whether the request asks the provider to store its answer. The inner
+    /// service must be ready (the gateway's proxy always is).
+    #[allow(clippy::manual_async_fn)] // an `async fn` here fails the gateway's `Send` check
+    pub(crate) fn call_buffered<ReqB, ResB>(
+        self,
+        parts: Parts,
+        body: Bytes,
+    ) -> impl Future<Output = Result<Response<ResponseBody<ResB>>, S::Error>> + Send
+    where
+        S: Service<Request<RequestBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqB: Body + Send + 'static,
+        ReqB::Error: Send,
+        ResB: Body + Send + 'static,
+    {
+        // The future's `Send` is proven here, under these bounds, not at the caller (where
+        // rustc cannot prove it for every lifetime of the boxed error type).
+        async move {
+            let request = (parts, body);
+            let plan = self.engine.plan(&Inner::<S, ReqB, ResB>::head(&request));
+            match plan {
+                Ok(plan) => {
+                    let inner = Inner(self.inner, PhantomData);
+                    self.engine.serve(plan, request, inner).await
+                }
+                Err(reason) => {
+                    let error = reason.error_header();
+                    let inner = Inner::<S, ReqB, ResB>(self.inner, PhantomData);
+                    let (mut parts, body) = inner.call(request).await?.into_parts();
+                    self.engine
+                        .mark_bypass(&mut parts.headers, &mut parts.extensions, error);
+                    Ok(Response::from_parts(parts, ResponseBody::passthrough(body)))
+                }
+            }
+        }
+    }
+}
+
 /// The body of a request that did not fit the buffer: what was read, then the rest.
-struct Unbuffered<B: Body> {
-    prefix: VecDeque<Frame<Bytes>>,
-    error: Option<B::Error>,
-    rest: Pin<Box<B>>,
+pub(crate) struct Unbuffered<B: Body> {
+    pub(crate) prefix: VecDeque<Frame<Bytes>>,
+    pub(crate) error: Option<B::Error>,
+    pub(crate) rest: Pin<Box<B>>,
 }
 
 /// Reads the whole body if it fits in `max` bytes; otherwise hands back what it read and the
 /// rest, so the request can be forwarded byte for byte.
-async fn buffer<B: Body>(body: B, max: usize) -> Result<Bytes, Unbuffered<B>> {
+pub(crate) async fn buffer<B: Body>(body: B, max: usize) -> Result<Bytes, Unbuffered<B>> {
     let mut body = Box::pin(body);
     let mut chunks = Chunks::default();
     let unbuffered = |chunks: Chunks, last: Option<Frame<Bytes>>, error, rest| {
