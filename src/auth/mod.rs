@@ -161,9 +161,9 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 /// many bytes at a time (a token is read on every request).
 fn visible_ascii(value: &http::HeaderValue) -> Option<&str> {
     let bytes = value.as_bytes();
-    let visible = bytes
-        .iter()
-        .fold(true, |all, &b| all & ((b' '..=b'~').contains(&b) | (b == b'\t')));
+    let visible = bytes.iter().fold(true, |all, &b| {
+        all & ((b' '..=b'~').contains(&b) | (b == b'\t'))
+    });
     if visible {
         std::str::from_utf8(bytes).ok()
     } else {

@@ -111,6 +111,7 @@ impl<S> Cachecore<S> {
     /// [`Service::call`] would take it, without reading the body again: the gateway reads it
     /// first to see whether the request asks the provider to store its answer. The inner
     /// service must be ready (the gateway's proxy always is).
+    #[cfg(feature = "gateway")]
     #[allow(clippy::manual_async_fn)] // an `async fn` here fails the gateway's `Send` check
     pub(crate) fn call_buffered<ReqB, ResB>(
         self,
