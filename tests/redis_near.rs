@@ -167,6 +167,42 @@ async fn an_invalidation_in_this_process_drops_near_copies_before_it_returns() {
     store.near_cache_hold_pushes(false);
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_push_is_read_while_the_application_runtime_is_busy() {
+    let server = RedisServer::start();
+    let near = near_store(&server, NEAR_BYTES).await;
+    fill(&near, &key(1), b"one").await;
+    let held = near.near_cache_len().unwrap();
+    // Another process invalidates, on a thread and runtime of its own, while this test holds
+    // the only thread of its runtime: no task of this runtime runs from here on.
+    let url = server.url();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let other = RedisStore::builder()
+                .url(url)
+                .timeout(TIMEOUT)
+                .build()
+                .await
+                .unwrap();
+            assert!(other.invalidate("t", DOC, "v2").await.unwrap().ok);
+        });
+    })
+    .join()
+    .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while near.near_cache_len().unwrap() >= held {
+        assert!(
+            Instant::now() < deadline,
+            "the push was not read while the application's runtime was busy"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[tokio::test]
 async fn an_invalidation_from_another_process_evicts_when_the_push_arrives() {
     let server = RedisServer::start();

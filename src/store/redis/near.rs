@@ -15,6 +15,12 @@
 //!   near cache before anything else is served from it; the supervisor task connects a new one,
 //!   and copies filled under the old one are never served again (each slot carries the
 //!   generation of the connection it was filled under).
+//! - **The reader has a thread of its own.** The tracking connection is opened on a
+//!   single-threaded runtime that runs on a dedicated OS thread (named [`READER_THREAD`]), so its
+//!   reader, and the eviction a push causes, runs as soon as the kernel has the push: not when
+//!   the application's runtime gets round to it behind every busy request task (the
+//!   cross-process window under load, docs/design.md §7). Commands on the connection are sent
+//!   from any runtime; only reading its socket happens on that thread.
 //! - **Fills never race an invalidation.** A fill snapshots the invalidation counters of its
 //!   keys before it sends the `MGET`, and inserts only if none moved meanwhile; the check and the
 //!   insert hold the same lock as every eviction, so a push handled while the reply was on its
@@ -45,6 +51,9 @@ const STRIPES: usize = 1024;
 
 /// Bookkeeping bytes per slot besides its key and value.
 const SLOT_OVERHEAD: usize = 64;
+
+/// The name of the thread that reads the tracking connection.
+pub(super) const READER_THREAD: &str = "cachecore-near";
 
 /// The client name of tracking connections, so an operator (or a test) can find them in
 /// `CLIENT LIST`.
@@ -112,6 +121,7 @@ struct Shared {
     /// Tests only: invalidation pushes kept here instead of applied, while `Some`.
     held_pushes: Mutex<Option<Vec<PushInfo>>>,
     client: Client,
+    reader: Reader,
     max_entry_bytes: usize,
     timeout: Duration,
     connect_timeout: Duration,
@@ -137,6 +147,7 @@ impl Near {
             .weigher(weigh)
             .expire_after(SlotExpiry)
             .build();
+        let reader = Reader::start()?;
         Ok(Self {
             shared: Arc::new(Shared {
                 cache,
@@ -151,6 +162,7 @@ impl Near {
                 conn: Mutex::new(None),
                 held_pushes: Mutex::new(None),
                 client,
+                reader,
                 // As in MemoryStore: one entry may take at most an eighth of the bound.
                 max_entry_bytes: usize::try_from(max_bytes / 8).unwrap_or(usize::MAX),
                 timeout,
@@ -350,14 +362,29 @@ impl Shared {
             .set_response_timeout(Some(self.timeout))
             .set_push_sender(move |push: PushInfo| on_push(&weak, gen, push));
         let bound = self.connect_timeout.saturating_add(self.timeout);
-        let mut conn = tokio::time::timeout(
-            bound,
-            self.client
-                .get_multiplexed_async_connection_with_config(&config),
-        )
-        .await
-        .map_err(|_| timeout_error("connecting the near cache's tracking connection"))?
-        .map_err(store_error)?;
+        // Opened on the reader's runtime: the connection's reading task runs there.
+        let client = self.client.clone();
+        let opening = self.reader.runtime.spawn(async move {
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+        });
+        let abort = opening.abort_handle();
+        let mut conn = match tokio::time::timeout(bound, opening).await {
+            Ok(Ok(opened)) => opened.map_err(store_error)?,
+            Ok(Err(e)) => {
+                return Err(StoreError::new(
+                    crate::StoreErrorKind::Backend,
+                    format!("opening the tracking connection: {e}"),
+                ))
+            }
+            Err(_) => {
+                abort.abort();
+                return Err(timeout_error(
+                    "connecting the near cache's tracking connection",
+                ));
+            }
+        };
         let sent = Instant::now();
         let mut setup = redis::pipe();
         setup
@@ -427,6 +454,42 @@ impl Shared {
                 self.lose(tracked.gen);
             }
         }
+    }
+}
+
+/// The runtime of the tracking connection's reader, on a thread of its own; the thread ends
+/// (and the connection's reading task with it) when this is dropped.
+struct Reader {
+    runtime: tokio::runtime::Handle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Reader {
+    fn start() -> Result<Self, StoreError> {
+        let failed = |e: std::io::Error| {
+            StoreError::new(
+                crate::StoreErrorKind::Backend,
+                format!("starting the near cache's reader thread: {e}"),
+            )
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(failed)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(READER_THREAD.into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(failed)?;
+        Ok(Self {
+            runtime: handle,
+            _stop: stop,
+        })
     }
 }
 
