@@ -8,8 +8,8 @@
 //!    every entry is reclaimed, and the worst latency of concurrent hits meanwhile;
 //! 3. bytes Redis uses per entry with a 1 KiB body;
 //! 4. the near cache's cross-process window: how long after another store's invalidation
-//!    returned a store with a near cache stops serving the entry (the push, then one `MGET`),
-//!    p50/p99, at idle and under a c=32 hit load on the near store.
+//!    returned a store with a near cache stops serving the entry (the start of its first
+//!    lookup that misses), p50/p99, at idle and under a c=32 hit load on the near store.
 //!
 //! ```text
 //! cargo bench --features redis --bench redis
@@ -625,7 +625,9 @@ async fn window(server: &RedisServer, s: &Settings) {
 }
 
 /// `n` times: fill the near store with an entry of a dep of its own, invalidate that dep
-/// through `other`, and time from the invalidation's return until a lookup on `near` misses.
+/// through `other`, and time from the invalidation's return until the near store stops serving
+/// the entry: the start of the first lookup on `near` that misses (the issue's "other process
+/// stops serving"; the end of that lookup would add its own round trip to Redis).
 async fn window_samples(
     near: &RedisStore,
     other: &RedisStore,
@@ -654,8 +656,9 @@ async fn window_samples(
             tokio::spawn(async move {
                 loop {
                     let deps = [POLICY_DEP, dep.as_str()];
+                    let started = Instant::now();
                     if let Ok(Lookup::Miss(_)) = near.lookup(&k, &deps).await {
-                        return Instant::now();
+                        return started;
                     }
                     tokio::task::yield_now().await;
                 }
