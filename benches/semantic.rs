@@ -118,6 +118,26 @@ fn tally(rows: &[&Scored<'_>], threshold: f32, guards: bool) -> Tally {
     t
 }
 
+/// Precision and recall of `rows` at each threshold, with the guards and by cosine alone.
+fn threshold_table(rows: &[&Scored<'_>], thresholds: &[f32]) {
+    println!("| threshold | precision (guards) | recall (guards) | precision (cosine only) | recall (cosine only) |");
+    println!("|---|---|---|---|---|");
+    for &t in thresholds {
+        let (g, c) = (tally(rows, t, true), tally(rows, t, false));
+        println!(
+            "| {t:.2} | {:.3} ({}/{}) | {:.3} | {:.3} ({}/{}) | {:.3} |",
+            g.precision(),
+            g.tp,
+            g.tp + g.fp,
+            g.recall(),
+            c.precision(),
+            c.tp,
+            c.tp + c.fp,
+            c.recall()
+        );
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -223,23 +243,7 @@ async fn main() {
     );
 
     println!("held-out half ({} pairs), all-MiniLM-L6-v2:\n", eval.len());
-    println!("| threshold | precision (guards) | recall (guards) | precision (cosine only) | recall (cosine only) |");
-    println!("|---|---|---|---|---|");
-    for t in [0.75, 0.80, 0.83, 0.85, 0.87, 0.90, 0.92, 0.95] {
-        let g = tally(&eval, t, true);
-        let c = tally(&eval, t, false);
-        println!(
-            "| {t:.2} | {:.3} ({}/{}) | {:.3} | {:.3} ({}/{}) | {:.3} |",
-            g.precision(),
-            g.tp,
-            g.tp + g.fp,
-            g.recall(),
-            c.precision(),
-            c.tp,
-            c.tp + c.fp,
-            c.recall()
-        );
-    }
+    threshold_table(&eval, &[0.75, 0.80, 0.83, 0.85, 0.87, 0.90, 0.92, 0.95]);
     let mut all = tune.clone();
     all.extend(&eval);
     let base = tally(&all, 0.92, false);
@@ -411,22 +415,7 @@ async fn tuning(model: &LocalEmbedder, pairs: &[&Pair]) {
     let scored: Vec<Scored<'_>> = pairs.iter().map(|p| score(p, &vectors)).collect();
     let rows: Vec<&Scored<'_>> = scored.iter().collect();
     println!("tuning half ({} pairs):\n", rows.len());
-    println!("| threshold | precision (guards) | recall (guards) | precision (cosine only) | recall (cosine only) |");
-    println!("|---|---|---|---|---|");
-    for t in [0.80, 0.85, 0.87, 0.90, 0.92, 0.95] {
-        let (g, c) = (tally(&rows, t, true), tally(&rows, t, false));
-        println!(
-            "| {t:.2} | {:.3} ({}/{}) | {:.3} | {:.3} ({}/{}) | {:.3} |",
-            g.precision(),
-            g.tp,
-            g.tp + g.fp,
-            g.recall(),
-            c.precision(),
-            c.tp,
-            c.tp + c.fp,
-            c.recall()
-        );
-    }
+    threshold_table(&rows, &[0.80, 0.85, 0.87, 0.90, 0.92, 0.95]);
     let from = std::env::var("CACHECORE_TUNING_FROM")
         .ok()
         .and_then(|t| t.parse().ok())
@@ -568,12 +557,14 @@ async fn redis_index_search(random_unit: &mut impl FnMut() -> Vec<f32>) {
             .and_then(|l| l.local_addr())
             .unwrap()
             .port();
-        let mut child = std::process::Command::new(&server)
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--logfile", ""])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-stack-server starts");
+        let _server = Killed(
+            std::process::Command::new(&server)
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--logfile", ""])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-stack-server starts"),
+        );
         let url = format!("redis://127.0.0.1:{port}/");
         let mut store = None;
         for _ in 0..100 {
@@ -612,22 +603,45 @@ async fn redis_index_search(random_unit: &mut impl FnMut() -> Vec<f32>) {
             cachecore::semantic::__bench::redis_search(&index, &vectors[n / 2], 0.999).await >= 1,
             "the bench's hashes do not match the index (src/store/redis/vector.rs)"
         );
+        // The in-process scan of the same vectors, a search of each in turn: both see the
+        // same machine, whatever else runs on it.
+        let memory = MemoryIndex::new(usize::MAX);
+        cachecore::semantic::__bench::fill(&memory, &vectors);
         let query = random_unit();
-        let mut samples = Vec::new();
+        let (mut in_redis, mut in_process) = (Vec::new(), Vec::new());
         for _ in 0..if n >= 100_000 { 100 } else { 200 } {
             let t = Instant::now();
             std::hint::black_box(
                 cachecore::semantic::__bench::redis_search(&index, &query, 0.92).await,
             );
-            samples.push(t.elapsed());
+            in_redis.push(t.elapsed());
+            let t = Instant::now();
+            std::hint::black_box(cachecore::semantic::__bench::search(&memory, &query, 0.92));
+            in_process.push(t.elapsed());
         }
+        let p50 = |s: &mut Vec<Duration>| {
+            s.sort();
+            percentile(s, 0.5)
+        };
+        let ratio = p50(&mut in_redis).as_secs_f64() / p50(&mut in_process).as_secs_f64();
         println!(
-            "Redis index search (HNSW, one round trip), {n:>6} vectors: {}   (filled and \
-             indexed in {filled:.1?})",
-            summary(samples)
+            "{n:>6} vectors, interleaved: Redis index (HNSW, one round trip) {}, in process \
+             {}, Redis/in-process p50 {ratio:.2}x   (filled and indexed in {filled:.1?})",
+            summary(in_redis),
+            summary(in_process),
         );
-        let _ = child.kill();
-        let _ = child.wait();
+    }
+}
+
+/// A child process killed when dropped, a panic included.
+#[cfg(feature = "redis")]
+struct Killed(std::process::Child);
+
+#[cfg(feature = "redis")]
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -67,16 +67,15 @@ fn pttl(port: u16, key: &str) -> i64 {
     support::cli(port, &["PTTL", key]).trim().parse().unwrap()
 }
 
-#[tokio::test]
-async fn redis_a_paraphrase_is_hit_l2_and_the_vector_sits_beside_its_entry() {
-    let server = redis_stack();
-    let store = connect(&server.url()).await;
+/// A question, then its paraphrase (cosine 0.955) as a new tenant on `store`: the paraphrase is
+/// answered `HIT_L2` with the first answer and the upstream called once. Returns the tenant.
+async fn a_paraphrase_hits(store: &RedisStore, prefix: &str) -> String {
     let up = Upstream::default();
     let svc = stack(
-        &layer_on(&store, SemanticCache::new(fake_pair(0.955))).await,
+        &layer_on(store, SemanticCache::new(fake_pair(0.955))).await,
         &up,
     );
-    let tenant = unique("rq");
+    let tenant = unique(prefix);
     let first = ask_as(&svc, &tenant, Q).await;
     assert_eq!(first.x_cache, "MISS");
     let second = ask_as(&svc, &tenant, PARAPHRASE).await;
@@ -84,6 +83,14 @@ async fn redis_a_paraphrase_is_hit_l2_and_the_vector_sits_beside_its_entry() {
     assert_eq!(second.similarity.as_deref(), Some("0.95"));
     assert_eq!(second.body, first.body);
     assert_eq!(up.calls(), 1);
+    tenant
+}
+
+#[tokio::test]
+async fn redis_a_paraphrase_is_hit_l2_and_the_vector_sits_beside_its_entry() {
+    let server = redis_stack();
+    let store = connect(&server.url()).await;
+    let tenant = a_paraphrase_hits(&store, "rq").await;
 
     // `cc:{<tenant>}:l2:<digest>`, the digest of the L1 entry, and the entry's expiry.
     let l1 = keys_of(server.port(), &tenant, "l1");
@@ -111,19 +118,7 @@ async fn redis_a_resp3_connection_reads_the_search_reply_too() {
     // RESP2 array: read as an array, every search failed open and no paraphrase ever hit.
     let server = redis_stack();
     let store = connect(&format!("{}?protocol=resp3", server.url())).await;
-    let up = Upstream::default();
-    let svc = stack(
-        &layer_on(&store, SemanticCache::new(fake_pair(0.955))).await,
-        &up,
-    );
-    let tenant = unique("rq-resp3");
-    let first = ask_as(&svc, &tenant, Q).await;
-    assert_eq!(first.x_cache, "MISS");
-    let second = ask_as(&svc, &tenant, PARAPHRASE).await;
-    assert_eq!(second.x_cache, "HIT_L2");
-    assert_eq!(second.similarity.as_deref(), Some("0.95"));
-    assert_eq!(second.body, first.body);
-    assert_eq!(up.calls(), 1);
+    a_paraphrase_hits(&store, "rq-resp3").await;
     let clients = support::cli(server.port(), &["CLIENT", "LIST"]);
     assert!(clients.contains("resp=3"), "no RESP3 client: {clients}");
 }
