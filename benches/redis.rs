@@ -478,7 +478,6 @@ async fn invalidation(server: &RedisServer, s: &Settings) {
         }
     }
     during.sort_unstable();
-    assert!(result.ok);
     assert_eq!(result.deleted, u64::from(s.entries));
     println!(
         "  readers miss after:          {:>8.2} ms (the epoch bump, one round trip)",
@@ -665,7 +664,7 @@ async fn window_samples(
             })
         };
         tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(other.invalidate(tenant, &dep, "v2").await.unwrap().ok);
+        other.invalidate(tenant, &dep, "v2").await.unwrap();
         let returned = Instant::now();
         out.push(watcher.await.unwrap().saturating_duration_since(returned));
     }

@@ -4,23 +4,36 @@
 //! server mounting [`InvalidateService`]): webhooks, ETL jobs, deploy hooks.
 //!
 //! ```no_run
-//! # async fn run() -> Result<(), cachecore::client::ClientError> {
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use cachecore::client::CachecoreClient;
+//! use cachecore::Invalidation;
 //!
 //! let cc = CachecoreClient::new("http://127.0.0.1:8080", "cc_live_k1.eyJ...")?;
 //!
 //! // A record changed (the webhook pattern).
-//! let result = cc.invalidate("doc:contract-123", Some("v2")).await?;
-//! assert!(result.ok);
+//! cc.invalidate(Invalidation::of(["doc:contract-123"]).new_hash("v2")).await?;
 //!
 //! // A nightly ETL run (the batch pattern).
-//! for r in cc.invalidate_many(&["table:products", "table:prices"], Some("batch-2026-11-23")).await? {
-//!     if !r.ok {
-//!         eprintln!("{} failed: {:?}", r.dep_id, r.error);
+//! let batch = Invalidation::of(["table:products", "table:prices"]).new_hash("batch-2026-11-23");
+//! if let Err(e) = cc.invalidate(batch).await {
+//!     for failed in e.failed() {
+//!         eprintln!("{} failed: {failed}", failed.dep_id());
 //!     }
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! It answers like a layer's [`CacheInvalidator`](crate::CacheInvalidator), and is an
+//! [`Invalidator`]: a queue worker or an invalidation service can apply what it receives on
+//! a remote gateway. A call that fails as a whole fails for every dep, with the kind
+//! [`Transport`](DepErrorKind::Transport) (the gateway could not be reached, or kept failing
+//! until the retries ran out), [`Rejected`](DepErrorKind::Rejected) (a `4xx`) or
+//! [`Other`](DepErrorKind::Other) (an answer that could not be read); the [`ClientError`] is
+//! the error's [`source`](std::error::Error::source), and [`ClientError::of`] finds it.
+//!
+//! The gateway works in the tenant of the token. An invalidation naming a tenant is sent only
+//! when it is the one [`CachecoreClientBuilder::tenant`] declared (the wire carries no tenant):
+//! otherwise its deps fail with [`DepErrorKind::Tenant`] rather than land in another tenant.
 //!
 //! Calls are retried, with exponential backoff and jitter, on connection errors, timeouts,
 //! `5xx` and `429` (waiting at least the `Retry-After` the server asks for); other `4xx`
@@ -48,8 +61,8 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::edge::{read_capped, BoxError};
 use crate::invalidate::payload::{BatchBody, RequestBody, WireResult};
-use crate::invalidate::ApiError;
-use crate::InvalidationResult;
+use crate::invalidate::{ApiError, InvalidateFuture, Invalidator};
+use crate::{DepError, DepErrorKind, Invalidated, Invalidation, InvalidationError};
 
 /// Attempts per call, the first included.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
@@ -117,6 +130,22 @@ impl ClientError {
         }
     }
 
+    /// The client error that failed a [`CachecoreClient::invalidate`] as a whole, if that is
+    /// what happened (rather than some deps failing on the gateway).
+    pub fn of(error: &InvalidationError) -> Option<&Self> {
+        std::error::Error::source(error)?.downcast_ref()
+    }
+
+    /// The kind every dep of a call that failed this way fails with.
+    fn dep_error_kind(&self) -> DepErrorKind {
+        match self {
+            Self::Decode(_) => DepErrorKind::Other,
+            Self::RetriesExhausted { .. } => DepErrorKind::Transport,
+            e if e.retryable() => DepErrorKind::Transport,
+            _ => DepErrorKind::Rejected,
+        }
+    }
+
     fn retryable(&self) -> bool {
         match self {
             Self::Transport(_) | Self::Timeout(_) => true,
@@ -166,6 +195,13 @@ impl std::error::Error for ClientError {
 pub struct CachecoreClientBuilder {
     gateway_url: String,
     token: String,
+    tenant: Option<String>,
+    retry: Retry,
+}
+
+/// How a call is retried and timed: the builder's settings, which the client keeps.
+#[derive(Clone, Debug)]
+struct Retry {
     max_attempts: u32,
     base_delay: Duration,
     max_delay: Duration,
@@ -173,12 +209,24 @@ pub struct CachecoreClientBuilder {
     timeout: Duration,
 }
 
+impl Default for Retry {
+    fn default() -> Self {
+        Self {
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            base_delay: DEFAULT_BASE_DELAY,
+            max_delay: DEFAULT_MAX_DELAY,
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
 impl fmt::Debug for CachecoreClientBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachecoreClientBuilder")
             .field("gateway_url", &self.gateway_url)
-            .field("max_attempts", &self.max_attempts)
-            .field("timeout", &self.timeout)
+            .field("tenant", &self.tenant)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -186,28 +234,36 @@ impl fmt::Debug for CachecoreClientBuilder {
 impl CachecoreClientBuilder {
     /// Attempts per call, the first included (default 4; at least 1).
     pub fn max_attempts(mut self, attempts: u32) -> Self {
-        self.max_attempts = attempts.max(1);
+        self.retry.max_attempts = attempts.max(1);
         self
     }
 
     /// Backoff before the first retry (default 100 ms), doubling up to `max` (default 5 s).
     /// Each wait is drawn between half and all of the current backoff.
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
-        self.base_delay = base;
-        self.max_delay = max.max(base);
+        self.retry.base_delay = base;
+        self.retry.max_delay = max.max(base);
         self
     }
 
     /// Longest `Retry-After` honoured (default 30 s). A `429`/`503` asking for longer is
     /// returned instead of retried.
     pub fn max_retry_after(mut self, max: Duration) -> Self {
-        self.max_retry_after = max;
+        self.retry.max_retry_after = max;
         self
     }
 
     /// Time allowed per attempt (default 10 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.retry.timeout = timeout;
+        self
+    }
+
+    /// The tenant the token is for. An invalidation naming this tenant is sent; one naming
+    /// another fails with [`DepErrorKind::Tenant`]. Without it, only invalidations naming no
+    /// tenant are sent (the token's tenant applies).
+    pub fn tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
         self
     }
 
@@ -247,11 +303,8 @@ impl CachecoreClientBuilder {
             http: Client::builder(TokioExecutor::new()).build(connector),
             endpoint,
             authorization,
-            max_attempts: self.max_attempts,
-            base_delay: self.base_delay,
-            max_delay: self.max_delay,
-            max_retry_after: self.max_retry_after,
-            timeout: self.timeout,
+            tenant: self.tenant,
+            retry: self.retry,
         })
     }
 
@@ -283,19 +336,16 @@ pub struct CachecoreClient<C = HttpConnector> {
     http: Client<C, Full<Bytes>>,
     endpoint: Uri,
     authorization: HeaderValue,
-    max_attempts: u32,
-    base_delay: Duration,
-    max_delay: Duration,
-    max_retry_after: Duration,
-    timeout: Duration,
+    tenant: Option<String>,
+    retry: Retry,
 }
 
 impl<C> fmt::Debug for CachecoreClient<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachecoreClient")
             .field("endpoint", &self.endpoint)
-            .field("max_attempts", &self.max_attempts)
-            .field("timeout", &self.timeout)
+            .field("tenant", &self.tenant)
+            .field("retry", &self.retry)
             .finish_non_exhaustive()
     }
 }
@@ -319,11 +369,8 @@ impl CachecoreClient {
         CachecoreClientBuilder {
             gateway_url: gateway_url.into(),
             token: tenant_token.into(),
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
-            base_delay: DEFAULT_BASE_DELAY,
-            max_delay: DEFAULT_MAX_DELAY,
-            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
-            timeout: DEFAULT_TIMEOUT,
+            tenant: None,
+            retry: Retry::default(),
         }
     }
 }
@@ -332,49 +379,65 @@ impl<C> CachecoreClient<C>
 where
     C: Connect + Clone + Send + Sync + 'static,
 {
-    /// Invalidates `dep_id` in the token's tenant, recording `new_hash` (a random one when
-    /// `None`).
+    /// Invalidates on the gateway, in the token's tenant: `Ok` when every dep was
+    /// invalidated, else an error reporting each dep (see the [module docs](self) for what a
+    /// failed call reports). One dep is sent in the single form, more in the batch form; none
+    /// sends nothing.
     ///
-    /// A store failure on the gateway is a `503`, retried like any other; the error after the
-    /// last attempt is [`ClientError::RetriesExhausted`].
+    /// A store failure on the gateway is a `503`, retried like any other; so are connection
+    /// errors, timeouts and `429`.
     pub async fn invalidate(
         &self,
-        dep_id: &str,
-        new_hash: Option<&str>,
-    ) -> Result<InvalidationResult, ClientError> {
-        let body = RequestBody {
-            dep_id: Some(dep_id),
-            dep_ids: None,
-            new_hash,
+        invalidation: Invalidation,
+    ) -> Result<Invalidated, InvalidationError> {
+        let dep_ids: Vec<&str> = invalidation.dep_ids().collect();
+        if let Some(tenant) = invalidation.tenant_name() {
+            if self.tenant.as_deref() != Some(tenant) {
+                let why = format!(
+                    "the client's token is not declared for tenant {tenant:?} \
+                     (CachecoreClientBuilder::tenant)"
+                );
+                return Invalidated::from_results(
+                    dep_ids
+                        .iter()
+                        .map(|id| Err(DepError::new(*id, DepErrorKind::Tenant, why.as_str())))
+                        .collect(),
+                );
+            }
+        }
+        let new_hash = invalidation.hash();
+        let sent = match dep_ids.as_slice() {
+            [] => return Invalidated::from_results(Vec::new()),
+            [dep_id] => self
+                .call(&RequestBody {
+                    dep_id: Some(dep_id),
+                    dep_ids: None,
+                    new_hash,
+                })
+                .await
+                .and_then(|bytes| decode::<WireResult>(&bytes))
+                .map(|r| vec![r.into_result()]),
+            _ => self
+                .call(&RequestBody {
+                    dep_id: None,
+                    dep_ids: Some(&dep_ids),
+                    new_hash,
+                })
+                .await
+                .and_then(|bytes| decode::<BatchBody>(&bytes))
+                .map(|b| b.results.into_iter().map(WireResult::into_result).collect()),
         };
-        let bytes = self.call(&body).await?;
-        let result: WireResult =
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
-        Ok(result.into())
-    }
-
-    /// Invalidates each of `dep_ids` in the token's tenant; one result per id, in order.
-    /// Check each `ok`: some ids may fail while others succeed.
-    pub async fn invalidate_many(
-        &self,
-        dep_ids: &[&str],
-        new_hash: Option<&str>,
-    ) -> Result<Vec<InvalidationResult>, ClientError> {
-        let body = RequestBody {
-            dep_id: None,
-            dep_ids: Some(dep_ids),
-            new_hash,
-        };
-        let bytes = self.call(&body).await?;
-        let batch: BatchBody =
-            serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))?;
-        Ok(batch.results.into_iter().map(Into::into).collect())
+        match sent {
+            Ok(results) => Invalidated::from_results(results),
+            Err(e) => Err(InvalidationError::every_dep(dep_ids, e.dep_error_kind(), e)),
+        }
     }
 
     /// Sends the body until it succeeds, fails for good, or the attempts run out.
     async fn call(&self, body: &RequestBody<'_>) -> Result<Bytes, ClientError> {
         let body = Bytes::from(serde_json::to_vec(body).expect("request serializes"));
-        let mut backoff = self.base_delay;
+        let retry = &self.retry;
+        let mut backoff = retry.base_delay;
         let mut attempt = 1;
         loop {
             let (error, retry_after) = match self.attempt(body.clone()).await {
@@ -388,19 +451,19 @@ where
                 attempts: attempt,
                 last: Box::new(error),
             };
-            if attempt >= self.max_attempts {
+            if attempt >= retry.max_attempts {
                 return Err(give_up(error));
             }
             let mut wait = jitter(backoff);
             if let Some(asked) = retry_after {
-                if asked > self.max_retry_after {
+                if asked > retry.max_retry_after {
                     return Err(give_up(error));
                 }
                 wait = wait.max(asked);
             }
             tracing::debug!(target: "cachecore::client", attempt, ?wait, %error, "retrying invalidation");
             tokio::time::sleep(wait).await;
-            backoff = backoff.saturating_mul(2).min(self.max_delay);
+            backoff = backoff.saturating_mul(2).min(retry.max_delay);
             attempt += 1;
         }
     }
@@ -435,10 +498,24 @@ where
                 Err((http_error(status, &bytes), retry_after))
             }
         };
-        match tokio::time::timeout(self.timeout, exchange).await {
+        match tokio::time::timeout(self.retry.timeout, exchange).await {
             Ok(result) => result,
-            Err(_) => Err((ClientError::Timeout(self.timeout), None)),
+            Err(_) => Err((ClientError::Timeout(self.retry.timeout), None)),
         }
+    }
+}
+
+/// A 2xx answer's body.
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(bytes).map_err(|e| ClientError::Decode(e.to_string()))
+}
+
+impl<C> Invalidator for CachecoreClient<C>
+where
+    C: Connect + Clone + Send + Sync + 'static,
+{
+    fn invalidate(&self, invalidation: Invalidation) -> InvalidateFuture<'_> {
+        Box::pin(CachecoreClient::invalidate(self, invalidation))
     }
 }
 

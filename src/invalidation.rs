@@ -1,12 +1,16 @@
-//! One invalidation as a value ([`Invalidation`]) and what came of it ([`Invalidated`], or an
-//! [`InvalidationError`]): what [`CacheInvalidator::invalidate`] takes and returns
-//! (docs/design.md §4).
+//! One invalidation as a value ([`Invalidation`]) and what came of it: [`Invalidated`] when
+//! every dep was invalidated, else an [`InvalidationError`]; per dep, a [`DepInvalidated`] or a
+//! [`DepError`]. What every invalidation handle takes and returns
+//! ([`CacheInvalidator::invalidate`], the [`Invalidator`] trait, the remote client), and what a
+//! store reports per dep (docs/design.md §4).
 //!
 //! [`CacheInvalidator::invalidate`]: crate::CacheInvalidator::invalidate
+//! [`Invalidator`]: crate::invalidate::Invalidator
 
 use std::fmt;
+use std::sync::Arc;
 
-use crate::store::InvalidationResult;
+use crate::store::{DepInvalidated, StoreError, StoreErrorKind};
 
 /// Deps to invalidate, in which tenant, and the version they move to.
 ///
@@ -72,78 +76,211 @@ impl Invalidation {
     }
 }
 
+/// One dep not invalidated: entries derived from it may still be served.
+///
+/// Displays as its reason alone (what `POST /v1/invalidate` sends as the dep's `error`): a
+/// store failure as its [`StoreError`] does, anything else as its message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepError {
+    dep_id: String,
+    kind: DepErrorKind,
+    message: String,
+}
+
+/// Why a dep was not invalidated: what a caller can do about it depends on it (the queue
+/// worker retries the kinds [`is_transient`](DepErrorKind::is_transient) names, in place).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DepErrorKind {
+    /// The dep id or the new hash is invalid ([`validate_dep_id`](crate::validate_dep_id),
+    /// [`validate_new_hash`](crate::validate_new_hash)): no retry can help.
+    InvalidInput,
+    /// No tenant to work in: the invalidation named none and the handle has none of its own
+    /// (a layer whose tenants come per request), or it named one the handle cannot reach (a
+    /// [remote client](crate::client) whose token is for another tenant).
+    Tenant,
+    /// The store failed, in the way its [`StoreErrorKind`] says.
+    Store(StoreErrorKind),
+    /// A remote invalidation API could not be reached, timed out, or kept failing (`5xx`,
+    /// `429`) until the client gave up: nothing is known of the dep, and trying again later may
+    /// help.
+    Transport,
+    /// A remote invalidation API refused the call (a `4xx`: credentials, input, limits): trying
+    /// it again as it is cannot help.
+    Rejected,
+    /// Any other failure: one an [`Invalidator`](crate::invalidate::Invalidator) of your own
+    /// reports, one a remote API reported without a kind this crate knows, an answer that could
+    /// not be read.
+    Other,
+}
+
+impl DepErrorKind {
+    /// Whether trying again as it is may succeed: a store that timed out, failed or is being
+    /// skipped by the circuit breaker (`Timeout`, `Backend`, `CircuitOpen`), or a remote API
+    /// that could not be reached.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Self::Store(
+                StoreErrorKind::Timeout | StoreErrorKind::Backend | StoreErrorKind::CircuitOpen
+            ) | Self::Transport
+        )
+    }
+}
+
+impl DepError {
+    /// `dep_id` failed with `kind`, for the reason `message`.
+    pub fn new(dep_id: impl Into<String>, kind: DepErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            dep_id: dep_id.into(),
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// `dep_id` failed because the store did.
+    pub fn store(dep_id: impl Into<String>, error: &StoreError) -> Self {
+        Self::new(dep_id, DepErrorKind::Store(error.kind()), error.message())
+    }
+
+    /// The dep id.
+    pub fn dep_id(&self) -> &str {
+        &self.dep_id
+    }
+
+    /// What kind of failure.
+    pub fn kind(&self) -> DepErrorKind {
+        self.kind
+    }
+
+    /// The message (for a store failure, without the kind [`Display`](fmt::Display) adds).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for DepError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            DepErrorKind::Store(kind) => crate::store::describe(f, kind, &self.message),
+            _ => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for DepError {}
+
 /// Every dep of an [`Invalidation`] was invalidated: entries derived from them are no longer
 /// served.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Invalidated {
-    results: Vec<InvalidationResult>,
+    deps: Vec<DepInvalidated>,
 }
 
 impl Invalidated {
-    /// One result per dep, in the order of the invalidation.
-    pub fn results(&self) -> &[InvalidationResult] {
-        &self.results
+    /// `Ok` when every one of `results` succeeded, else an error holding them all: how an
+    /// [`Invalidator`](crate::invalidate::Invalidator) of your own (one that fans out, say)
+    /// reports what it gathered.
+    pub fn from_results(
+        results: Vec<Result<DepInvalidated, DepError>>,
+    ) -> Result<Self, InvalidationError> {
+        if results.iter().all(Result::is_ok) {
+            Ok(Self {
+                deps: results.into_iter().flatten().collect(),
+            })
+        } else {
+            Err(InvalidationError {
+                results,
+                cause: None,
+            })
+        }
     }
 
-    /// The per-dep results, owned.
-    pub fn into_results(self) -> Vec<InvalidationResult> {
-        self.results
+    /// One result per dep, in the order of the invalidation.
+    pub fn deps(&self) -> &[DepInvalidated] {
+        &self.deps
+    }
+
+    /// The per-dep results, owned, as [`InvalidationError::into_results`] gives them (every one
+    /// `Ok`), so both outcomes can be handled alike:
+    /// `outcome.map_or_else(InvalidationError::into_results, Invalidated::into_results)`.
+    pub fn into_results(self) -> Vec<Result<DepInvalidated, DepError>> {
+        self.deps.into_iter().map(Ok).collect()
     }
 
     /// How many entries were deleted now, in all. Zero does not mean nothing was invalidated:
     /// entries still in the store are refused on read and reclaimed later.
     pub fn entries_deleted(&self) -> u64 {
-        self.results.iter().map(|r| r.deleted).sum()
+        self.deps.iter().map(|d| d.deleted).sum()
     }
 }
 
 /// At least one dep of an [`Invalidation`] was not invalidated (a bad id or hash, a store
-/// failure, no tenant to work on). The others may have been: see [`results`](Self::results).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// failure, no tenant to work in, a remote API out of reach). The others may have been: see
+/// [`results`](Self::results).
+///
+/// When one cause failed the whole call (the remote client's [`ClientError`]), it is the
+/// error's [`source`](std::error::Error::source).
+///
+/// [`ClientError`]: crate::client::ClientError
+#[derive(Clone, Debug)]
 pub struct InvalidationError {
-    results: Vec<InvalidationResult>,
+    results: Vec<Result<DepInvalidated, DepError>>,
+    cause: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
 impl InvalidationError {
+    /// Every one of `dep_ids` failed for the same reason, `cause`, which is kept as the
+    /// error's [`source`](std::error::Error::source).
+    pub fn every_dep<'a, E>(
+        dep_ids: impl IntoIterator<Item = &'a str>,
+        kind: DepErrorKind,
+        cause: E,
+    ) -> Self
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let message = cause.to_string();
+        Self {
+            results: dep_ids
+                .into_iter()
+                .map(|id| Err(DepError::new(id, kind, message.as_str())))
+                .collect(),
+            cause: Some(Arc::new(cause)),
+        }
+    }
+
     /// One result per dep, in the order of the invalidation, failed or not.
-    pub fn results(&self) -> &[InvalidationResult] {
+    pub fn results(&self) -> &[Result<DepInvalidated, DepError>] {
         &self.results
     }
 
     /// The per-dep results, owned.
-    pub fn into_results(self) -> Vec<InvalidationResult> {
+    pub fn into_results(self) -> Vec<Result<DepInvalidated, DepError>> {
         self.results
     }
 
-    /// The results that failed.
-    pub fn failed(&self) -> impl Iterator<Item = &InvalidationResult> {
-        self.results.iter().filter(|r| !r.ok)
+    /// The deps that failed.
+    pub fn failed(&self) -> impl Iterator<Item = &DepError> {
+        self.results.iter().filter_map(|r| r.as_ref().err())
     }
 }
 
 impl fmt::Display for InvalidationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("invalidation failed:")?;
-        for r in self.failed() {
-            write!(
-                f,
-                " {:?} ({})",
-                r.dep_id,
-                r.error.as_deref().unwrap_or("no reason given")
-            )?;
+        for e in self.failed() {
+            write!(f, " {:?} ({e})", e.dep_id)?;
         }
         Ok(())
     }
 }
 
-impl std::error::Error for InvalidationError {}
-
-/// The outcome of per-dep results: `Ok` when every one succeeded.
-pub(crate) fn outcome(results: Vec<InvalidationResult>) -> Result<Invalidated, InvalidationError> {
-    if results.iter().all(|r| r.ok) {
-        Ok(Invalidated { results })
-    } else {
-        Err(InvalidationError { results })
+impl std::error::Error for InvalidationError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -153,19 +290,63 @@ mod tests {
 
     #[test]
     fn an_outcome_is_ok_only_when_every_dep_succeeded() {
-        let ok = outcome(vec![
-            InvalidationResult::ok("a", 2),
-            InvalidationResult::ok("b", 1),
+        let ok = Invalidated::from_results(vec![
+            Ok(DepInvalidated::new("a", 2)),
+            Ok(DepInvalidated::new("b", 1)),
         ])
         .unwrap();
         assert_eq!(ok.entries_deleted(), 3);
-        let err = outcome(vec![
-            InvalidationResult::ok("a", 2),
-            InvalidationResult::failed("b", "store down"),
+        let err = Invalidated::from_results(vec![
+            Ok(DepInvalidated::new("a", 2)),
+            Err(DepError::new("b", DepErrorKind::Other, "store down")),
         ])
         .unwrap_err();
         assert_eq!(err.failed().count(), 1);
         assert_eq!(err.to_string(), r#"invalidation failed: "b" (store down)"#);
-        assert!(outcome(Vec::new()).is_ok(), "nothing asked, nothing failed");
+        assert!(
+            Invalidated::from_results(Vec::new()).is_ok(),
+            "nothing asked, nothing failed"
+        );
+    }
+
+    #[test]
+    fn a_store_failure_displays_as_the_store_error_does() {
+        let store = StoreError::new(StoreErrorKind::Timeout, "no answer in 250ms");
+        let e = DepError::store("doc:1", &store);
+        assert_eq!(e.kind(), DepErrorKind::Store(StoreErrorKind::Timeout));
+        assert_eq!(e.message(), "no answer in 250ms");
+        assert_eq!(e.to_string(), store.to_string());
+    }
+
+    #[test]
+    fn store_outages_and_unreachable_remotes_are_transient_and_bad_input_is_not() {
+        for kind in [
+            StoreErrorKind::Timeout,
+            StoreErrorKind::Backend,
+            StoreErrorKind::CircuitOpen,
+        ] {
+            assert!(DepErrorKind::Store(kind).is_transient(), "{kind:?}");
+        }
+        assert!(DepErrorKind::Transport.is_transient());
+        for kind in [
+            DepErrorKind::Store(StoreErrorKind::Corrupt),
+            DepErrorKind::Store(StoreErrorKind::InvalidInput),
+            DepErrorKind::InvalidInput,
+            DepErrorKind::Tenant,
+            DepErrorKind::Rejected,
+            DepErrorKind::Other,
+        ] {
+            assert!(!kind.is_transient(), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn a_whole_call_failure_is_every_deps_error_and_its_source() {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = InvalidationError::every_dep(["a", "b"], DepErrorKind::Transport, cause);
+        assert_eq!(e.failed().count(), 2);
+        assert!(e.failed().all(|d| d.kind() == DepErrorKind::Transport));
+        let source = std::error::Error::source(&e).expect("the cause");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
     }
 }

@@ -103,7 +103,7 @@ pub use counters::MetricsSnapshot;
 pub use dep::{validate_dep_id, Dep, InvalidDepId, MAX_DEP_ID_LEN, POLICY_DEP};
 pub use dep::{validate_new_hash, InvalidNewHash, MAX_NEW_HASH_LEN};
 pub use headers::{X_CACHE, X_CACHE_AGE, X_CACHE_ERROR, X_CACHE_SIMILARITY};
-pub use invalidation::{Invalidated, Invalidation, InvalidationError};
+pub use invalidation::{DepError, DepErrorKind, Invalidated, Invalidation, InvalidationError};
 pub use layer::{
     CacheInvalidator, Cachecore, CachecoreBuilder, CachecoreLayer, RequestBody, ResponseBody,
 };
@@ -116,6 +116,6 @@ pub use status::CacheStatus;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::redis::{RedisStore, RedisStoreBuilder};
 pub use store::{
-    CacheKey, CacheStore, DepEpochs, Entry, InvalidationResult, Lookup, MemoryStore, PutOutcome,
+    CacheKey, CacheStore, DepEpochs, DepInvalidated, Entry, Lookup, MemoryStore, PutOutcome,
     StoreError, StoreErrorKind,
 };

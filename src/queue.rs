@@ -21,7 +21,8 @@
 //!   `new_hash` ([`validate_new_hash`]) is invalid. No retry can help, so it is moved to the
 //!   dead-letter stream (with the reason) and acknowledged at once, in one `MULTI`; the cache
 //!   never sees it.
-//! - **Transient**: the store is down, timed out or unreachable (see [`is_transient`]). The
+//! - **Transient**: the store is down, timed out or unreachable, or a remote invalidation API
+//!   cannot be reached ([`DepErrorKind::is_transient`]). The
 //!   worker keeps the event, backs off exponentially from
 //!   [`DEFAULT_MIN_RETRY_BACKOFF`] to [`DEFAULT_MAX_RETRY_BACKOFF`] and tries it again, for as
 //!   long as the outage lasts. These retries do not count as deliveries: a valid event outlives
@@ -31,7 +32,7 @@
 //!   none of them could be applied anyway. (On a Redis Cluster store with one master down, the
 //!   tenants of the other masters wait with it until it is back or failed over.)
 //! - **Any other failure** the [`Invalidator`] reports (data it cannot read, a refusal of a
-//!   wrapper of your own): the event stays pending and is tried again once it has idled for
+//!   wrapper of your own, [`DepErrorKind::Other`]): the event stays pending and is tried again once it has idled for
 //!   `claim_idle`, up to [`max_deliveries`](QueueWorkerBuilder::max_deliveries) deliveries,
 //!   then dead-lettered. Choose what counts as transient with
 //!   [`transient_when`](QueueWorkerBuilder::transient_when).
@@ -88,7 +89,7 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, St
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 use crate::invalidate::Invalidator;
-use crate::{validate_dep_id, validate_new_hash, InvalidationResult, StoreError, StoreErrorKind};
+use crate::{validate_dep_id, validate_new_hash, DepError, DepErrorKind, Invalidation};
 
 /// Stream the events go to by default.
 pub const DEFAULT_STREAM: &str = "cachecore:invalidations";
@@ -174,27 +175,6 @@ impl From<RedisError> for QueueError {
     fn from(e: RedisError) -> Self {
         Self(Repr::Redis(e))
     }
-}
-
-/// Whether a failed invalidation is worth retrying as it is: the store timed out, was
-/// unreachable or answered with an error, or is being skipped by the circuit breaker (the
-/// [`StoreErrorKind`]s `Timeout`, `Backend` and `CircuitOpen`, as a
-/// [`CachecoreLayer`](crate::CachecoreLayer) reports them). The worker's default for
-/// [`transient_when`](QueueWorkerBuilder::transient_when).
-///
-/// An [`Invalidator`] of your own marks a failure transient by reporting such an error:
-/// `InvalidationResult::failed(id, StoreError::new(StoreErrorKind::Backend, why).to_string())`.
-pub fn is_transient(result: &InvalidationResult) -> bool {
-    let Some(error) = result.error.as_deref() else {
-        return false;
-    };
-    [
-        StoreErrorKind::Timeout,
-        StoreErrorKind::Backend,
-        StoreErrorKind::CircuitOpen,
-    ]
-    .into_iter()
-    .any(|kind| error.starts_with(&StoreError::new(kind, "").to_string()))
 }
 
 /// The part of `key` Redis Cluster hashes to pick its slot: the first `{...}` with something
@@ -450,12 +430,31 @@ pub struct QueueWorkerBuilder {
     group: String,
     consumer: Option<String>,
     dead_letter: Option<String>,
+    policy: Policy,
+}
+
+/// How a worker reads, retries and gives up: the builder's settings, which the worker keeps.
+#[derive(Clone, Copy, Debug)]
+struct Policy {
     max_deliveries: usize,
     claim_idle: Duration,
     batch: usize,
     block: Duration,
     retry_backoff: (Duration, Duration),
-    transient: fn(&InvalidationResult) -> bool,
+    transient: fn(&DepError) -> bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
+            claim_idle: DEFAULT_CLAIM_IDLE,
+            batch: DEFAULT_BATCH,
+            block: DEFAULT_BLOCK,
+            retry_backoff: (DEFAULT_MIN_RETRY_BACKOFF, DEFAULT_MAX_RETRY_BACKOFF),
+            transient: |e| e.kind().is_transient(),
+        }
+    }
 }
 
 impl QueueWorkerBuilder {
@@ -491,7 +490,7 @@ impl QueueWorkerBuilder {
     /// is dead-lettered (default [`DEFAULT_MAX_DELIVERIES`]; at least 1). Transient failures
     /// and poison events do not count against it.
     pub fn max_deliveries(mut self, n: usize) -> Self {
-        self.max_deliveries = n.max(1);
+        self.policy.max_deliveries = n.max(1);
         self
     }
 
@@ -499,20 +498,20 @@ impl QueueWorkerBuilder {
     /// before an event that failed for a reason that is not transient is tried again (default
     /// [`DEFAULT_CLAIM_IDLE`]).
     pub fn claim_idle(mut self, idle: Duration) -> Self {
-        self.claim_idle = idle;
+        self.policy.claim_idle = idle;
         self
     }
 
     /// Events read per round trip (default [`DEFAULT_BATCH`]).
     pub fn batch_size(mut self, n: usize) -> Self {
-        self.batch = n.max(1);
+        self.policy.batch = n.max(1);
         self
     }
 
     /// How long one read waits for new events (default [`DEFAULT_BLOCK`]); also how often
     /// idle pending events are looked for when the stream is quiet.
     pub fn block(mut self, block: Duration) -> Self {
-        self.block = block.max(Duration::from_millis(1));
+        self.policy.block = block.max(Duration::from_millis(1));
         self
     }
 
@@ -522,14 +521,16 @@ impl QueueWorkerBuilder {
     /// the event before another could take it over.
     pub fn retry_backoff(mut self, min: Duration, max: Duration) -> Self {
         let min = min.max(MIN_RETRY_PAUSE);
-        self.retry_backoff = (min, max.max(min));
+        self.policy.retry_backoff = (min, max.max(min));
         self
     }
 
     /// Which failures are transient: retried with backoff, without counting as a delivery and
-    /// without ever being dead-lettered (default [`is_transient`]).
-    pub fn transient_when(mut self, transient: fn(&InvalidationResult) -> bool) -> Self {
-        self.transient = transient;
+    /// without ever being dead-lettered (default: those whose kind
+    /// [`is_transient`](DepErrorKind::is_transient)). An [`Invalidator`] of your own marks a
+    /// failure transient by its kind, e.g. `DepErrorKind::Store(StoreErrorKind::Backend)`.
+    pub fn transient_when(mut self, transient: fn(&DepError) -> bool) -> Self {
+        self.policy.transient = transient;
         self
     }
 
@@ -550,7 +551,10 @@ impl QueueWorkerBuilder {
                 dead_letter_stream_for(&self.stream)
             ))));
         }
-        let conn = self.target.connect(self.block + RESPONSE_MARGIN).await?;
+        let conn = self
+            .target
+            .connect(self.policy.block + RESPONSE_MARGIN)
+            .await?;
         let consumer = self.consumer.unwrap_or_else(|| {
             use std::hash::BuildHasher;
             let r = std::collections::hash_map::RandomState::new().hash_one(0u8);
@@ -562,12 +566,7 @@ impl QueueWorkerBuilder {
             group: self.group,
             consumer,
             dead_letter,
-            max_deliveries: self.max_deliveries,
-            claim_idle: self.claim_idle,
-            batch: self.batch,
-            block: self.block,
-            retry_backoff: self.retry_backoff,
-            transient: self.transient,
+            policy: self.policy,
             last_errors: HashMap::new(),
         })
     }
@@ -598,12 +597,7 @@ pub struct QueueWorker {
     group: String,
     consumer: String,
     dead_letter: String,
-    max_deliveries: usize,
-    claim_idle: Duration,
-    batch: usize,
-    block: Duration,
-    retry_backoff: (Duration, Duration),
-    transient: fn(&InvalidationResult) -> bool,
+    policy: Policy,
     /// The last error of events this worker failed, for the dead-letter entry.
     last_errors: HashMap<String, String>,
 }
@@ -615,9 +609,7 @@ impl fmt::Debug for QueueWorker {
             .field("group", &self.group)
             .field("consumer", &self.consumer)
             .field("dead_letter", &self.dead_letter)
-            .field("max_deliveries", &self.max_deliveries)
-            .field("claim_idle", &self.claim_idle)
-            .field("retry_backoff", &self.retry_backoff)
+            .field("policy", &self.policy)
             .finish_non_exhaustive()
     }
 }
@@ -686,12 +678,7 @@ impl QueueWorker {
             group: DEFAULT_GROUP.to_owned(),
             consumer: None,
             dead_letter: None,
-            max_deliveries: DEFAULT_MAX_DELIVERIES,
-            claim_idle: DEFAULT_CLAIM_IDLE,
-            batch: DEFAULT_BATCH,
-            block: DEFAULT_BLOCK,
-            retry_backoff: (DEFAULT_MIN_RETRY_BACKOFF, DEFAULT_MAX_RETRY_BACKOFF),
-            transient: is_transient,
+            policy: Policy::default(),
         }
     }
 
@@ -808,10 +795,10 @@ impl QueueWorker {
             .arg(&self.stream)
             .arg(&self.group)
             .arg(&self.consumer)
-            .arg(millis(self.claim_idle))
+            .arg(millis(self.policy.claim_idle))
             .arg(claim_cursor.as_str())
             .arg("COUNT")
-            .arg(self.batch)
+            .arg(self.policy.batch)
             .query_async(&mut self.conn)
             .await?;
         *claim_cursor = claimed.next_stream_id;
@@ -826,7 +813,7 @@ impl QueueWorker {
         }
 
         let entries = tokio::select! {
-            entries = self.read(">", Some(self.block)) => entries?,
+            entries = self.read(">", Some(self.policy.block)) => entries?,
             () = shutdown.wait() => return Ok(()),
         };
         let counts = HashMap::new();
@@ -845,7 +832,7 @@ impl QueueWorker {
             .arg(&self.group)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(self.batch);
+            .arg(self.policy.batch);
         if let Some(block) = block {
             cmd.arg("BLOCK").arg(millis(block));
         }
@@ -905,7 +892,7 @@ impl QueueWorker {
                     continue;
                 }
             };
-            if deliveries > self.max_deliveries {
+            if deliveries > self.policy.max_deliveries {
                 let why = self
                     .last_errors
                     .remove(&entry.id)
@@ -929,7 +916,7 @@ impl QueueWorker {
                     report.applied += 1;
                 }
                 Attempt::Failed(why) => {
-                    if deliveries >= self.max_deliveries {
+                    if deliveries >= self.policy.max_deliveries {
                         self.dead_letter(&entry, deliveries, &why).await?;
                         report.dead_lettered += 1;
                     } else {
@@ -953,27 +940,25 @@ impl QueueWorker {
         event: &InvalidationEvent,
         deliveries: usize,
     ) -> Attempt {
-        let (mut backoff, max_backoff) = self.retry_backoff;
+        let (mut backoff, max_backoff) = self.policy.retry_backoff;
         loop {
-            let result = target
-                .invalidate_many(
-                    &event.tenant,
-                    &[event.dep_id.as_str()],
-                    event.new_hash.as_deref(),
-                )
-                .await
-                .pop()
-                .unwrap_or_else(|| {
-                    InvalidationResult::failed(&event.dep_id, "the invalidator gave no result")
-                });
-            if result.ok {
-                return Attempt::Applied;
+            let mut invalidation = Invalidation::of([event.dep_id.as_str()]).tenant(&event.tenant);
+            if let Some(hash) = &event.new_hash {
+                invalidation = invalidation.new_hash(hash);
             }
+            let error = match target.invalidate(invalidation).await {
+                Ok(_) => return Attempt::Applied,
+                Err(e) => e.failed().next().cloned().unwrap_or_else(|| {
+                    DepError::new(
+                        &event.dep_id,
+                        DepErrorKind::Other,
+                        "failed without a reason",
+                    )
+                }),
+            };
             report.failed_attempts += 1;
-            let transient = (self.transient)(&result);
-            let why = result
-                .error
-                .unwrap_or_else(|| "failed without a reason".to_owned());
+            let transient = (self.policy.transient)(&error);
+            let why = error.to_string();
             if !transient {
                 tracing::warn!(target: "cachecore::queue", id = %entry.id, tenant = %event.tenant,
                     dep_id = %event.dep_id, deliveries, error = %why, "invalidation event failed");
@@ -981,7 +966,7 @@ impl QueueWorker {
             }
             report.transient_failures += 1;
             // Re-claimed before `claim_idle` runs out, so no other worker takes it meanwhile.
-            let pause = backoff.min(self.claim_idle / 2).max(MIN_RETRY_PAUSE);
+            let pause = backoff.min(self.policy.claim_idle / 2).max(MIN_RETRY_PAUSE);
             tracing::warn!(target: "cachecore::queue", id = %entry.id, tenant = %event.tenant,
                 dep_id = %event.dep_id, error = %why, retry_in = ?pause,
                 "invalidation event failed transiently; retrying");
@@ -1093,22 +1078,5 @@ mod tests {
         assert_eq!(hash_tag("foo{{bar}}zap"), "{bar");
         assert_eq!(hash_tag("foo{bar}{zap}"), "bar");
         assert_eq!(hash_tag("no{close"), "no{close");
-    }
-
-    #[test]
-    fn store_outages_are_transient_and_bad_data_is_not() {
-        let failed = |kind| {
-            InvalidationResult::failed("doc:1", StoreError::new(kind, "something").to_string())
-        };
-        assert!(is_transient(&failed(StoreErrorKind::Timeout)));
-        assert!(is_transient(&failed(StoreErrorKind::Backend)));
-        assert!(is_transient(&failed(StoreErrorKind::CircuitOpen)));
-        assert!(!is_transient(&failed(StoreErrorKind::Corrupt)));
-        assert!(!is_transient(&failed(StoreErrorKind::InvalidInput)));
-        assert!(!is_transient(&InvalidationResult::failed(
-            "doc:1",
-            "dep id is empty"
-        )));
-        assert!(!is_transient(&InvalidationResult::ok("doc:1", 0)));
     }
 }

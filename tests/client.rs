@@ -14,6 +14,7 @@ use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
 use cachecore::client::{CachecoreClient, ClientError};
+use cachecore::{DepErrorKind, Invalidation, InvalidationError};
 use serde_json::{json, Value};
 
 /// One scripted answer: status, `Retry-After`, body, and how long to wait before answering.
@@ -112,12 +113,33 @@ fn error_body(code: &str, message: &str) -> Value {
     json!({"error": {"code": code, "message": message}})
 }
 
+/// `doc:1`, without a new hash.
+fn doc_1() -> Invalidation {
+    Invalidation::of(["doc:1"])
+}
+
+/// The client error that failed the whole call, after checking every dep reports it with
+/// `kind`.
+fn whole_call(e: &InvalidationError, kind: DepErrorKind) -> &ClientError {
+    assert!(
+        e.failed().count() > 0 && e.failed().all(|d| d.kind() == kind),
+        "{e:?}"
+    );
+    ClientError::of(e).expect("a whole-call failure keeps its client error")
+}
+
 #[tokio::test]
 async fn invalidate_sends_the_token_and_the_wire_json() {
     let (stub, addr) = stub("", vec![ok_single("doc:1", 3)]).await;
-    let r = client(addr).invalidate("doc:1", Some("v2")).await.unwrap();
-    assert!(r.ok);
-    assert_eq!((r.dep_id.as_str(), r.deleted, r.error), ("doc:1", 3, None));
+    let r = client(addr)
+        .invalidate(doc_1().new_hash("v2"))
+        .await
+        .unwrap();
+    assert_eq!(r.deps().len(), 1);
+    assert_eq!(
+        (r.deps()[0].dep_id.as_str(), r.deps()[0].deleted),
+        ("doc:1", 3)
+    );
     let seen = stub.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(
@@ -131,7 +153,7 @@ async fn invalidate_sends_the_token_and_the_wire_json() {
 #[tokio::test]
 async fn invalidate_without_new_hash_omits_it() {
     let (stub, addr) = stub("", vec![ok_single("doc:1", 0)]).await;
-    client(addr).invalidate("doc:1", None).await.unwrap();
+    client(addr).invalidate(doc_1()).await.unwrap();
     assert_eq!(stub.seen()[0].body, json!({"dep_id": "doc:1"}));
 }
 
@@ -148,14 +170,17 @@ async fn invalidate_many_returns_per_dep_results() {
         )],
     )
     .await;
-    let results = client(addr)
-        .invalidate_many(&["table:products", "table:prices"], Some("batch-1"))
+    let e = client(addr)
+        .invalidate(Invalidation::of(["table:products", "table:prices"]).new_hash("batch-1"))
         .await
-        .unwrap();
+        .unwrap_err();
+    assert!(ClientError::of(&e).is_none(), "the call itself succeeded");
+    let results = e.results();
     assert_eq!(results.len(), 2);
-    assert!(results[0].ok && results[0].deleted == 5);
-    assert!(!results[1].ok);
-    assert_eq!(results[1].error.as_deref(), Some("store down"));
+    assert_eq!(results[0].as_ref().unwrap().deleted, 5);
+    let failed = results[1].as_ref().unwrap_err();
+    assert_eq!(failed.dep_id(), "table:prices");
+    assert_eq!(failed.to_string(), "store down");
     assert_eq!(
         stub.seen()[0].body,
         json!({"dep_ids": ["table:products", "table:prices"], "new_hash": "batch-1"})
@@ -166,7 +191,7 @@ async fn invalidate_many_returns_per_dep_results() {
 async fn a_gateway_under_a_path_prefix() {
     let (stub, addr) = stub("/cache", vec![ok_single("doc:1", 0)]).await;
     let c = CachecoreClient::new(format!("http://{addr}/cache/"), "t").unwrap();
-    assert!(c.invalidate("doc:1", None).await.unwrap().ok);
+    c.invalidate(doc_1()).await.unwrap();
     assert_eq!(stub.seen().len(), 1);
 }
 
@@ -177,8 +202,10 @@ async fn retries_503_then_succeeds() {
         json!({"ok": false, "dep_id": "doc:1", "keys_deleted": 0, "error": "store down"}),
     );
     let (stub, addr) = stub("", vec![down.clone(), down, ok_single("doc:1", 1)]).await;
-    let r = client(addr).invalidate("doc:1", Some("v2")).await.unwrap();
-    assert!(r.ok);
+    client(addr)
+        .invalidate(doc_1().new_hash("v2"))
+        .await
+        .unwrap();
     assert_eq!(stub.seen().len(), 3);
 }
 
@@ -188,7 +215,7 @@ async fn retries_429_after_retry_after_seconds() {
     limited.retry_after = Some("1");
     let (stub, addr) = stub("", vec![limited, ok_single("doc:1", 0)]).await;
     let started = Instant::now();
-    assert!(client(addr).invalidate("doc:1", None).await.unwrap().ok);
+    client(addr).invalidate(doc_1()).await.unwrap();
     let seen = stub.seen();
     assert_eq!(seen.len(), 2);
     let waited = seen[1].at - seen[0].at;
@@ -205,7 +232,8 @@ async fn a_retry_after_beyond_the_limit_is_not_waited_for() {
     limited.retry_after = Some("3600");
     let (stub, addr) = stub("", vec![limited]).await;
     let started = Instant::now();
-    let e = client(addr).invalidate("doc:1", None).await.unwrap_err();
+    let e = client(addr).invalidate(doc_1()).await.unwrap_err();
+    let e = whole_call(&e, DepErrorKind::Transport);
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(stub.seen().len(), 1);
     assert_eq!(e.status(), Some(StatusCode::TOO_MANY_REQUESTS));
@@ -225,9 +253,10 @@ async fn no_retry_on_4xx() {
         (422, "invalid_dep_id"),
     ] {
         let (stub, addr) = stub("", vec![answer(status, error_body(code, "named problem"))]).await;
-        let e = client(addr).invalidate("doc:1", None).await.unwrap_err();
+        let e = client(addr).invalidate(doc_1()).await.unwrap_err();
+        let e = whole_call(&e, DepErrorKind::Rejected);
         assert_eq!(stub.seen().len(), 1, "{status} must not be retried");
-        match &e {
+        match e {
             ClientError::Http {
                 status: s,
                 code: c,
@@ -247,9 +276,10 @@ async fn no_retry_on_4xx() {
 async fn gives_up_after_max_attempts() {
     let down = answer(500, json!("oops"));
     let (stub, addr) = stub("", vec![down.clone(), down.clone(), down.clone(), down]).await;
-    let e = client(addr).invalidate("doc:1", None).await.unwrap_err();
+    let e = client(addr).invalidate(doc_1()).await.unwrap_err();
+    let e = whole_call(&e, DepErrorKind::Transport);
     assert_eq!(stub.seen().len(), 3);
-    match &e {
+    match e {
         ClientError::RetriesExhausted { attempts, last } => {
             assert_eq!(*attempts, 3);
             assert_eq!(last.status(), Some(StatusCode::INTERNAL_SERVER_ERROR));
@@ -260,14 +290,10 @@ async fn gives_up_after_max_attempts() {
 
 #[tokio::test]
 async fn connection_errors_are_retried_then_reported() {
-    // A port that was free a moment ago: nothing listens there.
-    let addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let addr = closed_port();
     let started = Instant::now();
-    let e = client(addr).invalidate("doc:1", None).await.unwrap_err();
-    match &e {
+    let e = client(addr).invalidate(doc_1()).await.unwrap_err();
+    match whole_call(&e, DepErrorKind::Transport) {
         ClientError::RetriesExhausted { attempts: 3, last } => {
             assert!(matches!(**last, ClientError::Transport(_)), "{last:?}")
         }
@@ -287,14 +313,15 @@ async fn a_slow_gateway_times_out_and_is_retried() {
         .backoff(Duration::from_millis(10), Duration::from_millis(10))
         .build()
         .unwrap();
-    assert!(c.invalidate("doc:1", None).await.unwrap().ok);
+    c.invalidate(doc_1()).await.unwrap();
     assert_eq!(stub.seen().len(), 2);
 }
 
 #[tokio::test]
 async fn a_success_with_an_unexpected_body_is_a_decode_error() {
     let (_stub, addr) = stub("", vec![answer(200, json!({"unexpected": true}))]).await;
-    let e = client(addr).invalidate("doc:1", None).await.unwrap_err();
+    let e = client(addr).invalidate(doc_1()).await.unwrap_err();
+    let e = whole_call(&e, DepErrorKind::Other);
     assert!(matches!(e, ClientError::Decode(_)), "{e:?}");
 }
 
@@ -312,4 +339,109 @@ fn bad_configuration_is_reported() {
             "{url} {token:?}: {e:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_invalidation_for_another_tenant_fails_without_a_call() {
+    let (stub, addr) = stub("", vec![ok_single("doc:1", 0)]).await;
+    // The token's tenant was not declared: a named tenant cannot be checked, so it is refused.
+    let e = client(addr)
+        .invalidate(doc_1().tenant("acme"))
+        .await
+        .unwrap_err();
+    assert!(e.failed().all(|d| d.kind() == DepErrorKind::Tenant), "{e}");
+    let declared = CachecoreClient::builder(format!("http://{addr}"), "t")
+        .tenant("acme")
+        .build()
+        .unwrap();
+    let e = declared
+        .invalidate(doc_1().tenant("other"))
+        .await
+        .unwrap_err();
+    assert!(e.failed().all(|d| d.kind() == DepErrorKind::Tenant), "{e}");
+    assert!(stub.seen().is_empty(), "nothing was sent");
+    declared.invalidate(doc_1().tenant("acme")).await.unwrap();
+    assert_eq!(stub.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn an_empty_invalidation_sends_nothing() {
+    let (stub, addr) = stub("", Vec::new()).await;
+    let done = client(addr)
+        .invalidate(Invalidation::of(Vec::<String>::new()))
+        .await
+        .unwrap();
+    assert!(done.deps().is_empty());
+    assert!(stub.seen().is_empty());
+}
+
+/// A port that was free a moment ago: nothing listens there.
+fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Posts `body` to an invalidation service applying its invalidations through `client`, for
+/// tenant `acme`; the status and the JSON answer.
+async fn forward(client: CachecoreClient, body: &'static str) -> (StatusCode, Value) {
+    use cachecore::auth::FixedTenant;
+    use cachecore::invalidate::InvalidateService;
+    use http_body_util::{BodyExt, Full};
+    use tower::ServiceExt;
+
+    let req = http::Request::post("/v1/invalidate")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let res = InvalidateService::new(client, FixedTenant::new("acme"))
+        .oneshot(req)
+        .await
+        .unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+/// The client is an `Invalidator`: an invalidation service forwards to a remote gateway
+/// through it, and a gateway out of reach is a 503 naming why, as a store that is down is.
+#[tokio::test]
+async fn an_invalidation_service_can_forward_through_the_client() {
+    let (stub, addr) = stub(
+        "",
+        vec![answer(
+            200,
+            json!({"results": [
+                {"ok": true, "dep_id": "a", "keys_deleted": 2, "error": null},
+                {"ok": true, "dep_id": "b", "keys_deleted": 0, "error": null},
+            ]}),
+        )],
+    )
+    .await;
+    let remote = CachecoreClient::builder(format!("http://{addr}"), "t")
+        .tenant("acme")
+        .build()
+        .unwrap();
+    let (status, body) = forward(remote, r#"{"dep_ids":["a","b"],"new_hash":"v2"}"#).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["results"][0]["keys_deleted"], 2);
+    assert_eq!(
+        stub.seen()[0].body,
+        json!({"dep_ids": ["a", "b"], "new_hash": "v2"})
+    );
+
+    let unreachable = CachecoreClient::builder(format!("http://{}", closed_port()), "t")
+        .tenant("acme")
+        .max_attempts(1)
+        .build()
+        .unwrap();
+    let (status, body) = forward(unreachable, r#"{"dep_id":"a"}"#).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["ok"], false);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not reach the gateway"),
+        "{body}"
+    );
 }

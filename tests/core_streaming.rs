@@ -326,7 +326,7 @@ impl cachecore::CacheStore for InvalidateAfterPut {
         tenant: &'a str,
         dep_id: &'a str,
         new_hash: &'a str,
-    ) -> cachecore::store::StoreFuture<'a, cachecore::InvalidationResult> {
+    ) -> cachecore::store::StoreFuture<'a, cachecore::DepInvalidated> {
         self.0.invalidate(tenant, dep_id, new_hash)
     }
 }

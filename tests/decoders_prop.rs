@@ -948,7 +948,7 @@ mod invalidation_payloads {
     use cachecore::invalidate::{
         ApiError, InvalidateFuture, InvalidateService, Invalidator, MAX_BATCH,
     };
-    use cachecore::InvalidationResult;
+    use cachecore::{DepInvalidated, Invalidated, Invalidation};
     use http::{Request, StatusCode};
     use http_body_util::{BodyExt, Full};
     use tower::ServiceExt;
@@ -965,22 +965,17 @@ mod invalidation_payloads {
     struct Recorder(Arc<Mutex<Vec<Call>>>);
 
     impl Invalidator for Recorder {
-        fn invalidate_many<'a>(
-            &'a self,
-            tenant: &'a str,
-            dep_ids: &'a [&'a str],
-            new_hash: Option<&'a str>,
-        ) -> InvalidateFuture<'a> {
-            assert_eq!(tenant, TENANT);
+        fn invalidate(&self, invalidation: Invalidation) -> InvalidateFuture<'_> {
+            assert_eq!(invalidation.tenant_name(), Some(TENANT));
             self.0.lock().unwrap().push((
-                dep_ids.iter().map(|d| (*d).to_owned()).collect(),
-                new_hash.map(str::to_owned),
+                invalidation.dep_ids().map(str::to_owned).collect(),
+                invalidation.hash().map(str::to_owned),
             ));
-            let results = dep_ids
-                .iter()
-                .map(|d| InvalidationResult::ok(*d, 0))
+            let results = invalidation
+                .dep_ids()
+                .map(|d| Ok(DepInvalidated::new(d, 0)))
                 .collect();
-            Box::pin(async move { results })
+            Box::pin(std::future::ready(Invalidated::from_results(results)))
         }
     }
 

@@ -29,11 +29,10 @@ fn a_million_one_off_invalidations_leave_the_memory_dep_index_flat() {
     let mut held = 0;
     rt.block_on(async {
         for row in 0..ROWS {
-            let r = store
+            store
                 .invalidate("t", &format!("row:{row:08x}"), "gone")
                 .await
                 .unwrap();
-            assert!(r.ok);
             if row % 10_000 == 0 {
                 held = held.max(store.dep_index_size());
                 assert!(
@@ -102,8 +101,8 @@ async fn a_million_one_off_invalidations_leave_redis_dbsize_flat() {
                 let store = Arc::clone(&store);
                 tokio::spawn(async move {
                     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    let results = store.invalidate_many("t", &ids, "gone").await.unwrap();
-                    assert!(results.iter().all(|r| r.ok), "{:?}", results.first());
+                    let results = store.invalidate_many("t", &ids, "gone").await;
+                    assert!(results.iter().all(Result::is_ok), "{:?}", results.first());
                 })
             })
             .collect();

@@ -25,7 +25,7 @@ use cachecore::client::CachecoreClient;
 use cachecore::gateway::{serve, Gateway, ServeOptions, ServeReport};
 use cachecore::metrics::QueueMetrics;
 use cachecore::wire::encode_deps;
-use cachecore::{CachecoreBuilder, CachecoreLayer, Dep};
+use cachecore::{CachecoreBuilder, CachecoreLayer, Dep, Invalidation};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
@@ -334,10 +334,10 @@ async fn recipe_1_database_webhook() {
     // The document was updated: the webhook handler invalidates it.
     let result = env
         .client(&token)
-        .invalidate("doc:contract-123", Some("v2"))
+        .invalidate(Invalidation::of(["doc:contract-123"]).new_hash("v2"))
         .await
         .unwrap();
-    assert!(result.ok);
+    let result = &result.deps()[0];
     assert_eq!(
         (result.dep_id.as_str(), result.deleted),
         ("doc:contract-123", 1)
@@ -370,16 +370,14 @@ async fn recipe_2_batch_table_invalidation() {
 
     let results = env
         .client(&token)
-        .invalidate_many(
-            &["table:products", "table:prices"],
-            Some("batch-2026-11-23"),
+        .invalidate(
+            Invalidation::of(["table:products", "table:prices"]).new_hash("batch-2026-11-23"),
         )
-        .await
-        .unwrap();
-    let failed: Vec<_> = results.iter().filter(|r| !r.ok).collect();
-    assert!(failed.is_empty(), "{failed:?}");
+        .await;
+    let results = results.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         results
+            .deps()
             .iter()
             .map(|r| (r.dep_id.as_str(), r.deleted))
             .collect::<Vec<_>>(),
@@ -429,12 +427,12 @@ async fn recipe_3_version_pinned_deps() {
     // After updating the prompt.
     let r = env
         .client(&token)
-        .invalidate("classifier-prompt", Some("v4"))
+        .invalidate(Invalidation::of(["classifier-prompt"]).new_hash("v4"))
         .await
         .unwrap();
-    assert!(r.ok);
     assert_eq!(
-        r.deleted, 2,
+        r.entries_deleted(),
+        2,
         "every entry of the dep, whatever version it pinned"
     );
     assert_eq!(
@@ -621,8 +619,12 @@ async fn tenant_isolation() {
     assert_eq!((a2.call(), b2.call()), (a1.call(), b1.call()));
 
     // A's token invalidates A's dep only.
-    let r = env.client(&a).invalidate("doc:1", None).await.unwrap();
-    assert_eq!(r.deleted, 1);
+    let r = env
+        .client(&a)
+        .invalidate(Invalidation::of(["doc:1"]))
+        .await
+        .unwrap();
+    assert_eq!(r.entries_deleted(), 1);
     assert_eq!(
         env.chat(Some(&b), &deps, "same prompt").await.x_cache(),
         "HIT_L1"
@@ -1206,7 +1208,10 @@ async fn health_and_metrics() {
     env.chat(Some(&token), &[], "q").await;
     env.chat(Some(&token), &[], "q").await;
     env.chat(None, &[], "q").await;
-    env.client(&token).invalidate("doc:1", None).await.unwrap();
+    env.client(&token)
+        .invalidate(Invalidation::of(["doc:1"]))
+        .await
+        .unwrap();
     let res = env.send(Method::GET, "/metrics", &[], "").await;
     assert_eq!(res.status, StatusCode::OK);
     assert!(res.headers["content-type"]
@@ -1631,7 +1636,10 @@ async fn metrics_exposition_parses_and_names_what_an_operator_needs() {
     env.chat(Some(&token), &[], "q").await;
     env.chat(Some(&token), &[], "q").await;
     env.chat(None, &[], "q").await;
-    env.client(&token).invalidate("doc:1", None).await.unwrap();
+    env.client(&token)
+        .invalidate(Invalidation::of(["doc:1"]))
+        .await
+        .unwrap();
     queue.applied(2);
     queue.set_lag(Some(7));
     queue.set_pending(Some(1));

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use cachecore::auth::{bearer_token, AuthError};
 use cachecore::invalidate::{InvalidateFuture, InvalidateService, Invalidator, MAX_BODY_BYTES};
 use cachecore::{
-    CacheStatus, CacheStore, CachecoreLayer, Dep, InvalidationResult, MemoryStore, Namespace,
-    RequestBody, RequestContext,
+    CacheStatus, CacheStore, CachecoreLayer, Dep, DepError, Invalidated, Invalidation, MemoryStore,
+    Namespace, RequestBody, RequestContext, StoreError, StoreErrorKind,
 };
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -552,19 +552,14 @@ async fn one_bad_id_rejects_the_whole_batch_before_touching_the_store() {
 struct Down;
 
 impl Invalidator for Down {
-    fn invalidate_many<'a>(
-        &'a self,
-        _: &'a str,
-        ids: &'a [&'a str],
-        _: Option<&'a str>,
-    ) -> InvalidateFuture<'a> {
-        Box::pin(async move {
-            ids.iter()
-                .map(|id| {
-                    InvalidationResult::failed(*id, "cache store Backend: connection refused")
-                })
-                .collect()
-        })
+    fn invalidate(&self, invalidation: Invalidation) -> InvalidateFuture<'_> {
+        let down = StoreError::new(StoreErrorKind::Backend, "connection refused");
+        Box::pin(std::future::ready(Invalidated::from_results(
+            invalidation
+                .dep_ids()
+                .map(|id| Err(DepError::store(id, &down)))
+                .collect(),
+        )))
     }
 }
 

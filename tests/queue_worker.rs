@@ -17,8 +17,9 @@ use cachecore::queue::{InvalidationEvent, InvalidationQueue, QueueWorker, QueueW
 use cachecore::store::StoreFuture;
 use cachecore::testing::cache_status;
 use cachecore::{
-    CacheKey, CacheStatus, CacheStore, CachecoreLayer, Dep, Entry, InvalidationResult, Lookup,
-    MemoryStore, PutOutcome, RequestBody, RequestContext, StoreError, StoreErrorKind,
+    CacheKey, CacheStatus, CacheStore, CachecoreLayer, Dep, DepError, DepErrorKind, DepInvalidated,
+    Entry, Invalidated, Invalidation, Lookup, MemoryStore, PutOutcome, RequestBody, RequestContext,
+    StoreError, StoreErrorKind,
 };
 use http_body_util::BodyExt;
 use redis::streams::StreamPendingReply;
@@ -51,21 +52,16 @@ impl Recorder {
 }
 
 impl Invalidator for Recorder {
-    fn invalidate_many<'a>(
-        &'a self,
-        tenant: &'a str,
-        dep_ids: &'a [&'a str],
-        _new_hash: Option<&'a str>,
-    ) -> InvalidateFuture<'a> {
+    fn invalidate(&self, invalidation: Invalidation) -> InvalidateFuture<'_> {
         Box::pin(async move {
-            assert_eq!(tenant, "acme");
+            assert_eq!(invalidation.tenant_name(), Some("acme"));
             let mut out = Vec::new();
-            for id in dep_ids {
+            for id in invalidation.dep_ids() {
                 *self
                     .attempts
                     .lock()
                     .unwrap()
-                    .entry(id.to_string())
+                    .entry(id.to_owned())
                     .or_default() += 1;
                 if let Some((dep, started, permits)) = &self.gate {
                     if dep == id {
@@ -73,20 +69,24 @@ impl Invalidator for Recorder {
                         permits.acquire().await.unwrap().forget();
                     }
                 }
-                if self.fail.contains(*id) {
-                    out.push(InvalidationResult::failed(*id, "this dep always fails"));
+                if self.fail.contains(id) {
+                    out.push(Err(DepError::new(
+                        id,
+                        DepErrorKind::Other,
+                        "this dep always fails",
+                    )));
                     continue;
                 }
-                self.applied.lock().unwrap().push(id.to_string());
+                self.applied.lock().unwrap().push(id.to_owned());
                 if let Some((dep, hung)) = &self.hang_after {
                     if dep == id {
                         hung.notify_one();
                         std::future::pending::<()>().await;
                     }
                 }
-                out.push(InvalidationResult::ok(*id, 0));
+                out.push(Ok(DepInvalidated::new(id, 0)));
             }
-            out
+            Invalidated::from_results(out)
         })
     }
 }
@@ -618,7 +618,7 @@ impl CacheStore for FlakyStore {
         tenant: &'a str,
         dep_id: &'a str,
         new_hash: &'a str,
-    ) -> StoreFuture<'a, InvalidationResult> {
+    ) -> StoreFuture<'a, DepInvalidated> {
         self.invalidations.fetch_add(1, Ordering::Relaxed);
         if self.is_down() {
             return Box::pin(async {

@@ -152,7 +152,7 @@ async fn an_invalidation_in_this_process_drops_near_copies_before_it_returns() {
     // Redis's push for the raise is kept back: only the store's own eviction can make the
     // next lookup miss.
     store.near_cache_hold_pushes(true);
-    assert!(store.invalidate("t", DOC, "v2").await.unwrap().ok);
+    store.invalidate("t", DOC, "v2").await.unwrap();
     let after = store.lookup(&key(1), &DEPS).await.unwrap();
     assert_eq!(
         body_of(&after),
@@ -162,7 +162,9 @@ async fn an_invalidation_in_this_process_drops_near_copies_before_it_returns() {
     // A clone shares the near cache.
     let clone = store.clone();
     fill(&clone, &key(2), b"two").await;
-    assert!(clone.invalidate_many("t", &[DOC], "v3").await.unwrap()[0].ok);
+    clone.invalidate_many("t", &[DOC], "v3").await[0]
+        .as_ref()
+        .unwrap();
     assert_eq!(body_of(&store.lookup(&key(2), &DEPS).await.unwrap()), None);
     store.near_cache_hold_pushes(false);
 }
@@ -188,7 +190,7 @@ async fn a_push_is_read_while_the_application_runtime_is_busy() {
                 .build()
                 .await
                 .unwrap();
-            assert!(other.invalidate("t", DOC, "v2").await.unwrap().ok);
+            other.invalidate("t", DOC, "v2").await.unwrap();
         });
     })
     .join()
@@ -212,7 +214,7 @@ async fn an_invalidation_from_another_process_evicts_when_the_push_arrives() {
 
     // While the push is on its way the near copy is still served: that is the window.
     near.near_cache_hold_pushes(true);
-    assert!(other.invalidate("t", DOC, "v2").await.unwrap().ok);
+    other.invalidate("t", DOC, "v2").await.unwrap();
     let before = mgets(&server);
     assert_eq!(
         body_of(&near.lookup(&key(1), &DEPS).await.unwrap()),
@@ -229,7 +231,7 @@ async fn an_invalidation_from_another_process_evicts_when_the_push_arrives() {
 
     // Unheld, a remote invalidation stops the near copy as soon as Redis's push is read.
     fill(&near, &key(2), b"two").await;
-    assert!(other.invalidate("t", DOC, "v3").await.unwrap().ok);
+    other.invalidate("t", DOC, "v3").await.unwrap();
     let started = Instant::now();
     loop {
         if body_of(&near.lookup(&key(2), &DEPS).await.unwrap()).is_none() {
@@ -274,7 +276,7 @@ async fn a_killed_tracking_connection_empties_the_near_cache_before_any_further_
     })
     .await;
     // Changes made while no tracking connection exists are never pushed to this process.
-    assert!(other.invalidate("t", DOC, "v2").await.unwrap().ok);
+    other.invalidate("t", DOC, "v2").await.unwrap();
     assert_eq!(body_of(&near.lookup(&key(1), &DEPS).await.unwrap()), None);
 
     // A new tracking connection comes up and near hits resume, coherent again.
@@ -294,7 +296,7 @@ async fn a_killed_tracking_connection_empties_the_near_cache_before_any_further_
         before,
         "near hits resume on the new connection"
     );
-    assert!(other.invalidate("t", DOC, "v3").await.unwrap().ok);
+    other.invalidate("t", DOC, "v3").await.unwrap();
     let deadline = Instant::now() + PATIENCE;
     while body_of(&near.lookup(&key(2), &DEPS).await.unwrap()).is_some() {
         assert!(Instant::now() < deadline, "the new connection got no push");
@@ -354,7 +356,7 @@ async fn puts_still_go_through_the_conditional_write() {
         panic!("expected a miss");
     };
     near.near_cache_hold_pushes(true);
-    assert!(other.invalidate("t", DOC, "v2").await.unwrap().ok);
+    other.invalidate("t", DOC, "v2").await.unwrap();
     // Its near copy of the dep's version is old (the push is held), yet the put is refused.
     assert_eq!(
         near.put(&key(1), entry(observed, b"stale")).await.unwrap(),
@@ -369,7 +371,7 @@ async fn puts_still_go_through_the_conditional_write() {
         panic!("expected a near hit");
     };
     near.near_cache_hold_pushes(true);
-    assert!(other.invalidate("t", DOC, "v3").await.unwrap().ok);
+    other.invalidate("t", DOC, "v3").await.unwrap();
     assert_eq!(
         near.put(&key(2), entry(hit.deps, b"refreshed"))
             .await

@@ -15,8 +15,8 @@ use cachecore::store::redis::RedisStore;
 use cachecore::store::{RefusedReason, DEFAULT_PUT_DEADLINE};
 use cachecore::testing::now_ms;
 use cachecore::{
-    CacheKey, CacheStore, DepEpochs, Entry, Lookup, MemoryStore, PutOutcome, MAX_DEP_ID_LEN,
-    POLICY_DEP,
+    CacheKey, CacheStore, DepEpochs, Entry, Lookup, MemoryStore, PutOutcome, StoreErrorKind,
+    MAX_DEP_ID_LEN, POLICY_DEP,
 };
 use http::{HeaderMap, HeaderValue, StatusCode};
 
@@ -197,7 +197,7 @@ async fn record_at_lookup_time(fx: Fixture) {
     let t = tenant();
     let deps = [POLICY_DEP, DOC];
     for _ in 0..2 {
-        assert!(fx.store.invalidate(&t, DOC, "h").await.unwrap().ok);
+        fx.store.invalidate(&t, DOC, "h").await.unwrap();
     }
     let k = key(&t, 1);
     let observed = fx.fill(&k, &deps, "answer").await;
@@ -225,10 +225,8 @@ async fn invalidate_turns_next_lookup_into_a_miss(fx: Fixture) {
     assert!(matches!(fx.lookup(&k1, &deps).await, Lookup::Fresh(_)));
 
     let result = fx.store.invalidate(&t, DOC, "v2").await.unwrap();
-    assert!(result.ok, "{result:?}");
     assert_eq!(result.dep_id, DOC);
     assert_eq!(result.deleted, 2);
-    assert_eq!(result.error, None);
     for k in [&k1, &k2] {
         assert_eq!(epochs(&fx.lookup(k, &deps).await).get(DOC), Some(1));
     }
@@ -245,7 +243,7 @@ async fn validate_on_read_rejects_entries_of_an_old_epoch(fx: Fixture) {
     let entry_key = format!("cc:{{{t}}}:l1:{}", k.hex());
     let saved: Option<Vec<u8>> = fx.raw_query(::redis::cmd("GET").arg(&entry_key)).await;
 
-    assert!(fx.store.invalidate(&t, DOC, "v2").await.unwrap().ok);
+    fx.store.invalidate(&t, DOC, "v2").await.unwrap();
     assert!(matches!(fx.lookup(&k, &deps).await, Lookup::Miss(_)));
 
     if let Some(saved) = saved {
@@ -292,7 +290,7 @@ async fn invalidation_is_a_barrier(fx: Fixture) {
     let k = key(&t, 1);
     let observed = epochs(&fx.lookup(&k, &deps).await).clone();
     // The upstream call is in flight when the webhook fires.
-    assert!(fx.store.invalidate(&t, DOC, "v2").await.unwrap().ok);
+    fx.store.invalidate(&t, DOC, "v2").await.unwrap();
     let outcome = fx
         .put(
             &k,
@@ -312,7 +310,7 @@ async fn invalidation_is_a_barrier(fx: Fixture) {
 
     // The policy dep is a barrier too.
     let observed = epochs(&fx.lookup(&k, &deps).await).clone();
-    assert!(fx.store.invalidate(&t, POLICY_DEP, "p2").await.unwrap().ok);
+    fx.store.invalidate(&t, POLICY_DEP, "p2").await.unwrap();
     let outcome = fx
         .put(
             &k,
@@ -347,7 +345,6 @@ async fn cost_does_not_grow_with_the_number_of_entries(fx: Fixture) {
         assert_eq!(fx.put(&key(&t, n), e).await, PutOutcome::Stored);
     }
     let result = fx.store.invalidate(&t, DOC, "v2").await.unwrap();
-    assert!(result.ok);
     assert_eq!(result.deleted, u64::from(N));
     for n in (0..N).step_by(97) {
         assert!(matches!(
@@ -370,7 +367,6 @@ async fn policy_version_dep_retires_one_tenant_only(fx: Fixture) {
         .invalidate(&a, POLICY_DEP, "policy-2")
         .await
         .unwrap();
-    assert!(result.ok);
     assert_eq!(result.deleted, 2);
     assert!(matches!(
         fx.lookup(&key(&a, 1), &deps_a).await,
@@ -402,7 +398,7 @@ async fn stale_is_only_old_never_invalidated(fx: Fixture) {
     e.stored_at_ms -= 5_000;
     fx.put(&k, e).await;
     assert!(matches!(fx.lookup(&k, &deps).await, Lookup::Stale(_)));
-    assert!(fx.store.invalidate(&t, DOC, "v2").await.unwrap().ok);
+    fx.store.invalidate(&t, DOC, "v2").await.unwrap();
     assert!(matches!(fx.lookup(&k, &deps).await, Lookup::Miss(_)));
 }
 
@@ -548,13 +544,10 @@ async fn every_call_invalidates_even_with_the_same_new_hash(fx: Fixture) {
     let deps = [POLICY_DEP, DOC];
     let k = key(&t, 1);
     fx.fill(&k, &deps, "monday").await;
-    assert!(
-        fx.store
-            .invalidate(&t, DOC, "etl-2026-11-23")
-            .await
-            .unwrap()
-            .ok
-    );
+    fx.store
+        .invalidate(&t, DOC, "etl-2026-11-23")
+        .await
+        .unwrap();
     let observed = fx.fill(&k, &deps, "monday, first run").await;
     assert_eq!(observed.get(DOC), Some(1));
     let result = fx
@@ -562,7 +555,6 @@ async fn every_call_invalidates_even_with_the_same_new_hash(fx: Fixture) {
         .invalidate(&t, DOC, "etl-2026-11-23")
         .await
         .unwrap();
-    assert!(result.ok);
     assert_eq!(result.deleted, 1);
     assert_eq!(epochs(&fx.lookup(&k, &deps).await).get(DOC), Some(2));
 }
@@ -577,23 +569,24 @@ async fn invalidate_many_reports_per_id(fx: Fixture) {
     let results = fx
         .store
         .invalidate_many(&t, &[a, "", b, "doc:never-used"], "h")
-        .await
-        .unwrap();
-    let summary: Vec<(&str, bool, u64)> = results
+        .await;
+    let summary: Vec<Option<(&str, u64)>> = results
         .iter()
-        .map(|r| (r.dep_id.as_str(), r.ok, r.deleted))
+        .map(|r| r.as_ref().ok().map(|d| (d.dep_id.as_str(), d.deleted)))
         .collect();
     assert_eq!(
         summary,
         [
-            (a, true, 2),
-            ("", false, 0),
-            (b, true, 1),
-            ("doc:never-used", true, 0)
+            Some((a, 2)),
+            None,
+            Some((b, 1)),
+            Some(("doc:never-used", 0))
         ]
     );
-    assert!(results[1].error.is_some());
-    assert!(results[0].error.is_none());
+    assert_eq!(
+        results[1].as_ref().unwrap_err().kind(),
+        StoreErrorKind::InvalidInput
+    );
     for n in 1..=3 {
         assert!(matches!(
             fx.lookup(&key(&t, n), &[POLICY_DEP, a, b]).await,
@@ -617,18 +610,17 @@ async fn invalid_dep_ids_fail_and_change_nothing(fx: Fixture) {
     let long = "d".repeat(MAX_DEP_ID_LEN + 1);
     let bad = ["", long.as_str(), "doc:1\n", "doc:\u{7f}x", "doc:\u{0}"];
     for id in bad {
-        let r = fx.store.invalidate(&t, id, "h").await.unwrap();
-        assert!(!r.ok, "{id:?} accepted");
-        assert_eq!(r.deleted, 0);
-        assert!(r.error.as_deref().is_some_and(|e| !e.is_empty()));
+        let e = fx.store.invalidate(&t, id, "h").await.unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::InvalidInput, "{id:?} accepted");
+        assert!(!e.message().is_empty());
     }
-    let rs = fx.store.invalidate_many(&t, &bad, "h").await.unwrap();
+    let rs = fx.store.invalidate_many(&t, &bad, "h").await;
     assert_eq!(rs.len(), bad.len());
-    assert!(rs.iter().all(|r| !r.ok && r.error.is_some()));
+    assert!(rs.iter().all(Result::is_err));
     assert_eq!(body_of(&fx.lookup(&k, &deps).await), Some(&b"kept"[..]));
     // The longest valid id works.
     let longest = "d".repeat(MAX_DEP_ID_LEN);
-    assert!(fx.store.invalidate(&t, &longest, "h").await.unwrap().ok);
+    fx.store.invalidate(&t, &longest, "h").await.unwrap();
     assert_eq!(body_of(&fx.lookup(&k, &deps).await), Some(&b"kept"[..]));
 }
 
@@ -727,13 +719,13 @@ async fn epochs_are_forgotten_and_a_put_from_the_old_life_is_refused(fx: Fixture
     let t = tenant();
     let deps = [POLICY_DEP, DOC];
     let k = key(&t, 1);
-    assert!(fx.store.invalidate(&t, DOC, "v1").await.unwrap().ok);
+    fx.store.invalidate(&t, DOC, "v1").await.unwrap();
     // Observed late in the retention, so the put below is still within its deadline.
     tokio::time::sleep(SHORT_DEADLINE * 3 / 2).await;
     let old_life = epochs(&fx.lookup(&k, &deps).await).clone();
     assert_eq!(old_life.get(DOC), Some(1));
     wait_until_forgotten(&fx, &t, DOC, SHORT_DEADLINE * 3).await;
-    assert!(fx.store.invalidate(&t, DOC, "v2").await.unwrap().ok);
+    fx.store.invalidate(&t, DOC, "v2").await.unwrap();
     assert_eq!(epochs(&fx.lookup(&k, &deps).await).get(DOC), Some(1));
     let e = entry(old_life, "stale", Duration::from_secs(60), Duration::ZERO);
     assert_eq!(
@@ -754,7 +746,7 @@ async fn an_epoch_outlives_every_entry_that_records_it(fx: Fixture) {
     let entry_key = format!("cc:{{{t}}}:l1:{}", old.hex());
     let saved: Option<Vec<u8>> = fx.raw_query(::redis::cmd("GET").arg(&entry_key)).await;
     let left: Option<i64> = fx.raw_query(::redis::cmd("PTTL").arg(&entry_key)).await;
-    assert!(fx.store.invalidate(&t, DOC, "v2").await.unwrap().ok);
+    fx.store.invalidate(&t, DOC, "v2").await.unwrap();
     if let (Some(saved), Some(left)) = (saved, left) {
         // Reclamation missed it: the old entry is back, with the expiry it had.
         let _: Option<()> = fx
@@ -769,12 +761,12 @@ async fn an_epoch_outlives_every_entry_that_records_it(fx: Fixture) {
     }
 
     // An entry written after a raise keeps that epoch current as long as it lives.
-    assert!(fx.store.invalidate(&t, doc2, "v2").await.unwrap().ok);
+    fx.store.invalidate(&t, doc2, "v2").await.unwrap();
     let current = key(&t, 2);
     fx.fill(&current, &[POLICY_DEP, doc2], "current").await;
 
     // Well past the retention, with writes that let an in-process store forget.
-    assert!(fx.store.invalidate(&t, other, "v2").await.unwrap().ok);
+    fx.store.invalidate(&t, other, "v2").await.unwrap();
     wait_until_forgotten(&fx, &t, other, SHORT_DEADLINE * 4).await;
     assert_eq!(body_of(&fx.lookup(&old, &[POLICY_DEP, DOC]).await), None);
     assert_eq!(

@@ -8,8 +8,9 @@ use std::time::Instant;
 use sha2::{Digest, Sha256};
 
 use super::Engine;
+use crate::invalidation::{DepError, DepErrorKind, Invalidated, Invalidation, InvalidationError};
 use crate::key::to_hex;
-use crate::store::{now_ms, InvalidationResult};
+use crate::store::{now_ms, DepInvalidated, StoreError, StoreErrorKind};
 use crate::validate_dep_id;
 
 impl Engine {
@@ -17,37 +18,49 @@ impl Engine {
         self.config.namespace.default_tenant()
     }
 
-    pub(crate) async fn invalidate_many(
+    /// Applies `invalidation` in `tenant` (its own tenant, if any, was resolved by the caller).
+    pub(crate) async fn invalidate(
         &self,
         tenant: &str,
-        dep_ids: &[&str],
-        new_hash: Option<&str>,
-    ) -> Vec<InvalidationResult> {
-        if let Some(Err(e)) = new_hash.map(crate::validate_new_hash) {
+        invalidation: &Invalidation,
+    ) -> Result<Invalidated, InvalidationError> {
+        let dep_ids: Vec<&str> = invalidation.dep_ids().collect();
+        if let Some(Err(e)) = invalidation.hash().map(crate::validate_new_hash) {
             // A hash travels in headers and store values: a bad one changes nothing.
             self.metrics
                 .invalidation_errors
                 .fetch_add(dep_ids.len() as u64, Ordering::Relaxed);
-            return dep_ids
-                .iter()
-                .map(|id| InvalidationResult::failed(*id, e.to_string()))
-                .collect();
+            let message = e.to_string();
+            return Invalidated::from_results(
+                dep_ids
+                    .iter()
+                    .map(|id| Err(DepError::new(*id, DepErrorKind::InvalidInput, &*message)))
+                    .collect(),
+            );
         }
         let generated;
-        let new_hash = match new_hash {
+        let new_hash = match invalidation.hash() {
             Some(h) => h,
             None => {
                 generated = random_hash();
                 &generated
             }
         };
-        let mut results: Vec<Option<InvalidationResult>> = vec![None; dep_ids.len()];
+        let mut results: Vec<Option<Result<DepInvalidated, DepError>>> =
+            Vec::with_capacity(dep_ids.len());
         let mut valid: Vec<&str> = Vec::with_capacity(dep_ids.len());
-        for (slot, id) in results.iter_mut().zip(dep_ids) {
-            match validate_dep_id(id) {
-                Ok(()) => valid.push(id),
-                Err(e) => *slot = Some(InvalidationResult::failed(*id, e.to_string())),
-            }
+        for id in &dep_ids {
+            results.push(match validate_dep_id(id) {
+                Ok(()) => {
+                    valid.push(id);
+                    None
+                }
+                Err(e) => Some(Err(DepError::new(
+                    *id,
+                    DepErrorKind::InvalidInput,
+                    e.to_string(),
+                ))),
+            });
         }
         // Invalidation must not be skipped by the breaker or cut by the lookup timeout: a
         // caller told "ok" must be able to rely on it, so failures are reported, not hidden.
@@ -60,42 +73,47 @@ impl Engine {
         let mut done = if valid.is_empty() {
             Vec::new()
         } else {
-            match self
-                .store
+            self.store
                 .unguarded()
                 .invalidate_many(tenant, &valid, new_hash)
                 .await
-            {
-                Ok(r) => r,
-                Err(e) => valid
-                    .iter()
-                    .map(|id| InvalidationResult::failed(*id, e.to_string()))
-                    .collect(),
-            }
         }
         .into_iter();
-        let out: Vec<InvalidationResult> = results
+        let mut valid = valid.into_iter();
+        let results: Vec<Result<DepInvalidated, DepError>> = results
             .into_iter()
             .map(|r| {
-                r.or_else(|| done.next())
-                    .unwrap_or_else(|| InvalidationResult::failed("", "store gave no result"))
+                r.unwrap_or_else(|| {
+                    let id = valid.next().expect("one valid id per empty slot");
+                    done.next()
+                        .unwrap_or_else(|| {
+                            Err(StoreError::new(
+                                StoreErrorKind::Backend,
+                                "the store gave no result",
+                            ))
+                        })
+                        .map_err(|e| DepError::store(id, &e))
+                })
             })
             .collect();
-        for r in &out {
+        for r in &results {
             self.metrics.invalidations.fetch_add(1, Ordering::Relaxed);
-            if r.ok {
-                self.metrics
-                    .invalidated_entries
-                    .fetch_add(r.deleted, Ordering::Relaxed);
-                tracing::info!(target: "cachecore", tenant, dep_id = %r.dep_id, deleted = r.deleted, "invalidated");
-            } else {
-                self.metrics
-                    .invalidation_errors
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(target: "cachecore", tenant, dep_id = %r.dep_id, error = ?r.error, "invalidation failed");
+            match r {
+                Ok(d) => {
+                    self.metrics
+                        .invalidated_entries
+                        .fetch_add(d.deleted, Ordering::Relaxed);
+                    tracing::info!(target: "cachecore", tenant, dep_id = %d.dep_id, deleted = d.deleted, "invalidated");
+                }
+                Err(e) => {
+                    self.metrics
+                        .invalidation_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(target: "cachecore", tenant, dep_id = %e.dep_id(), error = %e, "invalidation failed");
+                }
             }
         }
-        out
+        Invalidated::from_results(results)
     }
 }
 

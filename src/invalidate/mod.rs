@@ -42,7 +42,7 @@ mod service;
 pub use error::ApiError;
 pub use service::{InvalidateService, ResponseFuture};
 
-use crate::{CacheInvalidator, CachecoreLayer, InvalidationResult};
+use crate::{CacheInvalidator, CachecoreLayer, Invalidated, Invalidation, InvalidationError};
 
 /// Largest request body read, in bytes: a thousand 40-byte ids with their JSON quoting fit
 /// with room to spare.
@@ -56,57 +56,54 @@ pub const MAX_BATCH: usize = 1000;
 pub const MAX_NEW_HASH_LEN: usize = crate::MAX_NEW_HASH_LEN;
 
 /// The future an [`Invalidator`] returns.
-pub type InvalidateFuture<'a> = Pin<Box<dyn Future<Output = Vec<InvalidationResult>> + Send + 'a>>;
+pub type InvalidateFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Invalidated, InvalidationError>> + Send + 'a>>;
 
-/// Something that applies invalidations in bulk, one result per id: a layer's
-/// [`CacheInvalidator`], or a wrapper of your own (to fan out, to audit). The invalidation
-/// service and the queue worker apply the invalidations they receive through it; your own code
-/// calls [`CacheInvalidator::invalidate`].
+/// Anything that applies an [`Invalidation`] and reports per dep: a layer's
+/// [`CacheInvalidator`] (or the [`CachecoreLayer`] itself), the remote
+/// [`CachecoreClient`](crate::client::CachecoreClient), or a wrapper of your own (to fan out,
+/// to audit). The invalidation service and the queue worker apply what they receive through
+/// one, so these are interchangeable there.
+///
+/// It has the signature of [`CacheInvalidator::invalidate`], which is what your own code
+/// calls.
+///
+/// ```
+/// use cachecore::invalidate::{InvalidateFuture, Invalidator};
+/// use cachecore::{CacheInvalidator, Invalidation};
+///
+/// /// Logs every invalidation, then applies it.
+/// struct Audited(CacheInvalidator);
+///
+/// impl Invalidator for Audited {
+///     fn invalidate(&self, invalidation: Invalidation) -> InvalidateFuture<'_> {
+///         println!("invalidating {:?}", invalidation.dep_ids().collect::<Vec<_>>());
+///         Box::pin(self.0.invalidate(invalidation))
+///     }
+/// }
+/// ```
 pub trait Invalidator: Send + Sync + 'static {
-    /// Invalidates each of `dep_ids` in `tenant` (recording `new_hash`, or a random one), and
-    /// reports one result per id, in order. Never fails as a whole: failures are per id.
-    fn invalidate_many<'a>(
-        &'a self,
-        tenant: &'a str,
-        dep_ids: &'a [&'a str],
-        new_hash: Option<&'a str>,
-    ) -> InvalidateFuture<'a>;
+    /// Applies `invalidation`: `Ok` when every dep was invalidated, else an error that reports
+    /// every dep, failed or not, in order.
+    fn invalidate(&self, invalidation: Invalidation) -> InvalidateFuture<'_>;
 }
 
 impl Invalidator for CacheInvalidator {
-    fn invalidate_many<'a>(
-        &'a self,
-        tenant: &'a str,
-        dep_ids: &'a [&'a str],
-        new_hash: Option<&'a str>,
-    ) -> InvalidateFuture<'a> {
-        Box::pin(self.invalidate_in(tenant, dep_ids, new_hash))
+    fn invalidate(&self, invalidation: Invalidation) -> InvalidateFuture<'_> {
+        Box::pin(CacheInvalidator::invalidate(self, invalidation))
     }
 }
 
 /// A layer applies invalidations through its [`invalidator`](CachecoreLayer::invalidator).
 impl Invalidator for CachecoreLayer {
-    fn invalidate_many<'a>(
-        &'a self,
-        tenant: &'a str,
-        dep_ids: &'a [&'a str],
-        new_hash: Option<&'a str>,
-    ) -> InvalidateFuture<'a> {
-        Box::pin(async move {
-            self.invalidator()
-                .invalidate_in(tenant, dep_ids, new_hash)
-                .await
-        })
+    fn invalidate(&self, invalidation: Invalidation) -> InvalidateFuture<'_> {
+        let invalidator = self.invalidator();
+        Box::pin(async move { invalidator.invalidate(invalidation).await })
     }
 }
 
 impl<T: Invalidator + ?Sized> Invalidator for Arc<T> {
-    fn invalidate_many<'a>(
-        &'a self,
-        tenant: &'a str,
-        dep_ids: &'a [&'a str],
-        new_hash: Option<&'a str>,
-    ) -> InvalidateFuture<'a> {
-        (**self).invalidate_many(tenant, dep_ids, new_hash)
+    fn invalidate(&self, invalidation: Invalidation) -> InvalidateFuture<'_> {
+        (**self).invalidate(invalidation)
     }
 }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{ApiError, MAX_BATCH};
-use crate::{validate_dep_id, InvalidationResult};
+use crate::{validate_dep_id, DepError, DepInvalidated};
 
 /// A request, validated whole before anything is invalidated.
 #[derive(Debug, PartialEq, Eq)]
@@ -155,38 +155,75 @@ pub(crate) struct WireResult {
     pub(crate) error: Option<String>,
 }
 
-impl From<InvalidationResult> for WireResult {
-    fn from(r: InvalidationResult) -> Self {
-        Self {
-            ok: r.ok,
-            dep_id: r.dep_id,
-            keys_deleted: r.deleted,
-            error: r.error,
+impl From<Result<DepInvalidated, DepError>> for WireResult {
+    fn from(r: Result<DepInvalidated, DepError>) -> Self {
+        match r {
+            Ok(d) => Self {
+                ok: true,
+                dep_id: d.dep_id,
+                keys_deleted: d.deleted,
+                error: None,
+            },
+            Err(e) => Self {
+                ok: false,
+                error: Some(e.to_string()),
+                dep_id: e.dep_id().to_owned(),
+                keys_deleted: 0,
+            },
         }
     }
 }
 
-impl From<WireResult> for InvalidationResult {
-    fn from(r: WireResult) -> Self {
-        Self {
-            dep_id: r.dep_id,
-            ok: r.ok,
-            deleted: r.keys_deleted,
-            error: r.error,
-            // The wire format (docs/design.md §8) does not carry it.
-            acknowledged: None,
+impl WireResult {
+    /// The dep's outcome, as the service that sent it had it: `acknowledged` is not on the
+    /// wire, and a failure's kind is read back from its reason.
+    #[cfg(any(feature = "client", test))]
+    pub(crate) fn into_result(self) -> Result<DepInvalidated, DepError> {
+        if self.ok {
+            return Ok(DepInvalidated::new(self.dep_id, self.keys_deleted));
+        }
+        let reason = self
+            .error
+            .unwrap_or_else(|| "failed without a reason".to_owned());
+        let (kind, message) = match store_failure(&reason) {
+            Some((kind, message)) => (crate::DepErrorKind::Store(kind), message.to_owned()),
+            None => (crate::DepErrorKind::Other, reason),
+        };
+        Err(DepError::new(self.dep_id, kind, message))
+    }
+
+    /// The single form's answer: this, without `error` when it succeeded.
+    pub(crate) fn single(&self) -> SingleBody<'_> {
+        SingleBody {
+            ok: self.ok,
+            dep_id: &self.dep_id,
+            keys_deleted: self.keys_deleted,
+            error: self.error.as_deref(),
         }
     }
+}
+
+/// The kind and message of a store failure's reason (`cache store <kind>: <message>`, as a
+/// [`DepError`] of a store displays), or `None` for any other reason.
+#[cfg(any(feature = "client", test))]
+fn store_failure(reason: &str) -> Option<(crate::StoreErrorKind, &str)> {
+    let rest = reason.strip_prefix(crate::store::STORE_ERROR_PREFIX)?;
+    crate::StoreErrorKind::ALL.into_iter().find_map(|kind| {
+        let message = rest
+            .strip_prefix(format!("{kind:?}").as_str())?
+            .strip_prefix(": ")?;
+        Some((kind, message))
+    })
 }
 
 /// The single form's answer: like [`WireResult`], without `error` when it succeeded.
 #[derive(Serialize)]
 pub(crate) struct SingleBody<'a> {
-    pub(crate) ok: bool,
-    pub(crate) dep_id: &'a str,
-    pub(crate) keys_deleted: u64,
+    ok: bool,
+    dep_id: &'a str,
+    keys_deleted: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) error: Option<&'a str>,
+    error: Option<&'a str>,
 }
 
 /// The batch form's answer: `{"results": [...]}`.
@@ -198,6 +235,7 @@ pub(crate) struct BatchBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{DepErrorKind, StoreErrorKind};
 
     fn code(body: &str) -> String {
         InvalidateRequest::parse(body.as_bytes())
@@ -224,5 +262,24 @@ mod tests {
         assert_eq!(code(r#"{"dep_ids":[]}"#), "empty_batch");
         assert_eq!(code(r#"{"dep_ids":["a",""]}"#), "invalid_dep_id");
         assert_eq!(code("{\"dep_id\":\"a\\u0007\"}"), "invalid_dep_id");
+    }
+
+    #[test]
+    fn a_failed_deps_kind_survives_the_wire() {
+        for kind in StoreErrorKind::ALL {
+            let sent = DepError::store("doc:1", &crate::StoreError::new(kind, "it: broke"));
+            let wire: WireResult = serde_json::from_slice(
+                &serde_json::to_vec(&WireResult::from(Err(sent.clone()))).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(wire.into_result(), Err(sent), "{kind:?}");
+        }
+        let other = DepError::new("doc:1", DepErrorKind::Other, "cache store Nonsense: x");
+        assert_eq!(
+            WireResult::from(Err(other.clone())).into_result(),
+            Err(other)
+        );
+        let done = DepInvalidated::new("doc:1", 4);
+        assert_eq!(WireResult::from(Ok(done.clone())).into_result(), Ok(done));
     }
 }

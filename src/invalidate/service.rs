@@ -14,11 +14,11 @@ use http_body::Body;
 use http_body_util::Full;
 use tower_service::Service;
 
-use super::payload::{BatchBody, InvalidateRequest, SingleBody, WireResult};
+use super::payload::{BatchBody, InvalidateRequest, WireResult};
 use super::{ApiError, Invalidator, MAX_BODY_BYTES};
 use crate::auth::Authenticator;
 use crate::edge::{read_capped, BoxError, CappedReadError};
-use crate::InvalidationResult;
+use crate::{DepError, DepErrorKind, DepInvalidated, Invalidated, Invalidation, InvalidationError};
 
 /// The tower service behind `POST /v1/invalidate` (see the [module docs](super)).
 ///
@@ -90,40 +90,38 @@ impl InvalidateService {
                 CappedReadError::Body(e) => ApiError::unreadable_body(e),
             })?;
         let request = InvalidateRequest::parse(&body)?;
-        let tenant = namespace.tenant();
-        Ok(match request {
-            InvalidateRequest::Single { dep_id, new_hash } => {
-                let result = self
-                    .target
-                    .invalidate_many(tenant, &[dep_id.as_str()], new_hash.as_deref())
-                    .await
-                    .pop()
-                    .unwrap_or_else(|| InvalidationResult::failed(&dep_id, "no result"));
-                single_response(&result)
-            }
-            InvalidateRequest::Batch { dep_ids, new_hash } => {
-                let ids: Vec<&str> = dep_ids.iter().map(String::as_str).collect();
-                let results = self
-                    .target
-                    .invalidate_many(tenant, &ids, new_hash.as_deref())
-                    .await;
-                batch_response(results)
-            }
+        let (single, dep_ids, new_hash) = match request {
+            InvalidateRequest::Single { dep_id, new_hash } => (true, vec![dep_id], new_hash),
+            InvalidateRequest::Batch { dep_ids, new_hash } => (false, dep_ids, new_hash),
+        };
+        let mut invalidation = Invalidation::of(dep_ids).tenant(namespace.tenant());
+        if let Some(hash) = new_hash {
+            invalidation = invalidation.new_hash(hash);
+        }
+        let first = invalidation.dep_ids().next().unwrap_or_default().to_owned();
+        let results = self
+            .target
+            .invalidate(invalidation)
+            .await
+            .map_or_else(InvalidationError::into_results, Invalidated::into_results);
+        Ok(if single {
+            let result = results
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| Err(DepError::new(first, DepErrorKind::Other, "no result")));
+            single_response(result)
+        } else {
+            batch_response(results)
         })
     }
 }
 
 /// `200` when the dep was invalidated; `503` (same body shape, `ok: false`) when the store
 /// failed, so that clients retry.
-fn single_response(r: &InvalidationResult) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(&SingleBody {
-        ok: r.ok,
-        dep_id: &r.dep_id,
-        keys_deleted: r.deleted,
-        error: r.error.as_deref(),
-    })
-    .expect("result serializes");
-    let status = if r.ok {
+fn single_response(result: Result<DepInvalidated, DepError>) -> Response<Full<Bytes>> {
+    let wire = WireResult::from(result);
+    let body = serde_json::to_vec(&wire.single()).expect("result serializes");
+    let status = if wire.ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -133,8 +131,8 @@ fn single_response(r: &InvalidationResult) -> Response<Full<Bytes>> {
 
 /// `200` with one result per id, in order, when any succeeded (check each `ok`); `503` when
 /// none did.
-fn batch_response(results: Vec<InvalidationResult>) -> Response<Full<Bytes>> {
-    let status = if results.iter().any(|r| r.ok) {
+fn batch_response(results: Vec<Result<DepInvalidated, DepError>>) -> Response<Full<Bytes>> {
+    let status = if results.iter().any(Result::is_ok) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -12,9 +12,9 @@ use crate::auth::Authenticator;
 use crate::context::{ContextResolver, RequestHead};
 use crate::counters::MetricsSnapshot;
 use crate::engine::{Config, Engine, NamespaceSettings};
-use crate::invalidation::{outcome, Invalidated, InvalidationError};
+use crate::invalidation::{DepError, DepErrorKind, Invalidated, Invalidation, InvalidationError};
 use crate::namespace::{Namespace, NamespaceResolver};
-use crate::{CacheStore, Invalidation, InvalidationResult, MemoryStore, RequestContext};
+use crate::{CacheStore, MemoryStore, RequestContext};
 
 /// A tower [`Layer`] that caches responses and drops them when their deps are invalidated.
 ///
@@ -122,41 +122,29 @@ impl CacheInvalidator {
     ///
     /// Without a [`tenant`](Invalidation::tenant), the layer's own is used (its fixed tenant, or
     /// [`DEFAULT_TENANT`](crate::DEFAULT_TENANT)); a layer whose tenants come from a resolver
-    /// or an authenticator has none, and refuses rather than guess.
+    /// or an authenticator has none, and refuses rather than guess
+    /// ([`DepErrorKind::Tenant`](crate::DepErrorKind::Tenant)).
     pub async fn invalidate(
         &self,
         invalidation: Invalidation,
     ) -> Result<Invalidated, InvalidationError> {
-        let ids: Vec<&str> = invalidation.dep_ids().collect();
         let tenant = match invalidation.tenant_name() {
             Some(tenant) => Arc::from(tenant),
             None => match self.engine.default_tenant() {
                 Some(tenant) => tenant,
                 None => {
-                    return outcome(
-                        ids.iter()
-                            .map(|id| InvalidationResult::failed(*id, NO_DEFAULT_TENANT))
+                    return Invalidated::from_results(
+                        invalidation
+                            .dep_ids()
+                            .map(|id| {
+                                Err(DepError::new(id, DepErrorKind::Tenant, NO_DEFAULT_TENANT))
+                            })
                             .collect(),
                     )
                 }
             },
         };
-        outcome(
-            self.engine
-                .invalidate_many(&tenant, &ids, invalidation.hash())
-                .await,
-        )
-    }
-
-    /// Per-id results in `tenant`, for the services that apply invalidations in bulk
-    /// ([`Invalidator`](crate::invalidate::Invalidator)).
-    pub(crate) async fn invalidate_in(
-        &self,
-        tenant: &str,
-        dep_ids: &[&str],
-        new_hash: Option<&str>,
-    ) -> Vec<InvalidationResult> {
-        self.engine.invalidate_many(tenant, dep_ids, new_hash).await
+        self.engine.invalidate(&tenant, &invalidation).await
     }
 }
 

@@ -11,8 +11,9 @@ use moka::notification::RemovalCause;
 use moka::sync::Cache;
 
 use super::{
-    epoch_retention, now_ms, CacheKey, CacheStore, DepEpochs, Entry, Freshness, InvalidationResult,
-    Lookup, PutOutcome, RefusedReason, StoreFuture, DEFAULT_PUT_DEADLINE,
+    epoch_retention, now_ms, CacheKey, CacheStore, DepEpochs, DepInvalidated, Entry, Freshness,
+    Lookup, PutOutcome, RefusedReason, StoreError, StoreErrorKind, StoreFuture,
+    DEFAULT_PUT_DEADLINE,
 };
 use crate::dep::validate_dep_id;
 
@@ -288,10 +289,14 @@ impl MemoryStore {
         PutOutcome::Stored
     }
 
-    fn invalidate_now(&self, tenant: &str, dep_id: &str, new_hash: &str) -> InvalidationResult {
-        if let Err(e) = validate_dep_id(dep_id) {
-            return InvalidationResult::failed(dep_id, e.to_string());
-        }
+    fn invalidate_now(
+        &self,
+        tenant: &str,
+        dep_id: &str,
+        new_hash: &str,
+    ) -> Result<DepInvalidated, StoreError> {
+        validate_dep_id(dep_id)
+            .map_err(|e| StoreError::new(StoreErrorKind::InvalidInput, e.to_string()))?;
         let now = Instant::now();
         let (tenant, keys) = {
             let mut index = self.deps.write();
@@ -335,7 +340,7 @@ impl MemoryStore {
                     .is_some()
             })
             .count();
-        InvalidationResult::ok(dep_id, deleted as u64)
+        Ok(DepInvalidated::new(dep_id, deleted as u64))
     }
 }
 
@@ -364,9 +369,9 @@ impl CacheStore for MemoryStore {
         tenant: &'a str,
         dep_id: &'a str,
         new_hash: &'a str,
-    ) -> StoreFuture<'a, InvalidationResult> {
+    ) -> StoreFuture<'a, DepInvalidated> {
         let out = self.invalidate_now(tenant, dep_id, new_hash);
-        Box::pin(std::future::ready(Ok(out)))
+        Box::pin(std::future::ready(out))
     }
 }
 
@@ -648,7 +653,7 @@ mod tests {
             ));
         }
         // Another dep's invalidation: the entry is checked again, and still valid.
-        store.invalidate_now("t", "doc:2", "h");
+        store.invalidate_now("t", "doc:2", "h").unwrap();
         assert!(matches!(
             store.lookup_now(&key(1), &declared),
             Lookup::Fresh(_)
@@ -749,7 +754,7 @@ mod tests {
             let (store, stop) = (store.clone(), stop.clone());
             threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    store.invalidate_now("t", "doc", "h");
+                    store.invalidate_now("t", "doc", "h").unwrap();
                 }
             }));
         }
@@ -778,7 +783,7 @@ mod tests {
             .put_deadline(Duration::from_millis(250))
             .build();
         for _ in 0..1_000 {
-            assert!(store.invalidate_now("t", "doc:hot", "h").ok);
+            assert!(store.invalidate_now("t", "doc:hot", "h").is_ok());
         }
         assert_eq!(
             store.dep_index_size(),
@@ -788,12 +793,12 @@ mod tests {
         // Raised again within the retention, it goes back in the queue when its first turn
         // comes, rather than out.
         std::thread::sleep(Duration::from_millis(350));
-        store.invalidate_now("t", "doc:hot", "h");
+        store.invalidate_now("t", "doc:hot", "h").unwrap();
         std::thread::sleep(Duration::from_millis(200));
-        store.invalidate_now("t", "doc:other", "h");
+        store.invalidate_now("t", "doc:other", "h").unwrap();
         assert_eq!(store.dep_epoch("t", "doc:hot"), 1_001);
         std::thread::sleep(Duration::from_millis(500));
-        store.invalidate_now("t", "doc:other", "h");
+        store.invalidate_now("t", "doc:other", "h").unwrap();
         assert_eq!(
             store.dep_epoch("t", "doc:hot"),
             0,
@@ -807,7 +812,7 @@ mod tests {
         let store = MemoryStore::builder()
             .put_deadline(Duration::from_millis(100))
             .build();
-        store.invalidate_now("t", "doc:1", "h");
+        store.invalidate_now("t", "doc:1", "h").unwrap();
         let Lookup::Miss(observed) = store.lookup_now(&key(1), &["doc:1"]) else {
             panic!("expected a miss");
         };
@@ -815,7 +820,7 @@ mod tests {
         e.deps = observed;
         assert_eq!(store.put_now(&key(1), e), PutOutcome::Stored);
         std::thread::sleep(Duration::from_millis(250));
-        store.invalidate_now("t", "doc:other", "h");
+        store.invalidate_now("t", "doc:other", "h").unwrap();
         assert_eq!(store.dep_epoch("t", "doc:1"), 1, "an entry records it");
         let Lookup::Fresh(hit) = store.lookup_now(&key(1), &["doc:1"]) else {
             panic!("expected a hit");
@@ -829,7 +834,7 @@ mod tests {
         );
         // Raised again: the same number, another life. A put that observed the old life (as
         // the hit just did; stamped now, so only the life can refuse it) never matches.
-        store.invalidate_now("t", "doc:1", "h");
+        store.invalidate_now("t", "doc:1", "h").unwrap();
         assert_eq!(store.dep_epoch("t", "doc:1"), 1);
         let mut stale = entry(10, Duration::from_secs(60), &[]);
         stale.deps = DepEpochs::observed(
@@ -849,7 +854,7 @@ mod tests {
     fn raised_epochs_outlive_their_entries() {
         let store = MemoryStore::new();
         let r = store.invalidate_now("t", "doc:1", "v2");
-        assert!(r.ok);
+        assert!(r.is_ok());
         store.clear();
         // A put that observed epoch 0 before the invalidation is still refused.
         let out = store.put_now(&key(1), entry(10, Duration::from_secs(60), &[("doc:1", 0)]));

@@ -26,6 +26,10 @@ pub mod redis;
 /// The future every [`CacheStore`] method returns (boxed so the trait stays object safe).
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
+/// The future of [`CacheStore::invalidate_many`]: one result per id, in order.
+pub type InvalidateManyFuture<'a> =
+    Pin<Box<dyn Future<Output = Vec<Result<DepInvalidated, StoreError>>> + Send + 'a>>;
+
 /// The async store behind the cache. Object safe: `Arc<dyn CacheStore>` works.
 pub trait CacheStore: Send + Sync + 'static {
     /// Reads the entry under `key`, serving it only when every dep epoch it records is current.
@@ -40,13 +44,13 @@ pub trait CacheStore: Send + Sync + 'static {
     fn put<'a>(&'a self, key: &'a CacheKey, entry: Entry) -> StoreFuture<'a, PutOutcome>;
 
     /// Raises the epoch of `dep_id` in `tenant` (storing `new_hash`), then deletes every entry
-    /// tagged with it.
+    /// tagged with it. An error means the epoch may not have been raised.
     fn invalidate<'a>(
         &'a self,
         tenant: &'a str,
         dep_id: &'a str,
         new_hash: &'a str,
-    ) -> StoreFuture<'a, InvalidationResult>;
+    ) -> StoreFuture<'a, DepInvalidated>;
 
     /// Whether every call of this store ends within a time bound the store enforces itself
     /// (its own timeout). The layer then sets no timer of its own around the store's calls;
@@ -70,23 +74,20 @@ pub trait CacheStore: Send + Sync + 'static {
         0
     }
 
-    /// [`invalidate`](Self::invalidate) for each id, reporting per id. The default calls
-    /// `invalidate` in turn; a store can do better.
+    /// [`invalidate`](Self::invalidate) for each id: one result per id, in order. The default
+    /// calls `invalidate` in turn; a store can do better.
     fn invalidate_many<'a>(
         &'a self,
         tenant: &'a str,
         dep_ids: &'a [&'a str],
         new_hash: &'a str,
-    ) -> StoreFuture<'a, Vec<InvalidationResult>> {
+    ) -> InvalidateManyFuture<'a> {
         Box::pin(async move {
             let mut out = Vec::with_capacity(dep_ids.len());
             for id in dep_ids {
-                out.push(match self.invalidate(tenant, id, new_hash).await {
-                    Ok(r) => r,
-                    Err(e) => InvalidationResult::failed(*id, e.to_string()),
-                });
+                out.push(self.invalidate(tenant, id, new_hash).await);
             }
-            Ok(out)
+            out
         })
     }
 }
@@ -112,7 +113,7 @@ impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
         tenant: &'a str,
         dep_id: &'a str,
         new_hash: &'a str,
-    ) -> StoreFuture<'a, InvalidationResult> {
+    ) -> StoreFuture<'a, DepInvalidated> {
         (**self).invalidate(tenant, dep_id, new_hash)
     }
     fn invalidate_many<'a>(
@@ -120,7 +121,7 @@ impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
         tenant: &'a str,
         dep_ids: &'a [&'a str],
         new_hash: &'a str,
-    ) -> StoreFuture<'a, Vec<InvalidationResult>> {
+    ) -> InvalidateManyFuture<'a> {
         (**self).invalidate_many(tenant, dep_ids, new_hash)
     }
 }
@@ -459,46 +460,30 @@ pub(crate) fn epoch_retention(put_deadline: Duration) -> Duration {
     put_deadline.saturating_add(put_deadline.min(PUT_TRANSIT))
 }
 
-/// The outcome of invalidating one dep.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct InvalidationResult {
+/// One dep invalidated: entries derived from it are no longer served. What a store reports for
+/// each dep it invalidated, and what every invalidation handle reports per dep
+/// ([`Invalidated`](crate::Invalidated), [`InvalidationError`](crate::InvalidationError)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepInvalidated {
     /// The dep id.
     pub dep_id: String,
-    /// Whether the epoch was raised (entries recorded before can no longer be served).
-    pub ok: bool,
     /// How many entries were deleted now. Zero does not mean nothing was invalidated: entries
-    /// still in the store are rejected on read and reclaimed later.
+    /// still in the store are refused on read and reclaimed later.
     pub deleted: u64,
-    /// What went wrong, when `ok` is false.
-    pub error: Option<String>,
     /// Whether the raised epoch reached the replicas the store was asked to wait for
-    /// (`RedisStoreBuilder::ack_replicas`); `None` when no acknowledgement was asked for or the
-    /// invalidation failed. `Some(false)` does not undo the invalidation: it is in effect on the
-    /// primary, but a failover to a replica that missed it can bring the old entries back
-    /// (docs/design.md §4 rule 9).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// (`RedisStoreBuilder::ack_replicas`); `None` when no acknowledgement was asked for.
+    /// `Some(false)` does not undo the invalidation: it is in effect on the primary, but a
+    /// failover to a replica that missed it can bring the old entries back (docs/design.md §4
+    /// rule 9).
     pub acknowledged: Option<bool>,
 }
 
-impl InvalidationResult {
-    /// A success that deleted `deleted` entries.
-    pub fn ok(dep_id: impl Into<String>, deleted: u64) -> Self {
+impl DepInvalidated {
+    /// `dep_id` invalidated, `deleted` entries deleted now, no acknowledgement asked for.
+    pub fn new(dep_id: impl Into<String>, deleted: u64) -> Self {
         Self {
             dep_id: dep_id.into(),
-            ok: true,
             deleted,
-            error: None,
-            acknowledged: None,
-        }
-    }
-
-    /// A failure.
-    pub fn failed(dep_id: impl Into<String>, error: impl Into<String>) -> Self {
-        Self {
-            dep_id: dep_id.into(),
-            ok: false,
-            deleted: 0,
-            error: Some(error.into()),
             acknowledged: None,
         }
     }
@@ -543,12 +528,44 @@ impl StoreError {
     pub fn kind(&self) -> StoreErrorKind {
         self.kind
     }
+
+    /// What went wrong (without the kind [`Display`](fmt::Display) adds).
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cache store {:?}: {}", self.kind, self.message)
+        describe(f, self.kind, &self.message)
     }
+}
+
+/// How a store failure reads: `cache store <kind>: <message>`. The invalidation API sends a
+/// failed dep's reason this way, and the remote client reads the kind back from it
+/// (docs/design.md §8).
+pub(crate) fn describe(
+    f: &mut fmt::Formatter<'_>,
+    kind: StoreErrorKind,
+    message: &str,
+) -> fmt::Result {
+    write!(f, "{STORE_ERROR_PREFIX}{kind:?}: {message}")
+}
+
+/// What every [`describe`]d store failure starts with.
+pub(crate) const STORE_ERROR_PREFIX: &str = "cache store ";
+
+impl StoreErrorKind {
+    /// Every kind, for reading one back from its name (the remote client's).
+    #[cfg(any(feature = "client", test))]
+    pub(crate) const ALL: [Self; 6] = [
+        Self::Timeout,
+        Self::Backend,
+        Self::Corrupt,
+        Self::CircuitOpen,
+        Self::InvalidInput,
+        Self::Unsupported,
+    ];
 }
 
 impl std::error::Error for StoreError {}

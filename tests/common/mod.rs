@@ -12,8 +12,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use cachecore::store::StoreFuture;
 use cachecore::{
-    CacheKey, CacheStore, CachecoreLayer, Entry, InvalidationResult, Lookup, PutOutcome,
-    RequestBody, StoreError, StoreErrorKind,
+    CacheKey, CacheStore, CachecoreLayer, DepInvalidated, Entry, Lookup, PutOutcome, RequestBody,
+    StoreError, StoreErrorKind,
 };
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame};
@@ -212,7 +212,7 @@ impl CacheStore for FailingStore {
         _: &'a str,
         _: &'a str,
         _: &'a str,
-    ) -> StoreFuture<'a, InvalidationResult> {
+    ) -> StoreFuture<'a, DepInvalidated> {
         fail(&self.calls)
     }
 }
@@ -240,7 +240,7 @@ impl CacheStore for SilentStore {
         _: &'a str,
         _: &'a str,
         _: &'a str,
-    ) -> StoreFuture<'a, InvalidationResult> {
+    ) -> StoreFuture<'a, DepInvalidated> {
         hang(&self.calls)
     }
 }

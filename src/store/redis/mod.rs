@@ -46,7 +46,7 @@
 //!   put that observed the old key never matches the new one.
 //! - **Acknowledged invalidation** (rule 9, opt-in): with
 //!   [`ack_replicas`](RedisStoreBuilder::ack_replicas) the raise is followed by `WAIT` on the
-//!   same connection, and [`InvalidationResult::acknowledged`] says whether enough replicas
+//!   same connection, and [`DepInvalidated::acknowledged`] says whether enough replicas
 //!   confirmed it.
 //!
 //! # Near cache
@@ -115,9 +115,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, RedisError, ScriptInvocation, Value};
 
 use super::{
-    duration_ms, epoch_retention, now_ms, CacheKey, CacheStore, DepEpochs, Entry, Freshness,
-    InvalidationResult, Lookup, PutOutcome, RefusedReason, StoreError, StoreErrorKind, StoreFuture,
-    DEFAULT_PUT_DEADLINE,
+    duration_ms, epoch_retention, now_ms, CacheKey, CacheStore, DepEpochs, DepInvalidated, Entry,
+    Freshness, InvalidateManyFuture, Lookup, PutOutcome, RefusedReason, StoreError, StoreErrorKind,
+    StoreFuture, DEFAULT_PUT_DEADLINE,
 };
 use crate::dep::validate_dep_id;
 
@@ -309,7 +309,7 @@ impl RedisStoreBuilder {
 
     /// Acknowledged invalidation (docs/design.md §4 rule 9): after each raise, `WAIT` until
     /// `replicas` replicas have it or `timeout` passes, and report in
-    /// [`InvalidationResult::acknowledged`] whether they did. The raise and its `WAIT` use a
+    /// [`DepInvalidated::acknowledged`] whether they did. The raise and its `WAIT` use a
     /// connection of their own (`WAIT` holds the connection it runs on), so hits never queue
     /// behind it; acknowledged invalidations queue behind each other. Off by default.
     pub fn ack_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
@@ -692,9 +692,9 @@ impl RedisStore {
         tenant: &str,
         dep_ids: &[&str],
         new_hash: &str,
-    ) -> Vec<Result<InvalidationResult, StoreError>> {
+    ) -> Vec<Result<DepInvalidated, StoreError>> {
         let keys = TenantKeys::new(tenant);
-        let mut out: Vec<Option<Result<InvalidationResult, StoreError>>> =
+        let mut out: Vec<Option<Result<DepInvalidated, StoreError>>> =
             Vec::with_capacity(dep_ids.len());
         let mut valid = Vec::new();
         for (i, id) in dep_ids.iter().enumerate() {
@@ -703,7 +703,10 @@ impl RedisStore {
                     out.push(None);
                     valid.push(i);
                 }
-                Err(e) => out.push(Some(Ok(InvalidationResult::failed(*id, e.to_string())))),
+                Err(e) => out.push(Some(Err(StoreError::new(
+                    StoreErrorKind::InvalidInput,
+                    e.to_string(),
+                )))),
             }
         }
         let raising = match &self.ack {
@@ -750,7 +753,7 @@ impl RedisStore {
                         } else {
                             0
                         };
-                        let mut result = InvalidationResult::ok(dep_ids[i], deleted);
+                        let mut result = DepInvalidated::new(dep_ids[i], deleted);
                         result.acknowledged = acknowledged;
                         out[i] = Some(Ok(result));
                     }
@@ -1039,7 +1042,7 @@ impl CacheStore for RedisStore {
         tenant: &'a str,
         dep_id: &'a str,
         new_hash: &'a str,
-    ) -> StoreFuture<'a, InvalidationResult> {
+    ) -> StoreFuture<'a, DepInvalidated> {
         Box::pin(async move {
             self.invalidate_ids(tenant, &[dep_id], new_hash)
                 .await
@@ -1053,16 +1056,8 @@ impl CacheStore for RedisStore {
         tenant: &'a str,
         dep_ids: &'a [&'a str],
         new_hash: &'a str,
-    ) -> StoreFuture<'a, Vec<InvalidationResult>> {
-        Box::pin(async move {
-            Ok(self
-                .invalidate_ids(tenant, dep_ids, new_hash)
-                .await
-                .into_iter()
-                .zip(dep_ids)
-                .map(|(r, id)| r.unwrap_or_else(|e| InvalidationResult::failed(*id, e.to_string())))
-                .collect())
-        })
+    ) -> InvalidateManyFuture<'a> {
+        Box::pin(self.invalidate_ids(tenant, dep_ids, new_hash))
     }
 }
 
