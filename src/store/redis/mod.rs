@@ -111,8 +111,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, RedisError, ScriptInvocation, Value};
+use redis::{RedisError, Value};
 
 use super::{
     duration_ms, epoch_retention, now_ms, CacheKey, CacheStore, DepEpochs, DepInvalidated, Entry,
@@ -122,12 +121,14 @@ use super::{
 use crate::dep::validate_dep_id;
 
 mod codec;
+mod conn;
 mod keys;
 mod near;
 mod scripts;
 #[cfg(feature = "semantic")]
 mod vector;
 
+pub(crate) use conn::Conn;
 use keys::TenantKeys;
 use scripts::Scripts;
 
@@ -173,59 +174,6 @@ pub struct RedisStore {
     retention_ms: u64,
     /// With [`RedisStoreBuilder::near_cache`]: hot entries and versions in process.
     near: Option<near::Near>,
-}
-
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl Conn {
-    async fn invoke<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> redis::RedisResult<T> {
-        match self {
-            Self::Single(c) => inv.invoke_async(&mut c.clone()).await,
-            Self::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
-        }
-    }
-
-    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
-        match self {
-            Self::Single(c) => cmd.query_async(&mut c.clone()).await,
-            Self::Cluster(c) => cmd.query_async(&mut c.clone()).await,
-        }
-    }
-
-    /// `WAIT replicas timeout` on the connection to the master of `tenant`'s slot (where its
-    /// raises went); answers how many replicas acknowledged.
-    async fn wait(&self, tenant: &str, ack: Ack) -> redis::RedisResult<usize> {
-        let mut cmd = redis::cmd("WAIT");
-        cmd.arg(ack.replicas).arg(duration_ms(ack.timeout));
-        match self {
-            Self::Single(c) => cmd.query_async(&mut c.clone()).await,
-            Self::Cluster(c) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let route = Route::new(keys::slot(tenant), SlotAddr::Master);
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                let reply = c.clone().route_command(cmd, routing).await?;
-                Ok(usize::from_redis_value(reply)?)
-            }
-        }
-    }
-
-    async fn pipe<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> redis::RedisResult<T> {
-        match self {
-            Self::Single(c) => pipe.query_async(&mut c.clone()).await,
-            Self::Cluster(c) => pipe.query_async(&mut c.clone()).await,
-        }
-    }
-
-    async fn load(&self, script: &redis::Script) -> redis::RedisResult<String> {
-        match self {
-            Self::Single(c) => script.load_async(&mut c.clone()).await,
-            Self::Cluster(c) => script.load_async(&mut c.clone()).await,
-        }
-    }
 }
 
 /// Where a [`RedisStoreBuilder`] connects.
