@@ -467,3 +467,27 @@ async fn the_key_memo_never_serves_one_tenant_anothers_entry() {
         .text()
         .starts_with("call 2"));
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_at_the_declared_length_finds_the_entry_cached() {
+    // An HTTP/1 client reads a `Content-Length` body up to its length and never polls for its
+    // end; the next request, on another connection, must still find the entry.
+    let up = Upstream::new();
+    let layer = layer();
+    let svc = stack(&layer, &up);
+    let res = svc.clone().oneshot(chat(BODY)).await.unwrap();
+    let mut body = res.into_body();
+    let len = http_body::Body::size_hint(&body)
+        .exact()
+        .expect("a length the client knows");
+    let mut read = 0;
+    while read < len {
+        let frame = body.frame().await.expect("a frame").unwrap();
+        read += frame.data_ref().map_or(0, |d| d.len() as u64);
+    }
+    // The first body is still held, unpolled past its last bytes.
+    let second = send(&svc, chat(BODY)).await;
+    assert_eq!(second.x_cache, "HIT_L1");
+    assert_eq!(up.calls(), 1);
+    drop(body);
+}

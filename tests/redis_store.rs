@@ -478,7 +478,10 @@ async fn dep_key_sets_live_at_least_as_long_as_their_longest_entry() {
     fill(&store, &key("t", 1), &deps, Duration::from_secs(600)).await;
     let long = expires_at(&format!("cc:{{t}}:l1:{}", key("t", 1).hex()));
     let set_expiry = expires_at(&set);
-    assert!(set_expiry >= long, "set expires at {set_expiry} < entry {long}");
+    assert!(
+        set_expiry >= long,
+        "set expires at {set_expiry} < entry {long}"
+    );
 
     // A shorter-lived entry never shortens the set's expiry.
     fill(&store, &key("t", 2), &deps, Duration::from_secs(5)).await;

@@ -49,6 +49,8 @@ pin_project! {
             #[pin] inner: B,
             recorder: Option<Recorder>,
             storing: PendingStore,
+            // The body's last frame, held back while its entry is written.
+            last: Option<Frame<Bytes>>,
             ended: bool,
         },
     }
@@ -75,6 +77,7 @@ impl<B> ResponseBody<B> {
                 inner,
                 recorder: Some(recorder),
                 storing: PendingStore::default(),
+                last: None,
                 ended: false,
             },
         }
@@ -132,14 +135,17 @@ impl<B: Body> Body for ResponseBody<B> {
                 mut inner,
                 recorder,
                 storing,
+                last,
                 ended,
             } => {
-                // The entry is written before the end of the body is reported, so whoever
-                // has read the whole response finds it cached on the next request.
+                // The entry is written before the end of the body is reported, and before its
+                // last bytes when the body knows which they are: a client that stops reading
+                // at the declared length (an HTTP/1 `Content-Length` response) has not seen
+                // the whole answer before the next request can find it cached.
                 if storing.is_pending() {
                     ready!(storing.poll(cx));
                     *ended = true;
-                    return Poll::Ready(None);
+                    return Poll::Ready(last.take().map(Ok));
                 }
                 if *ended {
                     return Poll::Ready(None);
@@ -172,6 +178,12 @@ impl<B: Body> Body for ResponseBody<B> {
                 if inner.is_end_stream() {
                     if let Some(r) = recorder.take() {
                         *storing = r.finish();
+                        if storing.is_pending() {
+                            *last = Some(frame);
+                            ready!(storing.poll(cx));
+                            *ended = true;
+                            return Poll::Ready(last.take().map(Ok));
+                        }
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
