@@ -6,7 +6,7 @@
 //! The fast hash only picks the slot; a collision costs a recomputation, never a wrong key.
 
 use std::hash::BuildHasher;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError};
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -24,9 +24,7 @@ const MAX_MEMOISED: usize = 20 * 1024;
 
 #[derive(Debug)]
 pub(crate) struct KeyMemo {
-    /// Read-locked to compare, so threads keying the same request (the common case: that is
-    /// what a cache is for) do not wait for one another's comparison.
-    slots: Box<[RwLock<Option<Slot>>]>,
+    slots: Box<[Mutex<Option<Slot>>]>,
     seed: u64,
 }
 
@@ -41,7 +39,7 @@ struct Slot {
 impl Default for KeyMemo {
     fn default() -> Self {
         Self {
-            slots: (0..SLOTS).map(|_| RwLock::new(None)).collect(),
+            slots: (0..SLOTS).map(|_| Mutex::new(None)).collect(),
             // Per-process seed: which requests share a slot cannot be steered from outside.
             seed: std::collections::hash_map::RandomState::new().hash_one(0u8),
         }
@@ -62,13 +60,13 @@ impl KeyMemo {
         }
         let hash = xxh3_64_with_seed(body, xxh3_64_with_seed(head, self.seed));
         let slot = &self.slots[(hash as usize) % SLOTS];
-        if let Some(s) = &*slot.read().unwrap_or_else(PoisonError::into_inner) {
+        if let Some(s) = &*slot.lock().unwrap_or_else(PoisonError::into_inner) {
             if s.hash == hash && *s.head == *head && *s.body == *body {
                 return s.digest;
             }
         }
         let digest = compute();
-        *slot.write().unwrap_or_else(PoisonError::into_inner) = Some(Slot {
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(Slot {
             hash,
             head: head.into(),
             body: body.into(),
@@ -150,7 +148,7 @@ mod tests {
             .slots
             .iter()
             .filter_map(|s| {
-                let s = s.read().unwrap();
+                let s = s.lock().unwrap();
                 s.as_ref().map(|s| s.head.len() + s.body.len())
             })
             .sum();
