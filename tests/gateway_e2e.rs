@@ -1468,8 +1468,8 @@ async fn raw_health(conn: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-// The connection's one header-read sleep is moved to each new head's deadline (serve.rs,
-// `ConnectionTimer`): these two tests fail if it is not moved, or not armed again.
+// The request-head timeout (`ServeOptions::header_read_timeout`) is armed for every head on a
+// kept-alive connection, not only the first, and only while a head is awaited.
 
 #[tokio::test]
 async fn a_head_trickled_past_the_head_timeout_closes_the_connection_after_earlier_requests() {

@@ -2,14 +2,12 @@
 //! shutdown.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::{Gateway, ResponseFuture};
 use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -26,86 +24,6 @@ impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Connectio
 
     fn call(&self, req: http::Request<hyper::body::Incoming>) -> ResponseFuture {
         self.0.dispatch(req)
-    }
-}
-
-/// The timer of one connection. hyper asks it for a new header-read timeout for every request
-/// head and drops it once the head is read; this timer hands out the same Tokio sleep each time,
-/// moved to the new deadline. A deadline later than the one registered moves without touching
-/// the runtime's timer wheel (an atomic store), where a fresh sleep would be allocated,
-/// registered in the wheel and removed from it again per request. Between two heads the sleep
-/// stays registered: if its old deadline passes meanwhile it wakes the connection once, for
-/// nothing, and the next head registers it again.
-#[derive(Clone, Default)]
-struct ConnectionTimer {
-    spare: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
-}
-
-impl ConnectionTimer {
-    fn rearmed(&self, deadline: Instant) -> RearmedSleep {
-        let spare = self
-            .spare
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        let sleep = match spare {
-            Some(mut sleep) => {
-                sleep.as_mut().reset(deadline.into());
-                sleep
-            }
-            None => Box::pin(tokio::time::sleep_until(deadline.into())),
-        };
-        RearmedSleep {
-            sleep: Some(sleep),
-            home: Arc::clone(&self.spare),
-        }
-    }
-}
-
-impl hyper::rt::Timer for ConnectionTimer {
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(Instant::now() + duration)
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(self.rearmed(deadline))
-    }
-
-    fn now(&self) -> Instant {
-        tokio::time::Instant::now().into()
-    }
-}
-
-/// A sleep of a [`ConnectionTimer`]; gives its Tokio sleep back to the timer when dropped.
-struct RearmedSleep {
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    home: Arc<Mutex<Option<Pin<Box<tokio::time::Sleep>>>>>,
-}
-
-impl Future for RearmedSleep {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.sleep.as_mut() {
-            Some(sleep) => sleep.as_mut().poll(cx),
-            None => Poll::Ready(()),
-        }
-    }
-}
-
-impl hyper::rt::Sleep for RearmedSleep {}
-
-impl Drop for RearmedSleep {
-    fn drop(&mut self) {
-        if let Some(sleep) = self.sleep.take() {
-            let mut home = self
-                .home
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if home.is_none() {
-                *home = Some(sleep);
-            }
-        }
     }
 }
 
@@ -253,7 +171,7 @@ where
         report.connections += 1;
         let service = Connection(gateway.clone());
         let conn = http1::Builder::new()
-            .timer(ConnectionTimer::default())
+            .timer(TokioTimer::new())
             .header_read_timeout(options.header_read_timeout)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
