@@ -79,12 +79,12 @@ impl Engine {
                 .await
         }
         .into_iter();
-        let mut valid = valid.into_iter();
+        // An empty slot is a valid id, and the store answered the valid ids in order.
         let results: Vec<Result<DepInvalidated, DepError>> = results
             .into_iter()
-            .map(|r| {
+            .zip(&dep_ids)
+            .map(|(r, id)| {
                 r.unwrap_or_else(|| {
-                    let id = valid.next().expect("one valid id per empty slot");
                     done.next()
                         .unwrap_or_else(|| {
                             Err(StoreError::new(
@@ -92,7 +92,7 @@ impl Engine {
                                 "the store gave no result",
                             ))
                         })
-                        .map_err(|e| DepError::store(id, &e))
+                        .map_err(|e| DepError::store(*id, &e))
                 })
             })
             .collect();
