@@ -18,7 +18,9 @@
 //!
 //! `cargo bench --all-features --bench semantic -- tuning` works on the tuning half alone (it
 //! never reads the texts of the held-out half, nor embeds them): its precision and recall, and
-//! its errors with their texts (traps the guards let through, paraphrases they turned down).
+//! its errors with their texts (traps the guards let through, paraphrases they turned down);
+//! `CACHECORE_TUNING_ALL=1` lists its right answers as well (what a new guard would cost is
+//! read there), `CACHECORE_TUNING_FROM=0.75` from which cosine.
 //! The entries of the guard word lists that are not generic English were added from these
 //! errors only (see `src/semantic/guard.rs`).
 
@@ -422,17 +424,23 @@ async fn tuning(model: &LocalEmbedder, pairs: &[&Pair]) {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(0.85f32);
+    // `CACHECORE_TUNING_ALL=1` lists every pair above `from`, the guards' right answers too:
+    // what a new guard would cost is read there.
+    let all = std::env::var_os("CACHECORE_TUNING_ALL").is_some();
     let mut errors: Vec<&Scored<'_>> = rows
         .iter()
         .copied()
-        .filter(|r| r.cosine >= from && (r.veto.is_none() != r.pair.same_answer))
+        .filter(|r| r.cosine >= from && (all || r.veto.is_none() != r.pair.same_answer))
         .collect();
     errors.sort_by(|a, b| b.cosine.total_cmp(&a.cosine));
-    println!("\ntuning-half errors at cosine >= {from} (CACHECORE_TUNING_FROM):\n");
+    let listed = if all { "pairs" } else { "errors" };
+    println!("\ntuning-half {listed} at cosine >= {from} (CACHECORE_TUNING_FROM):\n");
     for r in errors {
-        let what = match r.veto {
-            None => "FALSE HIT".to_owned(),
-            Some(v) => format!("vetoed ({v})"),
+        let what = match (r.veto, r.pair.same_answer) {
+            (None, false) => "FALSE HIT".to_owned(),
+            (None, true) => "hit".to_owned(),
+            (Some(v), true) => format!("vetoed ({v})"),
+            (Some(v), false) => format!("trap vetoed ({v})"),
         };
         println!(
             "{} {:.3} {what}\n  cached: {}\n  asked:  {}",
