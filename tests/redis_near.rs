@@ -260,6 +260,42 @@ async fn an_invalidation_from_another_process_evicts_when_the_push_arrives() {
 }
 
 #[tokio::test]
+async fn a_push_the_reader_has_not_read_yet_stops_near_hits() {
+    let server = RedisServer::start();
+    let near = near_store(&server, NEAR_BYTES).await;
+    let other = plain_store(&server).await;
+    fill(&near, &key(1), b"one").await;
+    let before = mgets(&server);
+    assert_eq!(
+        body_of(&near.lookup(&key(1), &DEPS).await.unwrap()),
+        Some(&b"one"[..])
+    );
+    assert_eq!(mgets(&server), before, "a near hit before the invalidation");
+
+    // The reader's thread is not running (a machine that has not woken it yet): the push sits
+    // unread in the socket, and still no near hit is served once Redis has written it.
+    let stall = Duration::from_secs(2);
+    near.near_cache_stall_reader(stall).await;
+    let stalled = Instant::now();
+    other.invalidate("t", DOC, "v2").await.unwrap();
+    loop {
+        let lookup = near.lookup(&key(1), &DEPS).await.unwrap();
+        if body_of(&lookup).is_none() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        stalled.elapsed() < stall / 2,
+        "the stale copy was served until the reader ran again ({:?})",
+        stalled.elapsed()
+    );
+    // Nothing filled meanwhile: once the reader has run, the entry is still gone.
+    tokio::time::sleep(stall).await;
+    assert_eq!(body_of(&near.lookup(&key(1), &DEPS).await.unwrap()), None);
+}
+
+#[tokio::test]
 async fn a_killed_tracking_connection_empties_the_near_cache_before_any_further_near_hit() {
     let server = RedisServer::start();
     let near = near_store(&server, NEAR_BYTES).await;

@@ -479,6 +479,15 @@ impl RedisStore {
         }
     }
 
+    /// Tests only: blocks the near cache's reader thread for `pause` (a reader the machine has
+    /// not scheduled yet); returns once it is blocked. Without a near cache, returns at once.
+    #[doc(hidden)]
+    pub async fn near_cache_stall_reader(&self, pause: Duration) {
+        if let Some(near) = &self.near {
+            near.stall_reader(pause).await;
+        }
+    }
+
     /// A store on the single Redis at `url`, with the defaults.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::builder().url(url).build().await
@@ -510,7 +519,8 @@ impl RedisStore {
             let mut name = Vec::with_capacity(entry_key.len());
             entry_key.write_into(&mut name);
             let held = near.hit(&name, deps, |id, out| keys.dep_ver(id).write_into(out));
-            if let Some(held) = held {
+            let unread = matches!(held, near::NearHit::Unread);
+            if let near::NearHit::Hit(held) = held {
                 // Served, the epochs count as observed now (a refresh put is checked by Redis
                 // anyway).
                 let mut entry = Entry::clone(&held);
@@ -521,8 +531,12 @@ impl RedisStore {
                     Freshness::Expired => {}
                 }
             }
-            if let Some(tracked) = near.tracked() {
-                return self.lookup_tracked(near, tracked, &keys, name, deps).await;
+            // With unread bytes on the tracking socket, its next reply waits behind them: the
+            // ordinary connection answers (and nothing is filled from it).
+            if !unread {
+                if let Some(tracked) = near.tracked() {
+                    return self.lookup_tracked(near, tracked, &keys, name, deps).await;
+                }
             }
         }
         // One command reads the entry and every dep's current epoch. A single command is atomic,

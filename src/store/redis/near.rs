@@ -21,6 +21,16 @@
 //!   the application's runtime gets round to it behind every busy request task (the
 //!   cross-process window under load, docs/design.md §7). Commands on the connection are sent
 //!   from any runtime; only reading its socket happens on that thread.
+//! - **A push still in the socket stops near hits.** On a TCP connection the store keeps a
+//!   second handle on the tracking socket. Before a near hit is served, it peeks at it (one
+//!   non-blocking `recv`); unread bytes there (a push, or a reply the reader has not taken yet)
+//!   send the lookup to Redis instead. So another process's invalidation stops near hits once
+//!   Redis has written the push to this socket, whether or not the reader thread has been
+//!   scheduled to read it: on an idle machine that wake-up alone can take milliseconds
+//!   (docs/design.md §7, "the cross-process window"). A look that found nothing is trusted for
+//!   [`PEEK_HOLDS`] (100 µs), so a busy store makes one such call per 100 µs, not one per hit;
+//!   that is the most it adds to the window. On a Unix socket there is no peek, and the window
+//!   is the reader's.
 //! - **Fills never race an invalidation.** A fill snapshots the invalidation counters of its
 //!   keys before it sends the `MGET`, and inserts only if none moved meanwhile; the check and the
 //!   insert hold the same lock as every eviction, so a push handled while the reply was on its
@@ -44,6 +54,11 @@ pub(super) const HEARTBEAT: Duration = Duration::from_millis(100);
 /// tracking connection dies without the process noticing (a silent network partition). Ten
 /// heartbeats, so a busy runtime that runs the supervisor late does not stop near hits.
 pub(super) const LEASE: Duration = Duration::from_secs(1);
+
+/// How long a look at the tracking socket that found nothing unread is trusted: near hits within
+/// it skip the system call. The most it adds to the cross-process window when the reader thread
+/// is late (docs/design.md §7).
+const PEEK_HOLDS: Duration = Duration::from_micros(100);
 
 /// Invalidation counters; a key's counter is picked by its hash. More stripes, fewer fills
 /// given up because an unrelated key shared a counter.
@@ -88,6 +103,45 @@ impl Slot {
 pub(super) struct Tracked {
     pub(super) conn: MultiplexedConnection,
     gen: u64,
+    /// A second handle on its TCP socket, to see unread bytes; `None` on a Unix socket.
+    probe: Option<Arc<Probe>>,
+}
+
+/// A second handle on the tracking connection's TCP socket (the same open socket, duplicated),
+/// and the task that drives the connection. Dropping it (with the last clone of its
+/// [`Tracked`]) stops the task and closes the socket: the duplicate would otherwise keep it
+/// open.
+struct Probe {
+    socket: std::net::TcpStream,
+    driver: tokio::task::AbortHandle,
+}
+
+impl Probe {
+    /// Whether bytes have arrived that the connection's reader has not read: a push, a reply,
+    /// or the end of the stream. Also true when the socket cannot be asked.
+    fn unread(&self) -> bool {
+        let mut byte = [0u8; 1];
+        !matches!(self.socket.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.driver.abort();
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// What the near cache answers for a lookup.
+pub(super) enum NearHit {
+    /// A near copy, valid under the serving connection.
+    Hit(Arc<Entry>),
+    /// Nothing to serve here: the lookup goes to Redis (and may fill the near cache).
+    Absent,
+    /// A copy is held, but the tracking socket has bytes the reader has not read yet (maybe an
+    /// invalidation of it): ask Redis on the ordinary connection, whose answer is current,
+    /// rather than behind those bytes on the tracking one.
+    Unread,
 }
 
 /// The invalidation counters a fill saw before it sent its read.
@@ -116,6 +170,9 @@ struct Shared {
     next_gen: AtomicU64,
     /// Near copies may be served until this many nanoseconds after `base`.
     lease_until: AtomicU64,
+    /// The tracking socket was last found without unread bytes this long (in nanoseconds after
+    /// `base`) before [`PEEK_HOLDS`] ran out: until then, hits do not look again.
+    quiet_until: AtomicU64,
     base: Instant,
     conn: Mutex<Option<Tracked>>,
     /// Tests only: invalidation pushes kept here instead of applied, while `Some`.
@@ -158,6 +215,7 @@ impl Near {
                 lost: AtomicU64::new(0),
                 next_gen: AtomicU64::new(0),
                 lease_until: AtomicU64::new(0),
+                quiet_until: AtomicU64::new(0),
                 base: Instant::now(),
                 conn: Mutex::new(None),
                 held_pushes: Mutex::new(None),
@@ -188,36 +246,41 @@ impl Near {
     }
 
     /// The generation near copies may be served under now, if any.
-    fn serving(&self) -> Option<u64> {
+    /// The generation near copies may be served under now, if any, and now (in nanoseconds
+    /// after `base`).
+    fn serving(&self) -> Option<(u64, u64)> {
         let s = &self.shared;
         let gen = s.live.load(Ordering::Acquire);
         let now = s.nanos(Instant::now());
-        (gen != 0 && now < s.lease_until.load(Ordering::Acquire)).then_some(gen)
+        (gen != 0 && now < s.lease_until.load(Ordering::Acquire)).then_some((gen, now))
     }
 
     /// The entry under `entry_key` if it is held and every dep it records is held at the
-    /// version the entry records, all under the serving connection. `ver_key` writes the ver
-    /// key of a dep id; `declared` are the dep ids the request declares.
+    /// version the entry records, all under the serving connection, and no unread bytes wait on
+    /// that connection's socket. `ver_key` writes the ver key of a dep id; `declared` are the dep
+    /// ids the request declares.
     pub(super) fn hit(
         &self,
         entry_key: &[u8],
         declared: &[&str],
         mut ver_key: impl FnMut(&str, &mut Vec<u8>),
-    ) -> Option<Arc<Entry>> {
-        let gen = self.serving()?;
+    ) -> NearHit {
+        let Some((gen, now)) = self.serving() else {
+            return NearHit::Absent;
+        };
         let cache = &self.shared.cache;
-        let entry = match cache.get(entry_key)? {
-            Slot {
+        let entry = match cache.get(entry_key) {
+            Some(Slot {
                 gen: g,
                 held: Held::Entry(e),
-            } if g == gen => e,
-            _ => return None,
+            }) if g == gen => e,
+            _ => return NearHit::Absent,
         };
         // Allocated by the first dep's key only: a hit on an entry without deps allocates nothing.
         let mut buf = Vec::new();
         for (id, epoch, life) in entry.deps.iter_lives() {
             if !declared.contains(&id) {
-                return None;
+                return NearHit::Absent;
             }
             buf.clear();
             ver_key(id, &mut buf);
@@ -226,10 +289,38 @@ impl Near {
                     gen: g,
                     held: Held::Version(v),
                 }) if g == gen && v == (epoch, life) => {}
-                _ => return None,
+                _ => return NearHit::Absent,
             }
         }
-        Some(entry)
+        // Last, so only a hit pays for it.
+        if self.unread(gen, now) {
+            return NearHit::Unread;
+        }
+        NearHit::Hit(entry)
+    }
+
+    /// Whether the tracking connection of generation `gen` may have bytes its reader has not
+    /// read (or is not the current one any more), `now` nanoseconds after `base`. A socket
+    /// found empty counts as empty for [`PEEK_HOLDS`] after, so hits in quick succession share
+    /// one system call.
+    fn unread(&self, gen: u64, now: u64) -> bool {
+        let s = &self.shared;
+        if now < s.quiet_until.load(Ordering::Acquire) {
+            return false;
+        }
+        let probe = match lock(&s.conn).as_ref() {
+            Some(t) if t.gen == gen => t.probe.clone(),
+            _ => return true,
+        };
+        match probe {
+            Some(p) if p.unread() => true,
+            _ => {
+                let holds = u64::try_from(PEEK_HOLDS.as_nanos()).unwrap_or(u64::MAX);
+                s.quiet_until
+                    .fetch_max(now.saturating_add(holds), Ordering::AcqRel);
+                false
+            }
+        }
     }
 
     /// The counters of `keys`, read before the fill's `MGET` is sent.
@@ -301,6 +392,17 @@ impl Near {
         }
     }
 
+    /// Tests only: blocks the reader's thread for `pause`, as a machine that has not scheduled
+    /// it yet would; returns once it is blocked.
+    pub(super) async fn stall_reader(&self, pause: Duration) {
+        let (blocked, wait) = tokio::sync::oneshot::channel();
+        self.shared.reader.runtime.spawn(async move {
+            let _ = blocked.send(());
+            std::thread::sleep(pause);
+        });
+        let _ = wait.await;
+    }
+
     /// Bytes held now (after pending evictions have run).
     pub(super) fn weighted_size(&self) -> u64 {
         self.shared.cache.run_pending_tasks();
@@ -343,6 +445,7 @@ impl Shared {
             if self.live.load(Ordering::Acquire) == gen {
                 self.live.store(0, Ordering::Release);
                 self.lease_until.store(0, Ordering::Release);
+                self.quiet_until.store(0, Ordering::Release);
             }
             self.flushes.fetch_add(1, Ordering::AcqRel);
             self.cache.invalidate_all();
@@ -364,13 +467,12 @@ impl Shared {
         let bound = self.connect_timeout.saturating_add(self.timeout);
         // Opened on the reader's runtime: the connection's reading task runs there.
         let client = self.client.clone();
-        let opening = self.reader.runtime.spawn(async move {
-            client
-                .get_multiplexed_async_connection_with_config(&config)
-                .await
-        });
+        let opening = self
+            .reader
+            .runtime
+            .spawn(async move { open(&client, config).await });
         let abort = opening.abort_handle();
-        let mut conn = match tokio::time::timeout(bound, opening).await {
+        let (mut conn, probe) = match tokio::time::timeout(bound, opening).await {
             Ok(Ok(opened)) => opened.map_err(store_error)?,
             Ok(Err(e)) => {
                 return Err(StoreError::new(
@@ -410,7 +512,8 @@ impl Shared {
         // Nothing filled under an earlier connection is served under this one.
         self.flushes.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate_all();
-        *lock(&self.conn) = Some(Tracked { conn, gen });
+        *lock(&self.conn) = Some(Tracked { conn, gen, probe });
+        self.quiet_until.store(0, Ordering::Release);
         self.live.store(gen, Ordering::Release);
         self.extend_lease(sent);
         Ok(())
@@ -455,6 +558,36 @@ impl Shared {
             }
         }
     }
+}
+
+/// Opens a tracking connection; on TCP with a [`Probe`] on its socket. Runs on the reader's
+/// runtime, so the connection's reading task runs there.
+async fn open(
+    client: &Client,
+    config: AsyncConnectionConfig,
+) -> redis::RedisResult<(MultiplexedConnection, Option<Arc<Probe>>)> {
+    let info = client.get_connection_info();
+    let redis::ConnectionAddr::Tcp(host, port) = info.addr() else {
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        return Ok((conn, None));
+    };
+    let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+    // Small commands and pushes, where latency is the point.
+    stream.set_nodelay(true)?;
+    let socket = stream.into_std()?;
+    // The same socket (a duplicated descriptor, non-blocking like the original).
+    let probe = socket.try_clone()?;
+    let stream = tokio::net::TcpStream::from_std(socket)?;
+    let (conn, driver) =
+        MultiplexedConnection::new_with_config(info.redis_settings(), stream, config).await?;
+    let driver = tokio::spawn(driver).abort_handle();
+    let probe = Probe {
+        socket: probe,
+        driver,
+    };
+    Ok((conn, Some(Arc::new(probe))))
 }
 
 /// The runtime of the tracking connection's reader, on a thread of its own; the thread ends
