@@ -91,6 +91,8 @@ async fn one_round_trip_per_hit_lookup_and_per_put() {
     let server = RedisServer::start();
     let store = store(&server).await;
     let deps = [POLICY_DEP, DOC, "doc:two"];
+    // Opens the lookup connection: a new one first checks the shared connection with a PING.
+    store.lookup(&key("t", 0), &deps).await.unwrap();
 
     // Puts: each is one EVALSHA and nothing else.
     reset_stats(&server);
@@ -649,4 +651,121 @@ async fn cluster_store_reaches_every_slot() {
             Lookup::Miss(_)
         ));
     }
+}
+
+/// Normal clients in `CLIENT LIST` (the lookups' connections and the shared one), leaving out
+/// the `redis-cli` that asks.
+fn clients(server: &RedisServer) -> Vec<String> {
+    server
+        .cli(&["CLIENT", "LIST"])
+        .lines()
+        .filter(|l| !l.contains(" cmd=client|list "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `n` lookups of `k` under way at once; how many hit.
+async fn concurrent_hits(
+    store: &RedisStore,
+    k: &CacheKey,
+    deps: &[&'static str],
+    n: usize,
+) -> usize {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (store, k, deps) = (store.clone(), k.clone(), deps.to_vec());
+        set.spawn(async move { store.lookup(&k, &deps).await });
+    }
+    let mut hits = 0;
+    while let Some(done) = set.join_next().await {
+        if matches!(done.unwrap(), Ok(Lookup::Fresh(_))) {
+            hits += 1;
+        }
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_lookups_past_the_connection_bound_all_hit_on_a_bounded_number_of_connections() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let deps = [POLICY_DEP, DOC];
+    fill(&store, &key("t", 1), &deps, Duration::from_secs(60)).await;
+    for _ in 0..5 {
+        assert_eq!(concurrent_hits(&store, &key("t", 1), &deps, 200).await, 200);
+    }
+    // The lookups' connections (at most 32) and the shared one; the rest went through it.
+    let clients = clients(&server);
+    assert!(
+        (2..=33).contains(&clients.len()),
+        "{} clients: {clients:#?}",
+        clients.len()
+    );
+}
+
+#[tokio::test]
+async fn lookups_read_the_database_of_the_url() {
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(format!("{}3", server.url()))
+        .build()
+        .await
+        .unwrap();
+    let deps = [POLICY_DEP, DOC];
+    fill(&store, &key("t", 1), &deps, Duration::from_secs(60)).await;
+    assert!(matches!(
+        store.lookup(&key("t", 1), &deps).await.unwrap(),
+        Lookup::Fresh(_)
+    ));
+    assert_eq!(server.cli(&["-n", "0", "DBSIZE"]).trim(), "0");
+    assert_ne!(server.cli(&["-n", "3", "DBSIZE"]).trim(), "0");
+}
+
+#[tokio::test]
+async fn lookups_log_in_as_the_user_of_the_url() {
+    let server = RedisServer::start();
+    let setup = server.cli(&[
+        "ACL",
+        "SETUSER",
+        "lookup-user",
+        "on",
+        ">secret-pw",
+        "~*",
+        "+@all",
+    ]);
+    assert_eq!(setup.trim(), "OK");
+    let url = server
+        .url()
+        .replace("redis://", "redis://lookup-user:secret-pw@");
+    let store = RedisStore::builder().url(url).build().await.unwrap();
+    let deps = [POLICY_DEP, DOC];
+    fill(&store, &key("t", 1), &deps, Duration::from_secs(60)).await;
+    assert_eq!(concurrent_hits(&store, &key("t", 1), &deps, 8).await, 8);
+    let clients = clients(&server);
+    assert!(clients.len() >= 2, "{clients:#?}");
+    assert!(
+        clients.iter().all(|c| c.contains(" user=lookup-user ")),
+        "{clients:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_lookup_connections_cost_one_failed_lookup_not_one_each() {
+    let server = RedisServer::start();
+    let store = store(&server).await;
+    let deps = [POLICY_DEP, DOC];
+    fill(&store, &key("t", 1), &deps, Duration::from_secs(60)).await;
+    // Several lookup connections open and idle.
+    concurrent_hits(&store, &key("t", 1), &deps, 16).await;
+    assert!(clients(&server).len() > 3, "{:#?}", clients(&server));
+    server.cli(&["CLIENT", "KILL", "TYPE", "normal"]);
+    let mut failed = 0;
+    for _ in 0..20 {
+        match store.lookup(&key("t", 1), &deps).await {
+            Ok(Lookup::Fresh(_)) => {}
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => failed += 1,
+        }
+    }
+    assert!(failed <= 1, "{failed} lookups failed");
 }
