@@ -507,9 +507,6 @@ pub enum GuardVeto {
     Opposites,
     /// One goes from where the other goes to ("from savings to current" and back).
     Direction,
-    /// One narrows the other: it adds a qualifier the other lacks ("a gift" / "a gift card",
-    /// "flu" / "flu in babies").
-    Scope,
 }
 
 impl From<guard::Veto> for GuardVeto {
@@ -520,7 +517,6 @@ impl From<guard::Veto> for GuardVeto {
             guard::Veto::Entities => Self::Entities,
             guard::Veto::Opposites => Self::Opposites,
             guard::Veto::Direction => Self::Direction,
-            guard::Veto::Scope => Self::Scope,
         }
     }
 }
@@ -533,7 +529,6 @@ impl fmt::Display for GuardVeto {
             Self::Entities => "names differ",
             Self::Opposites => "opposites",
             Self::Direction => "direction reversed",
-            Self::Scope => "scope differs",
         })
     }
 }
