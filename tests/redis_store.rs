@@ -650,3 +650,53 @@ async fn cluster_store_reaches_every_slot() {
         ));
     }
 }
+
+#[tokio::test]
+async fn a_lookup_given_up_on_a_paused_redis_times_out_and_the_next_reads_its_own_reply() {
+    const TIMEOUT: Duration = Duration::from_millis(200);
+    let server = RedisServer::start();
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(TIMEOUT)
+        .build()
+        .await
+        .unwrap();
+    let deps = [POLICY_DEP, DOC];
+    for n in [1, 2] {
+        let Lookup::Miss(observed) = store.lookup(&key("t", n), &deps).await.unwrap() else {
+            panic!("expected a miss");
+        };
+        let body = format!("body {n}");
+        let e = entry(observed, body.as_bytes(), Duration::from_secs(60));
+        assert_eq!(
+            store.put(&key("t", n), e).await.unwrap(),
+            PutOutcome::Stored
+        );
+    }
+    let body = |lookup: Lookup| match lookup {
+        Lookup::Fresh(e) => e.body,
+        other => panic!("{other:?}"),
+    };
+
+    // Redis answers nothing for 800 ms: the store's own timer bounds the lookup.
+    assert_eq!(server.cli(&["CLIENT", "PAUSE", "800", "ALL"]).trim(), "OK");
+    let started = Instant::now();
+    let err = store.lookup(&key("t", 1), &deps).await.unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Timeout, "{err}");
+    assert!(started.elapsed() < TIMEOUT * 3, "{:?}", started.elapsed());
+
+    // Once Redis answers again, the reply to the lookup given up on is not taken for the next.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let next = loop {
+        match store.lookup(&key("t", 2), &deps).await {
+            Ok(lookup) => break lookup,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+    };
+    assert_eq!(body(next), &b"body 2"[..]);
+    assert_eq!(
+        body(store.lookup(&key("t", 1), &deps).await.unwrap()),
+        &b"body 1"[..]
+    );
+}

@@ -348,7 +348,7 @@ impl RedisStoreBuilder {
             Target::Unset => Err(no_target()),
             Target::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(store_error)?;
-                let config = self.manager_config(response_timeout);
+                let config = self.manager_config();
                 let manager = ConnectionManager::new_with_config(client, config);
                 tokio::time::timeout(connect_timeout, manager)
                     .await
@@ -372,7 +372,7 @@ impl RedisStoreBuilder {
             Target::Unset => Err(no_target()),
             Target::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(store_error)?;
-                let config = self.manager_config(response_timeout);
+                let config = self.manager_config();
                 ConnectionManager::new_lazy_with_config(client, config)
                     .map(Conn::Single)
                     .map_err(store_error)
@@ -395,14 +395,20 @@ impl RedisStoreBuilder {
         self.timeout.saturating_add(ack.timeout)
     }
 
-    fn manager_config(&self, response_timeout: Duration) -> redis::aio::ConnectionManagerConfig {
+    fn manager_config(&self) -> redis::aio::ConnectionManagerConfig {
         // No retry loop inside the manager: while Redis is down each call fails at once (or at
         // the timeout) instead of queueing behind a backoff, and the next call after Redis is
         // back reconnects. The engine's circuit breaker keeps the attempts rare.
+        //
+        // No response timeout inside it either: every call the store makes on a single Redis is
+        // bounded by its own timer (`timed`, or `acknowledged` for `WAIT`), so the manager's would
+        // be a second timer armed and cleared on every hit (about 700 instructions a hit, in
+        // benches/hit_instructions.sh). A call given up by `timed` leaves its reply to be read
+        // and dropped by the connection.
         redis::aio::ConnectionManagerConfig::new()
             .set_number_of_retries(0)
             .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(response_timeout))
+            .set_response_timeout(None)
     }
 
     fn cluster_client(
