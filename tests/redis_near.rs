@@ -77,6 +77,15 @@ async fn fill(store: &RedisStore, k: &CacheKey, body: &[u8]) {
     }
 }
 
+/// Looks `k` up on `store` until it misses; fails with `what` after [`PATIENCE`].
+async fn until_not_served(store: &RedisStore, k: &CacheKey, what: &str) {
+    let started = Instant::now();
+    while body_of(&store.lookup(k, &DEPS).await.unwrap()).is_some() {
+        assert!(started.elapsed() < PATIENCE, "{what}");
+        tokio::task::yield_now().await;
+    }
+}
+
 fn body_of(lookup: &Lookup) -> Option<&[u8]> {
     match lookup {
         Lookup::Fresh(e) | Lookup::Stale(e) => Some(&e.body),
@@ -232,17 +241,7 @@ async fn an_invalidation_from_another_process_evicts_when_the_push_arrives() {
     // Unheld, a remote invalidation stops the near copy as soon as Redis's push is read.
     fill(&near, &key(2), b"two").await;
     other.invalidate("t", DOC, "v3").await.unwrap();
-    let started = Instant::now();
-    loop {
-        if body_of(&near.lookup(&key(2), &DEPS).await.unwrap()).is_none() {
-            break;
-        }
-        assert!(
-            started.elapsed() < PATIENCE,
-            "the push never evicted the copy"
-        );
-        tokio::task::yield_now().await;
-    }
+    until_not_served(&near, &key(2), "the push never evicted the copy").await;
     // A put by another process replaces the entry: the old body is not served either.
     fill(&near, &key(3), b"old").await;
     let Lookup::Miss(observed) = other.lookup(&key(4), &DEPS).await.unwrap() else {
@@ -278,13 +277,7 @@ async fn a_push_the_reader_has_not_read_yet_stops_near_hits() {
     near.near_cache_stall_reader(stall).await;
     let stalled = Instant::now();
     other.invalidate("t", DOC, "v2").await.unwrap();
-    loop {
-        let lookup = near.lookup(&key(1), &DEPS).await.unwrap();
-        if body_of(&lookup).is_none() {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    until_not_served(&near, &key(1), "the stale copy was served on").await;
     assert!(
         stalled.elapsed() < stall / 2,
         "the stale copy was served until the reader ran again ({:?})",

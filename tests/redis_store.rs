@@ -21,9 +21,13 @@ use support::RedisServer;
 const DOC: &str = "doc:contract-123";
 
 async fn store(server: &RedisServer) -> RedisStore {
+    store_with_timeout(server, Duration::from_secs(2)).await
+}
+
+async fn store_with_timeout(server: &RedisServer, timeout: Duration) -> RedisStore {
     RedisStore::builder()
         .url(server.url())
-        .timeout(Duration::from_secs(2))
+        .timeout(timeout)
         .build()
         .await
         .expect("connect")
@@ -48,10 +52,15 @@ fn key(tenant: &str, n: u32) -> CacheKey {
 }
 
 async fn fill(store: &RedisStore, k: &CacheKey, deps: &[&str], ttl: Duration) {
+    fill_with(store, k, deps, ttl, b"body").await;
+}
+
+/// Misses on `k` and stores `body` with the observed epochs.
+async fn fill_with(store: &RedisStore, k: &CacheKey, deps: &[&str], ttl: Duration, body: &[u8]) {
     let Lookup::Miss(observed) = store.lookup(k, deps).await.unwrap() else {
         panic!("expected a miss");
     };
-    let outcome = store.put(k, entry(observed, b"body", ttl)).await.unwrap();
+    let outcome = store.put(k, entry(observed, body, ttl)).await.unwrap();
     assert_eq!(outcome, PutOutcome::Stored);
 }
 
@@ -533,12 +542,7 @@ async fn tag_sets_shed_expired_entries_and_stay_bounded() {
 async fn connection_loss_is_survived() {
     const TIMEOUT: Duration = Duration::from_millis(250);
     let mut server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(TIMEOUT)
-        .build()
-        .await
-        .unwrap();
+    let store = store_with_timeout(&server, TIMEOUT).await;
     let deps = [POLICY_DEP, DOC];
     fill(&store, &key("t", 1), &deps, Duration::from_secs(60)).await;
 
@@ -655,23 +659,18 @@ async fn cluster_store_reaches_every_slot() {
 async fn a_lookup_given_up_on_a_paused_redis_times_out_and_the_next_reads_its_own_reply() {
     const TIMEOUT: Duration = Duration::from_millis(200);
     let server = RedisServer::start();
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(TIMEOUT)
-        .build()
-        .await
-        .unwrap();
+    let store = store_with_timeout(&server, TIMEOUT).await;
     let deps = [POLICY_DEP, DOC];
     for n in [1, 2] {
-        let Lookup::Miss(observed) = store.lookup(&key("t", n), &deps).await.unwrap() else {
-            panic!("expected a miss");
-        };
         let body = format!("body {n}");
-        let e = entry(observed, body.as_bytes(), Duration::from_secs(60));
-        assert_eq!(
-            store.put(&key("t", n), e).await.unwrap(),
-            PutOutcome::Stored
-        );
+        fill_with(
+            &store,
+            &key("t", n),
+            &deps,
+            Duration::from_secs(60),
+            body.as_bytes(),
+        )
+        .await;
     }
     let body = |lookup: Lookup| match lookup {
         Lookup::Fresh(e) => e.body,
