@@ -23,6 +23,15 @@
 //! read there), `CACHECORE_TUNING_FROM=0.75` from which cosine.
 //! The entries of the guard word lists that are not generic English were added from these
 //! errors only (see `src/semantic/guard.rs`).
+//!
+//! Since those lists were fitted to the whole tuning half, it is split again the same way
+//! into a design part D and a check part C. `-- tuning-design` is the listing above for D
+//! alone (texts, `CACHECORE_TUNING_ALL`, `CACHECORE_TUNING_FROM`); `-- tuning-check` prints
+//! C's counts only, never a text: precision and recall by threshold, hits by category, and
+//! what each guard alone turns down (the traps it catches and the pairs that should hit it
+//! loses, with no other guard objecting), which is how a new rule is judged. The full run
+//! prints that last table for the held-out half too; `-- quality` is the full run without
+//! the latency part (which fills a Redis index of 100k vectors).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -65,6 +74,8 @@ struct Scored<'a> {
     cosine: f32,
     /// The guard that turned the pair down, if any.
     veto: Option<GuardVeto>,
+    /// Every guard that objects (the first is `veto`).
+    vetoes: Vec<GuardVeto>,
 }
 
 fn assets() -> PathBuf {
@@ -199,17 +210,28 @@ async fn x_cache(svc: &Svc, req: Request<Full<Bytes>>) -> String {
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes `--bench`; `index` selects the index searches alone.
-    if std::env::args().skip(1).any(|a| a == "index") {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = |m: &str| args.iter().any(|a| a == m);
+    if mode("index") {
         index_search().await;
         return;
     }
-    let tuning_only = std::env::args().skip(1).any(|a| a == "tuning");
     let dir = assets();
     let model = load_model(&dir);
     let pairs: Vec<Pair> = read_jsonl(&dir.join("fow-cache/pairs.jsonl"));
     let (tune_pairs, eval_pairs) = split(&pairs);
-    if tuning_only {
-        tuning(&model, &tune_pairs).await;
+    // The tuning half split again the same way: D to design rules on, C to judge them.
+    let (design_pairs, check_pairs) = split(tune_pairs.iter().copied());
+    if mode("tuning") {
+        tuning(&model, &tune_pairs, "tuning half").await;
+        return;
+    }
+    if mode("tuning-design") {
+        tuning(&model, &design_pairs, "design part D").await;
+        return;
+    }
+    if mode("tuning-check") {
+        check(&model, &check_pairs).await;
         return;
     }
     let mut both = tune_pairs.clone();
@@ -347,7 +369,12 @@ async fn main() {
         println!("  {subtype}: {hits}/{n} hit");
     }
 
-    latency(&model).await;
+    println!("\nwhat each guard alone turns down, held-out half:\n");
+    marginal_table(&eval);
+
+    if !mode("quality") {
+        latency(&model).await;
+    }
 }
 
 fn load_model(dir: &std::path::Path) -> Arc<LocalEmbedder> {
@@ -361,8 +388,9 @@ fn load_model(dir: &std::path::Path) -> Arc<LocalEmbedder> {
 }
 
 /// Alternate pairs of each category, in id order: the first (tuning) half takes the even
-/// positions, the second (held-out) half the odd ones.
-fn split(pairs: &[Pair]) -> (Vec<&Pair>, Vec<&Pair>) {
+/// positions, the second (held-out) half the odd ones. Applied to the tuning half it gives
+/// the design part D (even) and the check part C (odd).
+fn split<'a>(pairs: impl IntoIterator<Item = &'a Pair>) -> (Vec<&'a Pair>, Vec<&'a Pair>) {
     let mut by_category: BTreeMap<&str, Vec<&Pair>> = BTreeMap::new();
     for p in pairs {
         by_category.entry(&p.category).or_default().push(p);
@@ -404,21 +432,29 @@ async fn embed_all(model: &LocalEmbedder, pairs: &[&Pair]) -> BTreeMap<String, V
 }
 
 fn score<'a>(pair: &'a Pair, vectors: &BTreeMap<String, Vec<f32>>) -> Scored<'a> {
+    // The cached question is `a`, the new one `b`.
+    let vetoes = cachecore::semantic::__bench::lexical_vetoes(&pair.b, &pair.a);
+    let veto = lexical_veto(&pair.b, &pair.a);
+    assert_eq!(
+        veto,
+        vetoes.first().copied(),
+        "lexical_veto is the first objection"
+    );
     Scored {
         pair,
         cosine: dot(&vectors[&pair.a], &vectors[&pair.b]),
-        // The cached question is `a`, the new one `b`.
-        veto: lexical_veto(&pair.b, &pair.a),
+        veto,
+        vetoes,
     }
 }
 
-/// The tuning half alone: its figures and its errors, texts included, to learn from. Nothing
-/// of the held-out half is read beyond the split.
-async fn tuning(model: &LocalEmbedder, pairs: &[&Pair]) {
+/// The tuning half, or its design part D, alone: its figures and its errors, texts included,
+/// to learn from. Nothing of the held-out half is read beyond the split.
+async fn tuning(model: &LocalEmbedder, pairs: &[&Pair], name: &str) {
     let vectors = embed_all(model, pairs).await;
     let scored: Vec<Scored<'_>> = pairs.iter().map(|p| score(p, &vectors)).collect();
     let rows: Vec<&Scored<'_>> = scored.iter().collect();
-    println!("tuning half ({} pairs):\n", rows.len());
+    println!("{name} ({} pairs):\n", rows.len());
     threshold_table(&rows, &[0.80, 0.85, 0.87, 0.90, 0.92, 0.95]);
     let from = std::env::var("CACHECORE_TUNING_FROM")
         .ok()
@@ -434,7 +470,7 @@ async fn tuning(model: &LocalEmbedder, pairs: &[&Pair]) {
         .collect();
     errors.sort_by(|a, b| b.cosine.total_cmp(&a.cosine));
     let listed = if all { "pairs" } else { "errors" };
-    println!("\ntuning-half {listed} at cosine >= {from} (CACHECORE_TUNING_FROM):\n");
+    println!("\n{name}: {listed} at cosine >= {from} (CACHECORE_TUNING_FROM):\n");
     for r in errors {
         let what = match (r.veto, r.pair.same_answer) {
             (None, false) => "FALSE HIT".to_owned(),
@@ -442,9 +478,91 @@ async fn tuning(model: &LocalEmbedder, pairs: &[&Pair]) {
             (Some(v), true) => format!("vetoed ({v})"),
             (Some(v), false) => format!("trap vetoed ({v})"),
         };
+        let others: Vec<String> = r.vetoes.iter().skip(1).map(|v| v.to_string()).collect();
+        let others = if others.is_empty() {
+            String::new()
+        } else {
+            format!(" [also: {}]", others.join(", "))
+        };
         println!(
-            "{} {:.3} {what}\n  cached: {}\n  asked:  {}",
+            "{} {:.3} {what}{others}\n  cached: {}\n  asked:  {}",
             r.pair.id, r.cosine, r.pair.a, r.pair.b
+        );
+    }
+    println!("\nwhat each guard alone turns down, {name}:\n");
+    marginal_table(&rows);
+}
+
+/// The check part C of the tuning half: counts only, never a text, so that rules designed on
+/// D are judged on pairs nobody read for them (README, "Semantic cache (L2").
+async fn check(model: &LocalEmbedder, pairs: &[&Pair]) {
+    let vectors = embed_all(model, pairs).await;
+    let scored: Vec<Scored<'_>> = pairs.iter().map(|p| score(p, &vectors)).collect();
+    let rows: Vec<&Scored<'_>> = scored.iter().collect();
+    println!("check part C ({} pairs), counts only:\n", rows.len());
+    threshold_table(&rows, &[0.80, 0.83, 0.85, 0.87, 0.90, 0.92, 0.95]);
+    let mut by_category: BTreeMap<&str, Vec<&Scored<'_>>> = BTreeMap::new();
+    for r in &rows {
+        by_category.entry(&r.pair.category).or_default().push(r);
+    }
+    println!("\nby category at {DEFAULT_THRESHOLD:.2}:\n");
+    println!("| category | pairs | hits, guards on | hits, cosine only |");
+    println!("|---|---|---|---|");
+    for (cat, held) in &by_category {
+        let hits = |guards: bool| {
+            held.iter()
+                .filter(|r| r.cosine >= DEFAULT_THRESHOLD && (!guards || r.veto.is_none()))
+                .count()
+        };
+        println!(
+            "| {cat} | {} | {} | {} |",
+            held.len(),
+            hits(true),
+            hits(false)
+        );
+    }
+    println!("\nwhat each guard alone turns down, check part C:\n");
+    marginal_table(&rows);
+}
+
+/// Per guard, the pairs it alone turns down (no other guard objects): traps it catches and
+/// pairs that should hit it loses, by category, from two cosines (all pairs from 0.80, and
+/// those at the default threshold).
+fn marginal_table(rows: &[&Scored<'_>]) {
+    let mut by_guard: BTreeMap<String, [BTreeMap<&str, usize>; 4]> = BTreeMap::new();
+    for r in rows {
+        if let [only] = r.vetoes[..] {
+            let slots = by_guard.entry(only.to_string()).or_default();
+            let lost = usize::from(r.pair.same_answer);
+            if r.cosine >= 0.80 {
+                *slots[lost].entry(&r.pair.category).or_default() += 1;
+            }
+            if r.cosine >= DEFAULT_THRESHOLD {
+                *slots[2 + lost].entry(&r.pair.category).or_default() += 1;
+            }
+        }
+    }
+    let cell = |m: &BTreeMap<&str, usize>| {
+        let n: usize = m.values().sum();
+        let parts: Vec<String> = m.iter().map(|(c, k)| format!("{c} {k}")).collect();
+        if parts.is_empty() {
+            "0".to_owned()
+        } else {
+            format!("{n} ({})", parts.join(", "))
+        }
+    };
+    println!(
+        "| guard | traps caught alone, cosine >= 0.80 | hits lost alone, >= 0.80 | traps \
+         caught alone, >= {DEFAULT_THRESHOLD:.2} | hits lost alone, >= {DEFAULT_THRESHOLD:.2} |"
+    );
+    println!("|---|---|---|---|---|");
+    for (guard, [caught, lost, caught_t, lost_t]) in &by_guard {
+        println!(
+            "| {guard} | {} | {} | {} | {} |",
+            cell(caught),
+            cell(lost),
+            cell(caught_t),
+            cell(lost_t)
         );
     }
 }

@@ -478,6 +478,13 @@ fn lexical_veto_names_the_guard() {
         lexical_veto("Is it open on Monday?", "Is it open on Tuesday?"),
         Some(GuardVeto::Entities)
     );
+    assert_eq!(
+        lexical_veto(
+            "How much is a ticket for children?",
+            "How much is a ticket?"
+        ),
+        Some(GuardVeto::Qualifier)
+    );
 }
 
 #[tokio::test]

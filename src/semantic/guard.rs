@@ -12,7 +12,14 @@
 //! - **opposites**: no pair of opposites (open/closed, include/exclude, increase/reduce, on/off,
 //!   `safe`/`unsafe`, ...) where one question moved one way and the other the other way;
 //! - **direction**: what comes after `from` in one question does not come after `to` in the
-//!   other ("from my savings to my current account" and back again).
+//!   other ("from my savings to my current account" and back again);
+//! - **qualifier**: neither question narrows the other with a qualifying phrase. A qualifier
+//!   is a content word after `in`/`on`/`at`/`for`/`with`/`during`/`near` ("in babies", "for
+//!   a gift card", "on weekends"; fixed phrases such as "in advance" or "at the moment"
+//!   excepted), or a part of a hyphenated compound ("self-employed"). The match is vetoed when
+//!   one question has a qualifier with no counterpart (same word, same stem, one slip) in the
+//!   other *and* the other has no content word of its own: a pure addition. When both have
+//!   words of their own, they traded words, as paraphrases do, and the cosine decides.
 //!
 //! # Where the word lists come from
 //!
@@ -43,6 +50,28 @@
 //! held-out half it caught none of the default's false hits and turned down 12 pairs that
 //! should hit (precision 0.932, recall 0.367, against 0.944 and 0.447 without it). Taking it out
 //! was decided on that held-out run; README's L2 section says so.
+//!
+//! # The qualifier guard: designed on D, judged on C
+//!
+//! The tuning half was split again, the same way (alternate pairs of each category, by id),
+//! into a design part D and a check part C (`cargo bench --all-features --bench semantic --
+//! tuning-design` lists D with its texts; `-- tuning-check` prints C's counts only, never a
+//! text). The rule was written from D alone: of D's four errors at cosine ≥ 0.80, two add a
+//! qualifying phrase or a person (scope-021, "flu" / "flu in babies"; scope-b003, "Can I" /
+//! "Can my child"); D's right answers that also add words (paraphrase-053 "for a trip",
+//! paraphrase-a021 "for my street" / "for my road", paraphrase-b015 "order value") set the
+//! "pure addition" condition and kept the rule to phrases. The preposition, determiner and
+//! idiom lists are generic English, written without the data; the hyphenated compound comes
+//! from the issue's list of scope shapes, not from a D pair.
+//!
+//! Three more candidates were designed on D and judged on C by the same written rule (keep a
+//! rule if, among C's pairs it alone turns down, it catches more traps than it loses pairs
+//! that should hit from cosine 0.80, and loses at most 2 at 0.92 or above): someone else in
+//! place of "I" (scope-b003), a verb of stopping before an `-ing` verb counting as a negation
+//! (negation-009, "water" / "stop watering"), and `out of` read as `from` (negation-a004,
+//! "add money to" / "take money out of"). On C none of them turned down a pair alone (no trap
+//! caught, no hit lost), so none is kept. The qualifier guard caught 2 traps on C (scope) and
+//! lost no pair that should hit: kept.
 
 /// Closed-class English negators (`n't` is split off by [`expand`]). Generic: written
 /// without the data.
@@ -314,6 +343,27 @@ const FUNCTION_WORDS: &[&str] = &[
     "thank", "anyone", "someone", "something", "anything", "s", "d", "ll", "re", "ve", "m", "t",
 ];
 
+/// Prepositions that open a phrase saying where, when, for whom or with what something is
+/// asked ("in babies", "for a gift card", "on weekends"). Generic. Left out: `to` (also the
+/// infinitive), `of` (reworded freely: "the capital of X" / "X's capital"), `from` (the
+/// direction guard), and those with an opposite of their own (`before`/`after`, ...).
+const QUALIFYING_PREPOSITIONS: &[&str] = &["in", "on", "at", "for", "with", "during", "near"];
+
+/// Heads of fixed adverbial phrases that qualify nothing ("in advance", "at the moment", "in
+/// general", "for now"). Generic English: written without the data.
+#[rustfmt::skip]
+const IDIOM_HEADS: &[&str] = &[
+    "advance", "moment", "general", "fact", "example", "instance", "particular", "short",
+    "total", "now", "least", "once", "last", "future", "case", "whole", "end", "way",
+];
+
+/// Articles, possessives and quantifiers: they may stand between a preposition and its noun.
+#[rustfmt::skip]
+const DETERMINERS: &[&str] = &[
+    "a", "an", "the", "my", "your", "our", "their", "his", "her", "its", "this", "that", "these",
+    "those", "some", "any", "each", "every", "all",
+];
+
 /// What the guards need to know about one question, computed once.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Lexicon {
@@ -327,6 +377,12 @@ pub(crate) struct Lexicon {
     to: Vec<String>,
     /// Every lower-case word, for the prefix-antonym check (`safe` / `unsafe`).
     words: Vec<String>,
+    /// The content words (not function words, negators or numbers): a question whose every
+    /// content word the other has adds nothing to it.
+    content: Vec<String>,
+    /// The content words of qualifying phrases: after a [`QUALIFYING_PREPOSITIONS`] ("in
+    /// babies", "for a gift card"), or in a hyphenated compound ("self-employed").
+    qualifiers: Vec<String>,
 }
 
 /// Which guard vetoed a match.
@@ -337,12 +393,18 @@ pub(crate) enum Veto {
     Entities,
     Opposites,
     Direction,
+    Qualifier,
 }
 
-/// One word of the text as written, and whether it opens a sentence.
+/// One word of the text as written, whether it opens a sentence, and what stands between it
+/// and the word before.
 struct Word {
     text: String,
     opens_sentence: bool,
+    /// A punctuation mark (a comma included) since the word before: a phrase ends there.
+    after_break: bool,
+    /// Joined to the word before by a hyphen (`self-employed`, `end-of-tenancy`).
+    hyphenated: bool,
 }
 
 fn words_of(text: &str) -> Vec<Word> {
@@ -351,6 +413,7 @@ fn words_of(text: &str) -> Vec<Word> {
     let mut out = Vec::new();
     let mut i = 0;
     let mut sentence_start = true;
+    let (mut after_break, mut hyphenated) = (true, false);
     while i < chars.len() {
         let c = chars[i];
         if c.is_alphanumeric() {
@@ -378,11 +441,23 @@ fn words_of(text: &str) -> Vec<Word> {
             out.push(Word {
                 text: chars[start..i].iter().collect(),
                 opens_sentence: sentence_start,
+                after_break,
+                hyphenated,
             });
             sentence_start = false;
+            (after_break, hyphenated) = (false, false);
         } else {
             if matches!(c, '.' | '?' | '!' | ':' | ';' | '\n' | '"') {
                 sentence_start = true;
+            }
+            let joins = c == '-'
+                && i > 0
+                && chars[i - 1].is_alphanumeric()
+                && chars.get(i + 1).is_some_and(|n| n.is_alphanumeric());
+            if joins {
+                hyphenated = true;
+            } else if !c.is_whitespace() {
+                after_break = true;
             }
             i += 1;
         }
@@ -462,8 +537,18 @@ impl Lexicon {
             ..Self::default()
         };
         let mut pending: Option<bool> = None;
+        // Inside a qualifying phrase: whether its noun has come yet.
+        let mut phrase: Option<bool> = None;
+        let mut previous_content: Vec<String> = Vec::new();
         for w in words_of(text) {
             let lower = w.text.to_lowercase();
+            if w.after_break {
+                phrase = None;
+            }
+            if w.hyphenated {
+                lex.qualifiers.append(&mut previous_content);
+            }
+            previous_content.clear();
             // Names: a capital letter not opening a sentence, or an acronym anywhere; digits
             // and number words are checked by the numbers guard instead.
             let first_upper = w.text.chars().next().is_some_and(char::is_uppercase);
@@ -500,6 +585,33 @@ impl Lexicon {
                         slot.1 += 1;
                     }
                 }
+                let p = part.as_str();
+                let content = number_word.is_none()
+                    && !p.chars().any(|c| c.is_ascii_digit())
+                    && !NEGATORS.contains(&p)
+                    && !FUNCTION_WORDS.contains(&p);
+                if content {
+                    lex.content.push(part.clone());
+                    previous_content.push(part.clone());
+                    if w.hyphenated {
+                        lex.qualifiers.push(part.clone());
+                    }
+                }
+                if QUALIFYING_PREPOSITIONS.contains(&p) {
+                    phrase = Some(false);
+                } else if let Some(noun_seen) = phrase {
+                    if content && (noun_seen || !IDIOM_HEADS.contains(&p)) {
+                        lex.qualifiers.push(part.clone());
+                        phrase = Some(true);
+                    } else if content
+                        || noun_seen
+                        || !(DETERMINERS.contains(&p)
+                            || number_word.is_some()
+                            || p.chars().any(|c| c.is_ascii_digit()))
+                    {
+                        phrase = None;
+                    }
+                }
                 match part.as_str() {
                     "from" => pending = Some(true),
                     "to" | "into" | "onto" => pending = Some(false),
@@ -518,12 +630,18 @@ impl Lexicon {
         lex.entities.dedup();
         lex.words.sort();
         lex.words.dedup();
+        for list in [&mut lex.content, &mut lex.qualifiers] {
+            list.sort();
+            list.dedup();
+        }
         for list in [
             &mut lex.numbers,
             &mut lex.entities,
             &mut lex.from,
             &mut lex.to,
             &mut lex.words,
+            &mut lex.content,
+            &mut lex.qualifiers,
         ] {
             list.shrink_to_fit();
         }
@@ -543,45 +661,74 @@ impl Lexicon {
             + strings(&self.from)
             + strings(&self.to)
             + strings(&self.words)
+            + strings(&self.content)
+            + strings(&self.qualifiers)
             + self.opposites.capacity() * std::mem::size_of::<(u16, u16)>()
     }
 
     /// `Ok` when no guard objects to answering `self` with an answer to `other`.
     pub(crate) fn agrees_with(&self, other: &Self) -> Result<(), Veto> {
+        match self.objections(other).first() {
+            Some(&veto) => Err(veto),
+            None => Ok(()),
+        }
+    }
+
+    /// Every guard that objects, in the order they are checked: what the benchmark needs to
+    /// tell what one guard alone adds (a pair only it turns down). Empty when all agree.
+    pub(crate) fn objections(&self, other: &Self) -> Vec<Veto> {
+        let mut out = Vec::new();
         if self.numbers != other.numbers {
-            return Err(Veto::Numbers);
+            out.push(Veto::Numbers);
         }
         if self.negations != other.negations {
-            return Err(Veto::Negation);
+            out.push(Veto::Negation);
         }
         // Casing is a hint, not a fact ("UK" / "uk", a title-cased question): a name of
         // either side must be among the words of the other.
         if !names_found(&self.entities, &other.words) || !names_found(&other.entities, &self.words)
         {
-            return Err(Veto::Entities);
+            out.push(Veto::Entities);
         }
-        for (a, b) in self.opposites.iter().zip(&other.opposites) {
+        let flipped = self.opposites.iter().zip(&other.opposites).any(|(a, b)| {
             let yes = i32::from(a.0) - i32::from(b.0);
             let no = i32::from(a.1) - i32::from(b.1);
-            if yes * no < 0 {
-                return Err(Veto::Opposites);
-            }
-        }
-        if prefix_antonym(&self.words, &other.words) || prefix_antonym(&other.words, &self.words) {
-            return Err(Veto::Opposites);
-        }
-        if crossed(&self.from, &other.to) || crossed(&other.from, &self.to) {
-            return Err(Veto::Direction);
+            yes * no < 0
+        });
+        if flipped
+            || prefix_antonym(&self.words, &other.words)
+            || prefix_antonym(&other.words, &self.words)
+        {
+            out.push(Veto::Opposites);
         }
         // Each sends to a name the other has elsewhere: swapped ends ("a Word document to PDF"
         // and "a PDF to a Word document"). Names only: `to` is also the infinitive.
         let (a, b) = (self.named_to(), other.named_to());
-        if a.iter().any(|t| !b.contains(t) && other.has_stem(t))
-            && b.iter().any(|t| !a.contains(t) && self.has_stem(t))
+        if crossed(&self.from, &other.to)
+            || crossed(&other.from, &self.to)
+            || (a.iter().any(|t| !b.contains(t) && other.has_stem(t))
+                && b.iter().any(|t| !a.contains(t) && self.has_stem(t)))
         {
-            return Err(Veto::Direction);
+            out.push(Veto::Direction);
         }
-        Ok(())
+        if self.adds_qualifier(other) || other.adds_qualifier(self) {
+            out.push(Veto::Qualifier);
+        }
+        out
+    }
+
+    /// Whether `self` narrows `other` with a qualifying phrase: a qualifier whose word the
+    /// other lacks, while the other has no content word of its own ("the symptoms of flu in
+    /// babies" / "the symptoms of flu"). When both have words of their own they traded words,
+    /// as paraphrases do, and the cosine decides.
+    fn adds_qualifier(&self, other: &Self) -> bool {
+        self.qualifiers
+            .iter()
+            .any(|q| !has_counterpart(q, &other.words))
+            && other
+                .content
+                .iter()
+                .all(|w| has_counterpart(w, &self.words))
     }
 
     fn named_to(&self) -> Vec<&str> {
@@ -595,6 +742,16 @@ impl Lexicon {
     fn has_stem(&self, s: &str) -> bool {
         self.words.iter().any(|w| stem(w) == s)
     }
+}
+
+/// Whether `words` has `w`, a word of the same stem, or (five letters or more) `w` one slip
+/// away (`adress` / `address`, `baby` / `babies`).
+fn has_counterpart(w: &str, words: &[String]) -> bool {
+    words.iter().any(|o| {
+        o == w
+            || stem(o) == stem(w)
+            || (w.len().max(o.len()) >= 5 && edit_distance(stem(w), stem(o)) <= 1)
+    })
 }
 
 /// Whether `a` has a word that is a word of `b` with a negating prefix (`unsafe` / `safe`).
@@ -833,6 +990,75 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn an_added_qualifying_phrase_narrows_the_question() {
+        for (a, b) in [
+            // Who it is for.
+            (
+                "What are the side effects of ibuprofen?",
+                "What are the side effects of ibuprofen in pregnancy?",
+            ),
+            // When.
+            (
+                "What time does the pool open?",
+                "What time does the pool open during holidays?",
+            ),
+            // A noun of the phrase that the other lacks: a gift, a gift voucher.
+            (
+                "Can I get a refund for a gift?",
+                "Can I get a refund for a gift voucher?",
+            ),
+            // A hyphenated modifier.
+            (
+                "Which expenses can I claim?",
+                "Which expenses can I claim when self-employed?",
+            ),
+        ] {
+            assert_eq!(veto(a, b), Some(Veto::Qualifier), "{a} / {b}");
+            assert_eq!(veto(b, a), Some(Veto::Qualifier), "{b} / {a}");
+        }
+    }
+
+    #[test]
+    fn a_qualifier_both_sides_share_or_trade_is_wording() {
+        for (a, b) in [
+            // The same qualifier, reordered.
+            (
+                "Is there a discount for students?",
+                "Do students get a discount?",
+            ),
+            // Each side has words of its own: a paraphrase trades words.
+            (
+                "What documents do I need for a visa?",
+                "What paperwork is required for a visa application?",
+            ),
+            // A pronoun is no qualifier.
+            ("Can you book a taxi?", "Can you book a taxi for me?"),
+            // Fixed phrases qualify nothing.
+            (
+                "How do I reset my password?",
+                "How do I reset my password? Thanks in advance",
+            ),
+            ("Can I pay by card?", "Can I pay by card at the moment?"),
+        ] {
+            assert_eq!(veto(a, b), None, "{a} / {b}");
+            assert_eq!(veto(b, a), None, "{b} / {a}");
+        }
+    }
+
+    #[test]
+    fn every_objection_is_listed_the_first_decides() {
+        let (a, b) = (
+            Lexicon::of("Can I return 2 shirts?"),
+            Lexicon::of("Can I not return 3 shirts in the sale?"),
+        );
+        assert_eq!(
+            a.objections(&b),
+            vec![Veto::Numbers, Veto::Negation, Veto::Qualifier]
+        );
+        assert_eq!(a.agrees_with(&b), Err(Veto::Numbers));
     }
 
     #[test]

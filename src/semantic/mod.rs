@@ -507,6 +507,8 @@ pub enum GuardVeto {
     Opposites,
     /// One goes from where the other goes to ("from savings to current" and back).
     Direction,
+    /// One narrows the other with a qualifying phrase ("flu" / "flu in babies").
+    Qualifier,
 }
 
 impl From<guard::Veto> for GuardVeto {
@@ -517,6 +519,7 @@ impl From<guard::Veto> for GuardVeto {
             guard::Veto::Entities => Self::Entities,
             guard::Veto::Opposites => Self::Opposites,
             guard::Veto::Direction => Self::Direction,
+            guard::Veto::Qualifier => Self::Qualifier,
         }
     }
 }
@@ -529,6 +532,7 @@ impl fmt::Display for GuardVeto {
             Self::Entities => "names differ",
             Self::Opposites => "opposites",
             Self::Direction => "direction reversed",
+            Self::Qualifier => "qualifier added",
         })
     }
 }
@@ -552,6 +556,16 @@ pub fn lexical_veto(question: &str, cached: &str) -> Option<GuardVeto> {
 #[doc(hidden)]
 pub mod __bench {
     use super::*;
+
+    /// Every guard that objects to answering `question` with `cached`'s answer, not only the
+    /// first ([`lexical_veto`]): a pair that one guard alone turns down is what that guard adds.
+    pub fn lexical_vetoes(question: &str, cached: &str) -> Vec<GuardVeto> {
+        Lexicon::of(question)
+            .objections(&Lexicon::of(cached))
+            .into_iter()
+            .map(GuardVeto::from)
+            .collect()
+    }
 
     /// Fills one partition of `index` with `vectors` (the digests are their positions).
     pub fn fill(index: &MemoryIndex, vectors: &[Vec<f32>]) {
