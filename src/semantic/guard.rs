@@ -56,13 +56,14 @@
 //! The tuning half was split again, the same way (alternate pairs of each category, by id),
 //! into a design part D and a check part C (`cargo bench --all-features --bench semantic --
 //! tuning-design` lists D with its texts; `-- tuning-check` prints C's counts only, never a
-//! text). The rule was written from D alone: of D's four errors at cosine ≥ 0.80, two add a
-//! qualifying phrase or a person (scope-021, "flu" / "flu in babies"; scope-b003, "Can I" /
-//! "Can my child"); D's right answers that also add words (paraphrase-053 "for a trip",
-//! paraphrase-a021 "for my street" / "for my road", paraphrase-b015 "order value") set the
-//! "pure addition" condition and kept the rule to phrases. The preposition, determiner and
-//! idiom lists are generic English, written without the data; the hyphenated compound comes
-//! from the list of scope shapes, not from a D pair.
+//! text). The rule was written from D alone: one of D's four false hits at cosine ≥ 0.80 adds
+//! a qualifying phrase (scope-021, "flu" / "flu in babies"); D's right answers that also add
+//! words (paraphrase-053 "for a trip", paraphrase-a021 "for my street" / "for my road",
+//! paraphrase-b015 "order value") set the "pure addition" condition and kept the rule to
+//! phrases. The preposition, determiner and idiom lists are generic English, written without
+//! the data. The hyphenated compound is not from D: it was in the task's list of scope shapes
+//! ("self-employed"), which goes back to the earlier scope guard's notes on scope-a002, a pair
+//! of C, so C's verdict on that part is not blind.
 //!
 //! Three more candidates were designed on D and judged on C by the same written rule (keep a
 //! rule if, among C's pairs it alone turns down, it catches more traps than it loses pairs
@@ -71,7 +72,10 @@
 //! (negation-009, "water" / "stop watering"), and `out of` read as `from` (negation-a004,
 //! "add money to" / "take money out of"). On C none of them turned down a pair alone (no trap
 //! caught, no hit lost), so none is kept. The qualifier guard caught 2 traps on C (scope) and
-//! lost no pair that should hit: kept.
+//! lost no pair that should hit: kept. On the held-out half, run once after it was committed,
+//! it caught none of the default's 4 false hits and lost one paraphrase at 0.92 (from 0.80: one
+//! scope trap caught, two paraphrases lost). It stays, since nothing is adjusted on the
+//! held-out half; README's L2 section has the figures.
 
 /// Closed-class English negators (`n't` is split off by [`expand`]). Generic: written
 /// without the data.
