@@ -31,7 +31,9 @@
 //! what each guard alone turns down (the traps it catches and the pairs that should hit it
 //! loses, with no other guard objecting), which is how a new rule is judged. The full run
 //! prints that last table for the held-out half too; `-- quality` is the full run without
-//! the latency part (which fills a Redis index of 100k vectors).
+//! the latency part (which fills a Redis index of 100k vectors). `-- alignment-design` /
+//! `-- alignment-check` study an alignment of the questions' token vectors on D / C (the
+//! `alignment` module below; not wired into L2).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -232,6 +234,12 @@ async fn main() {
     }
     if mode("tuning-check") {
         check(&model, &check_pairs).await;
+        return;
+    }
+    if mode("alignment-design") || mode("alignment-check") {
+        let design = mode("alignment-design");
+        let part = if design { &design_pairs } else { &check_pairs };
+        alignment::study(&dir, &model, part, design).await;
         return;
     }
     let mut both = tune_pairs.clone();
@@ -834,4 +842,151 @@ async fn wait_indexed(conn: &mut redis::aio::MultiplexedConnection, n: usize) {
         }
     }
     panic!("the search module did not index {n} hashes in 30 minutes");
+}
+
+/// A study, in the bench only: does an alignment of the two questions' contextual token
+/// vectors tell the traps the guards let through from the pairs that should hit? For each
+/// token of one question (word pieces, `[CLS]`, `[SEP]` and punctuation left out), its best
+/// cosine with a token of the other; the pair's score is the lowest of these over both
+/// questions: a word with no counterpart pulls it down. `-- alignment-design` lists D's pairs
+/// with their weakest token; `-- alignment-check` prints C's counts only.
+mod alignment {
+    use super::*;
+    use candle_core::{Device, Tensor};
+    use candle_nn::VarBuilder;
+    use candle_transformers::models::bert::{BertModel, Config, DTYPE};
+    use tokenizers::Tokenizer;
+
+    struct Tokens {
+        bert: BertModel,
+        tokenizer: Tokenizer,
+    }
+
+    type TokenVectors = Vec<(String, Vec<f32>)>;
+
+    impl Tokens {
+        fn load(dir: &std::path::Path) -> Self {
+            let read = |name: &str| std::fs::read(dir.join(name)).expect(name);
+            let config: Config = serde_json::from_slice(&read("config.json")).unwrap();
+            let tensors =
+                candle_core::safetensors::load_buffer(&read("model.safetensors"), &Device::Cpu)
+                    .unwrap();
+            let vb = VarBuilder::from_tensors(tensors, DTYPE, &Device::Cpu);
+            let mut tokenizer = Tokenizer::from_bytes(read("tokenizer.json")).unwrap();
+            tokenizer.with_truncation(None).unwrap();
+            tokenizer.with_padding(None);
+            Self {
+                bert: BertModel::load(vb, &config).unwrap(),
+                tokenizer,
+            }
+        }
+
+        /// The unit vector of each whole-word token of `text`, after the last layer.
+        fn of(&self, text: &str) -> TokenVectors {
+            let enc = self.tokenizer.encode(text, true).unwrap();
+            let ids = Tensor::new(enc.get_ids(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let types = ids.zeros_like().unwrap();
+            let mask = ids.ones_like().unwrap();
+            let hidden = self.bert.forward(&ids, &types, Some(&mask)).unwrap();
+            let rows = hidden.squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+            enc.get_tokens()
+                .iter()
+                .zip(rows)
+                .filter(|(t, _)| {
+                    !t.starts_with("##")
+                        && t.as_str() != "[CLS]"
+                        && t.as_str() != "[SEP]"
+                        && t.chars().any(char::is_alphanumeric)
+                })
+                .map(|(t, mut v)| {
+                    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                    v.iter_mut().for_each(|x| *x /= n);
+                    (t.clone(), v)
+                })
+                .collect()
+        }
+    }
+
+    /// The lowest best-match cosine over the tokens of both sides, and that token.
+    fn weakest(a: &TokenVectors, b: &TokenVectors) -> (f32, String) {
+        let mut worst = (f32::INFINITY, String::new());
+        for (from, to) in [(a, b), (b, a)] {
+            for (t, v) in from {
+                let best = to
+                    .iter()
+                    .map(|(_, u)| dot(v, u))
+                    .fold(f32::NEG_INFINITY, f32::max);
+                if best < worst.0 {
+                    worst = (best, t.clone());
+                }
+            }
+        }
+        worst
+    }
+
+    pub(super) async fn study(
+        dir: &std::path::Path,
+        model: &LocalEmbedder,
+        pairs: &[&Pair],
+        design: bool,
+    ) {
+        let tokens = Tokens::load(&dir.join("all-MiniLM-L6-v2"));
+        let vectors = embed_all(model, pairs).await;
+        let mut rows: Vec<(Scored<'_>, f32, String)> = pairs
+            .iter()
+            .map(|p| {
+                let (s, t) = weakest(&tokens.of(&p.a), &tokens.of(&p.b));
+                (score(p, &vectors), s, t)
+            })
+            .filter(|(r, _, _)| r.cosine >= 0.80)
+            .collect();
+        rows.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let name = if design {
+            "design part D"
+        } else {
+            "check part C"
+        };
+        println!("{name}: pairs at cosine >= 0.80 by alignment score, lowest first\n");
+        if design {
+            for (r, s, t) in &rows {
+                let kind = match (r.veto, r.pair.same_answer) {
+                    (None, true) => "hit",
+                    (None, false) => "FALSE HIT",
+                    (Some(_), true) => "vetoed",
+                    (Some(_), false) => "trap vetoed",
+                };
+                println!(
+                    "{s:.3} {:.3} {kind:<12} {} weakest {t:?}\n  {}\n  {}",
+                    r.cosine, r.pair.id, r.pair.a, r.pair.b
+                );
+            }
+        }
+        // Counts by cutoff: among the pairs the guards pass, traps caught and hits lost.
+        println!("\n| cutoff | traps the guards pass, caught (from 0.80) | hits lost (from 0.80) | traps caught (from 0.92) | hits lost (from 0.92) | traps, all, below the cutoff | hits, all, below the cutoff |");
+        println!("|---|---|---|---|---|---|---|");
+        for cutoff in [0.40f32, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70] {
+            let count = |from: f32, same: bool, guarded: bool| {
+                rows.iter()
+                    .filter(|(r, s, _)| {
+                        r.cosine >= from
+                            && r.pair.same_answer == same
+                            && (!guarded || r.veto.is_none())
+                            && *s < cutoff
+                    })
+                    .count()
+            };
+            println!(
+                "| {cutoff:.2} | {} | {} | {} | {} | {} | {} |",
+                count(0.80, false, true),
+                count(0.80, true, true),
+                count(DEFAULT_THRESHOLD, false, true),
+                count(DEFAULT_THRESHOLD, true, true),
+                count(0.80, false, false),
+                count(0.80, true, false)
+            );
+        }
+    }
 }
