@@ -187,7 +187,8 @@ fn ambiguous_conventions(rows: &[&Scored<'_>]) {
     );
     println!("| ambiguous pairs scored as | precision | recall |");
     println!("|---|---|---|");
-    let conventions: [(&str, fn(&Pair) -> Option<bool>); 4] = [
+    type Label = fn(&Pair) -> Option<bool>;
+    let conventions: [(&str, Label); 4] = [
         ("their labels (`same_answer`, every other figure)", |p| {
             Some(p.same_answer)
         }),
