@@ -27,7 +27,9 @@
 //!   declared dep (the policy dep included); a single command is atomic, so this is one
 //!   consistent snapshot. The entry records the epoch of each of its deps; it is served only when
 //!   all of them are current. On a miss the same reply gives the epochs the following put must
-//!   present.
+//!   present. On a single Redis over plain TCP the `MGET` goes over the lookups' own
+//!   multiplexed connection (docs/design.md §7, "Lookup connection"), read without the `redis`
+//!   crate's multiplexer.
 //! - **One round trip per put.** One script checks the observed epochs and, only if none moved,
 //!   writes the entry with `PX` = fresh TTL + stale window, adds its digest to each dep's tag set
 //!   (a sorted set scored by the entry's expiry, from which each put also drops a few expired
@@ -123,6 +125,7 @@ use crate::dep::validate_dep_id;
 mod codec;
 mod conn;
 mod keys;
+mod lean;
 mod near;
 mod scripts;
 #[cfg(feature = "semantic")]
@@ -174,6 +177,8 @@ pub struct RedisStore {
     retention_ms: u64,
     /// With [`RedisStoreBuilder::near_cache`]: hot entries and versions in process.
     near: Option<near::Near>,
+    /// On a single Redis over plain TCP: the lookups' own connection (lean.rs).
+    lean: Option<lean::Lean>,
 }
 
 /// Where a [`RedisStoreBuilder`] connects.
@@ -294,7 +299,7 @@ impl RedisStoreBuilder {
             Some(ack) => Some((self.connect(self.ack_response_timeout(ack)).await?, ack)),
             None => None,
         };
-        let store = self.finish(conn, ack, near);
+        let store = self.finish(conn, ack, near)?;
         for script in store.scripts.all() {
             store.timed(store.conn.load(script)).await?;
             if let Some((conn, _)) = &store.ack {
@@ -320,7 +325,7 @@ impl RedisStoreBuilder {
         if let Some(near) = &near {
             near.supervise();
         }
-        Ok(self.finish(conn, ack, near))
+        self.finish(conn, ack, near)
     }
 
     /// The near cache, if one was asked for: refused on Redis Cluster, where tracking is per
@@ -427,18 +432,33 @@ impl RedisStoreBuilder {
             .map_err(store_error)
     }
 
-    fn finish(&self, conn: Conn, ack: Option<(Conn, Ack)>, near: Option<near::Near>) -> RedisStore {
-        RedisStore {
+    fn finish(
+        &self,
+        conn: Conn,
+        ack: Option<(Conn, Ack)>,
+        near: Option<near::Near>,
+    ) -> Result<RedisStore, StoreError> {
+        let lean = match &self.target {
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(store_error)?;
+                let mut others = vec![conn.clone()];
+                others.extend(ack.as_ref().map(|(c, _)| c.clone()));
+                lean::Lean::new(client.get_connection_info(), self.connect_timeout, others)
+            }
+            Target::Cluster(_) | Target::Unset => None,
+        };
+        Ok(RedisStore {
             conn,
             ack,
             near,
+            lean,
             scripts: Arc::new(Scripts::new()),
             timeout: self.timeout,
             reclaim_batch: self.reclaim_batch,
             max_entry_bytes: self.max_entry_bytes,
             put_deadline: self.put_deadline,
             retention_ms: duration_ms(epoch_retention(self.put_deadline)),
-        }
+        })
     }
 }
 
@@ -518,6 +538,17 @@ impl RedisStore {
         }
     }
 
+    /// Like [`timed`](Self::timed), for a call that already answers a [`StoreError`].
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(timeout_error("waiting for Redis")),
+        }
+    }
+
     async fn lookup_inner(&self, key: &CacheKey, deps: &[&str]) -> Result<Lookup, StoreError> {
         let keys = TenantKeys::new(key.tenant());
         let entry_key = keys.entry(key);
@@ -548,14 +579,33 @@ impl RedisStore {
         // One command reads the entry and every dep's current epoch. A single command is atomic,
         // so this is the same snapshot a script would see, at a fraction of the cost of running
         // one (measured in benches/redis.rs). MGET answers nil for a key of another type.
-        let size = 4 + entry_key.len() + deps.iter().map(|d| keys.dep_ver(d).len()).sum::<usize>();
-        let mut cmd = redis::Cmd::with_capacity(2 + deps.len(), size);
-        cmd.arg("MGET").arg(&entry_key);
-        for dep in deps {
-            cmd.arg(keys.dep_ver(dep));
-        }
-        let reply: Value = self.timed(self.conn.query(&cmd)).await?;
-        Ok(resolve_lookup(reply, deps, Instant::now(), &entry_key)?.0)
+        let items = match &self.lean {
+            // On the lookups' own connection (lean.rs), written straight into its queue.
+            Some(lean) => {
+                let mget = |out: &mut Vec<u8>| {
+                    lean::write_array(out, 2 + deps.len());
+                    lean::write_arg(out, 4, |out| out.extend_from_slice(b"MGET"));
+                    lean::write_arg(out, entry_key.len(), |out| entry_key.write_into(out));
+                    for dep in deps {
+                        let ver = keys.dep_ver(dep);
+                        lean::write_arg(out, ver.len(), |out| ver.write_into(out));
+                    }
+                };
+                self.bounded(lean.query(mget)).await?
+            }
+            None => {
+                let size = 4
+                    + entry_key.len()
+                    + deps.iter().map(|d| keys.dep_ver(d).len()).sum::<usize>();
+                let mut cmd = redis::Cmd::with_capacity(2 + deps.len(), size);
+                cmd.arg("MGET").arg(&entry_key);
+                for dep in deps {
+                    cmd.arg(keys.dep_ver(dep));
+                }
+                mget_items(self.timed(self.conn.query(&cmd)).await?)?
+            }
+        };
+        Ok(resolve_lookup(items, deps, Instant::now(), &entry_key)?.0)
     }
 
     /// A lookup on the near cache's tracking connection, whose answer the near cache keeps
@@ -589,7 +639,7 @@ impl RedisStore {
         let mut conn = tracked.conn.clone();
         let reply: Value = self.timed(cmd.query_async(&mut conn)).await?;
         let shown = String::from_utf8_lossy(&entry_name);
-        let (lookup, versions) = resolve_lookup(reply, deps, Instant::now(), &shown)?;
+        let (lookup, versions) = resolve_lookup(mget_items(reply)?, deps, Instant::now(), &shown)?;
         let served = match &lookup {
             Lookup::Fresh(e) | Lookup::Stale(e) => Some((entry_name, Arc::new(e.clone()))),
             Lookup::Miss(_) => None,
@@ -821,7 +871,7 @@ impl RedisStore {
 /// The answer to a lookup from its `MGET` reply (the entry, then each of `deps`' ver key),
 /// with the version of each dep. `entry_key` names the entry in logs.
 fn resolve_lookup(
-    reply: Value,
+    reply: lean::Items,
     deps: &[&str],
     observed_at: Instant,
     entry_key: &dyn fmt::Display,
@@ -897,34 +947,44 @@ fn parse_ver(ver: &[u8]) -> Option<Version> {
 /// A dep's `(epoch, life)`, as its ver key holds them.
 type Version = (u64, u64);
 
+/// An `MGET` reply read by the `redis` crate as its elements: bulk strings (the entry keeps
+/// the reply's bytes, no copy) and nils.
+fn mget_items(reply: Value) -> Result<lean::Items, StoreError> {
+    let Value::Array(items) = reply else {
+        return Err(lookup_reply_error("not an array"));
+    };
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::BulkString(b) => Ok(Some(Bytes::from(b))),
+            Value::Nil => Ok(None),
+            _ => Err(lookup_reply_error("an element is neither a string nor nil")),
+        })
+        .collect()
+}
+
+fn lookup_reply_error(what: &str) -> StoreError {
+    StoreError::new(StoreErrorKind::Backend, format!("lookup reply: {what}"))
+}
+
 /// Splits the lookup `MGET` reply into the raw entry and the version of each of `deps`, in
 /// order.
 fn parse_lookup_reply(
-    reply: Value,
+    items: lean::Items,
     deps: &[&str],
 ) -> Result<(Option<Bytes>, Vec<Version>), StoreError> {
-    let bad =
-        |what: &str| StoreError::new(StoreErrorKind::Backend, format!("lookup reply: {what}"));
-    let Value::Array(items) = reply else {
-        return Err(bad("not an array"));
-    };
     if items.len() != deps.len() + 1 {
-        return Err(bad("wrong length"));
+        return Err(lookup_reply_error("wrong length"));
     }
     let mut items = items.into_iter();
-    let raw = match items.next() {
-        Some(Value::BulkString(b)) => Some(Bytes::from(b)),
-        Some(Value::Nil) | None => None,
-        Some(_) => return Err(bad("entry is neither a string nor nil")),
-    };
+    let raw = items.next().flatten();
     let epochs = deps
         .iter()
         .zip(items)
         .map(|(id, v)| {
             match v {
-                Value::Nil => Some((0, 0)),
-                Value::BulkString(b) => parse_ver(&b),
-                _ => None,
+                None => Some((0, 0)),
+                Some(b) => parse_ver(&b),
             }
             .ok_or_else(|| {
                 StoreError::new(

@@ -1,0 +1,771 @@
+//! The lookups' own multiplexed connection to a single Redis over plain TCP: one socket, one
+//! I/O task that writes every pending `MGET` at once and reads every complete reply at once,
+//! without the `redis` crate's multiplexer (docs/design.md §7, "Lookup connection").
+//!
+//! Through the crate, a hit's `MGET` went over a channel to the connection manager's task, came
+//! back through a oneshot and was parsed into a `redis::Value` (the entry copied out of the read
+//! buffer): about 12,000 instructions a hit. Connections of one lookup each (tried in `e26b17a`)
+//! saved those but paid a write, a read and a wake-up per lookup, and lost in wall clock; this
+//! keeps the batching:
+//!
+//! - **One queue, one lock.** A lookup appends its encoded command to the shared out-buffer and
+//!   its completion slot to the FIFO of waiters under the same short lock, so the order of the
+//!   bytes is the order of the waiters, and wakes the I/O task only when the buffer was empty.
+//! - **One task owns the socket.** It swaps the out-buffer for an empty one and writes it whole
+//!   (the lookups of c=32 in one system call), reads whatever has arrived and completes the
+//!   waiters of every complete reply in order, each with slices of the read buffer (no copy).
+//! - **Cancel-safe.** A lookup given up on (its timeout, a dropped future) leaves its bytes to be
+//!   written and its reply to be read and dropped, in order; nothing else moves.
+//! - **A break fails the waiters.** An I/O error, the server closing, or a reply that is not
+//!   RESP ends the task and fails every waiter (the layer fails open); the next lookup starts a
+//!   new task, which first pings the store's other connections so they notice the restart too.
+//! - **Same server, same settings.** It connects where the store's URL says, authenticates with
+//!   the URL's user and password and selects its database, each only when the URL sets it, so a
+//!   hit stays one `MGET` in Redis's command counts. TLS and Unix-socket URLs (and Redis
+//!   Cluster) keep every lookup on the shared connection.
+
+use std::collections::VecDeque;
+use std::io;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use redis::{ConnectionAddr, ConnectionInfo};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Notify};
+
+use super::{timeout_error, Conn};
+use crate::store::{StoreError, StoreErrorKind};
+
+/// Longest bulk string a reply may announce: Redis's own ceiling (`proto-max-bulk-len`).
+const MAX_BULK: usize = 512 * 1024 * 1024;
+
+/// Longest `+`/`-` line read before the reply is refused as not RESP.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Most elements an array reply may announce (an `MGET` of the entry and its deps).
+const MAX_ITEMS: usize = 1 << 20;
+
+/// Bytes the read buffer makes room for at a time (the replies of a c=32 batch of 1 KiB
+/// entries fit in one read).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Least free room in the read buffer before a read.
+const MIN_ROOM: usize = 4096;
+
+/// Most lookups waiting on the connection; past it a lookup fails at once (the layer fails
+/// open) rather than queueing behind a Redis that stopped answering.
+const MAX_WAITERS: usize = 1 << 16;
+
+/// The elements of an `MGET` reply: bulk strings (slices of the read buffer) and nils.
+pub(super) type Items = Vec<Option<Bytes>>;
+
+type Answer = Result<Items, StoreError>;
+
+/// The lookups' connection. Cloning shares it.
+#[derive(Clone)]
+pub(super) struct Lean {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    host: String,
+    port: u16,
+    /// `AUTH` and `SELECT` as the URL asks, written first on every new socket, and how many
+    /// replies they answer.
+    hello: Vec<u8>,
+    hello_replies: usize,
+    connect_timeout: Duration,
+    /// Pinged before a reconnection (the store's other connections; see [`Lean::new`]).
+    others: Vec<Conn>,
+    queue: Mutex<Queue>,
+    /// Wakes the I/O task: the out-buffer went from empty to non-empty.
+    wake: Notify,
+}
+
+struct Queue {
+    /// Commands not yet taken by the I/O task, in the order of `waiters`' tail.
+    out: Vec<u8>,
+    /// One per command written or to be written whose reply has not been read, oldest first.
+    /// A sender whose receiver is gone is a lookup given up on: its reply is dropped.
+    waiters: VecDeque<oneshot::Sender<Answer>>,
+    /// Whether an I/O task is running (connecting or connected).
+    running: bool,
+    /// I/O tasks started so far: the first connects, the later ones reconnect.
+    started: u64,
+}
+
+impl Lean {
+    /// The connection for the Redis `info` describes, or `None` unless it is reached over plain
+    /// TCP (the shared connection then serves every lookup). `others` are the store's other
+    /// connections to the same Redis: a reconnection pings them first, as the lookups no longer
+    /// go through them to find out about a restart.
+    pub(super) fn new(
+        info: &ConnectionInfo,
+        connect_timeout: Duration,
+        others: Vec<Conn>,
+    ) -> Option<Self> {
+        let ConnectionAddr::Tcp(host, port) = info.addr() else {
+            return None;
+        };
+        let settings = info.redis_settings();
+        let mut hello = Vec::new();
+        let mut hello_replies = 0;
+        if let Some(password) = settings.password() {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = settings.username() {
+                args.push(user.as_bytes());
+            }
+            args.push(password.as_bytes());
+            write_command(&mut hello, &args);
+            hello_replies += 1;
+        }
+        if settings.db() != 0 {
+            let db = settings.db().to_string();
+            write_command(&mut hello, &[b"SELECT", db.as_bytes()]);
+            hello_replies += 1;
+        }
+        Some(Self {
+            shared: Arc::new(Shared {
+                host: host.clone(),
+                port: *port,
+                hello,
+                hello_replies,
+                connect_timeout,
+                others,
+                queue: Mutex::new(Queue {
+                    out: Vec::with_capacity(4096),
+                    waiters: VecDeque::new(),
+                    running: false,
+                    started: 0,
+                }),
+                wake: Notify::new(),
+            }),
+        })
+    }
+
+    /// Sends the command `write` appends (with [`write_array`] and [`write_arg`]; one command,
+    /// whose reply is an array of bulk strings and nils) and waits for its reply. Dropped
+    /// before the reply comes, the command still goes out and its reply is read and dropped.
+    pub(super) async fn query(&self, write: impl FnOnce(&mut Vec<u8>)) -> Answer {
+        let (tx, rx) = oneshot::channel();
+        let (start, wake) = {
+            let mut queue = self.shared.lock();
+            if queue.waiters.len() >= MAX_WAITERS {
+                return Err(StoreError::new(
+                    StoreErrorKind::Backend,
+                    "too many lookups waiting on Redis",
+                ));
+            }
+            let was_empty = queue.out.is_empty();
+            write(&mut queue.out);
+            queue.waiters.push_back(tx);
+            if queue.running {
+                (None, was_empty)
+            } else {
+                queue.running = true;
+                queue.started += 1;
+                (Some(queue.started), false)
+            }
+        };
+        if let Some(nth) = start {
+            tokio::spawn(run(Arc::clone(&self.shared), nth));
+        } else if wake {
+            self.shared.wake.notify_one();
+        }
+        match rx.await {
+            Ok(answer) => answer,
+            // The task ended without answering: only if it panicked.
+            Err(_) => Err(StoreError::new(
+                StoreErrorKind::Backend,
+                "the lookup connection's task ended",
+            )),
+        }
+    }
+
+    /// Lookups waiting on the connection now.
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.shared.lock().waiters.len()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Every change under the lock leaves the queue consistent, whatever panicked.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn connect(&self) -> Result<TcpStream, StoreError> {
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| timeout_error("connecting to Redis"))?
+        .map_err(|e| backend("connecting to Redis", &e))?;
+        // Commands leave as soon as they are written: the task already batches what is
+        // pending, and Nagle's algorithm would hold a lone lookup behind an unacknowledged one.
+        stream
+            .set_nodelay(true)
+            .map_err(|e| backend("connecting to Redis", &e))?;
+        Ok(stream)
+    }
+
+    /// Before a reconnection: a `PING` on each of the store's other connections, so that one
+    /// broken by the same restart reconnects now rather than fail the next put or
+    /// invalidation. Its outcome is not the lookups'.
+    async fn ping_others(&self) {
+        let ping = redis::cmd("PING");
+        for conn in &self.others {
+            let _ = tokio::time::timeout(
+                self.connect_timeout,
+                conn.query::<redis::Value>(&ping),
+            )
+            .await;
+        }
+    }
+}
+
+/// The I/O task: drives one socket until it breaks, then fails every waiter and marks the
+/// connection down, so the next lookup starts another.
+async fn run(shared: Arc<Shared>, nth: u64) {
+    if nth > 1 {
+        shared.ping_others().await;
+    }
+    let Err(broke) = drive(&shared).await;
+    let waiters = {
+        let mut queue = shared.lock();
+        queue.running = false;
+        queue.out.clear();
+        std::mem::take(&mut queue.waiters)
+    };
+    tracing::debug!(error = %broke, failed = waiters.len(), "cachecore: Redis lookup connection broke");
+    for waiter in waiters {
+        let _ = waiter.send(Err(StoreError::new(broke.kind(), broke.message())));
+    }
+}
+
+/// Connects, then writes what is queued and reads what comes until the socket breaks.
+async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> {
+    let stream = shared.connect().await?;
+    // Being written: the hello first, then what the lookups queued, taken whole.
+    let mut pending = shared.hello.clone();
+    let mut written = 0;
+    let mut hello_left = shared.hello_replies;
+    let mut read = BytesMut::with_capacity(READ_CHUNK);
+    let mut ranges = Vec::new();
+    let mut answers: Vec<Answer> = Vec::new();
+    loop {
+        // Read everything that has come, then frame every complete reply in it.
+        let mut need = 0;
+        loop {
+            let room = need.max(MIN_ROOM);
+            if read.capacity() - read.len() < room {
+                read.reserve(room.max(READ_CHUNK));
+            }
+            match stream.try_read_buf(&mut read) {
+                Ok(0) => {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Backend,
+                        "Redis closed the lookup connection",
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(backend("reading from Redis", &e)),
+            }
+            need = take_replies(&mut read, &mut ranges, &mut answers, &mut hello_left)?;
+        }
+        // Hand the answers out and take what was queued meanwhile, under one lock; wake the
+        // lookups outside it.
+        if !answers.is_empty() || written == pending.len() {
+            let finished = {
+                let mut queue = shared.lock();
+                if queue.waiters.len() < answers.len() {
+                    return Err(not_resp("a reply no lookup waits for"));
+                }
+                if written == pending.len() {
+                    pending.clear();
+                    written = 0;
+                    std::mem::swap(&mut queue.out, &mut pending);
+                }
+                queue.waiters.drain(..answers.len()).collect::<Vec<_>>()
+            };
+            for (waiter, answer) in finished.into_iter().zip(answers.drain(..)) {
+                // A lookup given up on has no receiver: its reply is dropped here.
+                let _ = waiter.send(answer);
+            }
+        }
+        // Write as much as the socket takes now.
+        while written < pending.len() {
+            match stream.try_write(&pending[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(backend("writing to Redis", &e)),
+            }
+        }
+        let unwritten = written < pending.len();
+        if !unwritten && !pending.is_empty() {
+            // Written whole: take the next batch before sleeping, if one came meanwhile.
+            pending.clear();
+            written = 0;
+            let mut queue = shared.lock();
+            std::mem::swap(&mut queue.out, &mut pending);
+            if !pending.is_empty() {
+                continue;
+            }
+        }
+        tokio::select! {
+            ready = stream.readable() => ready.map_err(|e| backend("reading from Redis", &e))?,
+            ready = stream.writable(), if unwritten => {
+                ready.map_err(|e| backend("writing to Redis", &e))?;
+            }
+            () = shared.wake.notified(), if !unwritten => {}
+        }
+    }
+}
+
+/// Frames every complete reply at the front of `read` into `answers` (after the `hello_left`
+/// replies to the hello, which must be simple strings); answers how many more bytes the next
+/// reply needs at least.
+fn take_replies(
+    read: &mut BytesMut,
+    ranges: &mut Vec<Option<Range<usize>>>,
+    answers: &mut Vec<Answer>,
+    hello_left: &mut usize,
+) -> Result<usize, StoreError> {
+    loop {
+        let (len, kind) = match frame(read, ranges).map_err(|e| not_resp(e.0))? {
+            Frame::Incomplete(more) => return Ok(more),
+            Frame::Complete { len, kind } => (len, kind),
+        };
+        let reply = read.split_to(len).freeze();
+        if *hello_left > 0 {
+            *hello_left -= 1;
+            match kind {
+                Kind::Simple => continue,
+                Kind::Error(at) => {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Backend,
+                        format!(
+                            "setting up a Redis connection: {}",
+                            String::from_utf8_lossy(&reply[at])
+                        ),
+                    ))
+                }
+                _ => return Err(not_resp("setting up a Redis connection")),
+            }
+        }
+        answers.push(match kind {
+            Kind::Array => Ok(ranges
+                .drain(..)
+                .map(|at| at.map(|at| reply.slice(at)))
+                .collect()),
+            Kind::Error(at) => Err(StoreError::new(
+                StoreErrorKind::Backend,
+                String::from_utf8_lossy(&reply[at]).into_owned(),
+            )),
+            Kind::Simple | Kind::Bulk(_) => Err(StoreError::new(
+                StoreErrorKind::Backend,
+                "lookup reply: not an array",
+            )),
+        });
+    }
+}
+
+/// Why a read buffer does not hold a reply the connection reads.
+#[derive(Debug, PartialEq, Eq)]
+struct NotResp(&'static str);
+
+/// How far a read buffer holds one reply.
+#[derive(Debug, PartialEq, Eq)]
+enum Frame {
+    /// The reply is not complete: at least this many more bytes are needed.
+    Incomplete(usize),
+    /// The reply takes the first `len` bytes.
+    Complete { len: usize, kind: Kind },
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    Simple,
+    /// The message lies at this range.
+    Error(Range<usize>),
+    Bulk(Option<Range<usize>>),
+    /// The elements' ranges were written to the caller's vector.
+    Array,
+}
+
+fn backend(doing: &str, e: &io::Error) -> StoreError {
+    StoreError::new(StoreErrorKind::Backend, format!("{doing}: {e}"))
+}
+
+fn not_resp(what: &str) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Backend,
+        format!("Redis reply is not what a lookup reads: {what}"),
+    )
+}
+
+/// Appends the header of a command of `args` arguments.
+pub(super) fn write_array(out: &mut Vec<u8>, args: usize) {
+    out.push(b'*');
+    write_decimal(out, args);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one argument of `len` bytes, which `write` appends.
+pub(super) fn write_arg(out: &mut Vec<u8>, len: usize, write: impl FnOnce(&mut Vec<u8>)) {
+    out.push(b'$');
+    write_decimal(out, len);
+    out.extend_from_slice(b"\r\n");
+    let start = out.len();
+    write(out);
+    debug_assert_eq!(out.len() - start, len, "an argument wrote another length");
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    write_array(out, args.len());
+    for arg in args {
+        write_arg(out, arg.len(), |out| out.extend_from_slice(arg));
+    }
+}
+
+fn write_decimal(out: &mut Vec<u8>, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// How far `buf` holds one RESP2 reply of the kinds a lookup reads: a simple string, an
+/// error, an integer, a bulk string or nil, or an array of bulk strings and nils (whose
+/// elements' ranges go to `items`, cleared first).
+fn frame(buf: &[u8], items: &mut Vec<Option<Range<usize>>>) -> Result<Frame, NotResp> {
+    items.clear();
+    let Some((head, at)) = line(buf, 0, MAX_LINE)? else {
+        return Ok(Frame::Incomplete(1));
+    };
+    match head.first() {
+        Some(b'+' | b':') => Ok(Frame::Complete {
+            len: at,
+            kind: Kind::Simple,
+        }),
+        Some(b'-') => Ok(Frame::Complete {
+            len: at,
+            kind: Kind::Error(1..at - 2),
+        }),
+        Some(b'$') => Ok(match bulk(buf, &head[1..], at)? {
+            Err(more) => Frame::Incomplete(more),
+            Ok((range, len)) => Frame::Complete {
+                len,
+                kind: Kind::Bulk(range),
+            },
+        }),
+        Some(b'*') => {
+            let n = number(&head[1..], MAX_ITEMS)?.ok_or(NotResp("a nil array"))?;
+            let mut at = at;
+            for _ in 0..n {
+                let Some((head, next)) = line(buf, at, 32)? else {
+                    return Ok(Frame::Incomplete(1));
+                };
+                if head.first() != Some(&b'$') {
+                    return Err(NotResp("an array element that is not a bulk string"));
+                }
+                match bulk(buf, &head[1..], next)? {
+                    Err(more) => return Ok(Frame::Incomplete(more)),
+                    Ok((range, end)) => {
+                        items.push(range);
+                        at = end;
+                    }
+                }
+            }
+            Ok(Frame::Complete {
+                len: at,
+                kind: Kind::Array,
+            })
+        }
+        _ => Err(NotResp("an unknown reply type")),
+    }
+}
+
+/// The bulk string whose length line (after `$`) is `digits` and whose bytes start at `at`:
+/// its range (`None` for nil) and where it ends, or how many more bytes it needs.
+#[allow(clippy::type_complexity)]
+fn bulk(
+    buf: &[u8],
+    digits: &[u8],
+    at: usize,
+) -> Result<Result<(Option<Range<usize>>, usize), usize>, NotResp> {
+    let Some(len) = number(digits, MAX_BULK)? else {
+        return Ok(Ok((None, at)));
+    };
+    let end = at + len + 2;
+    if buf.len() < end {
+        return Ok(Err(end - buf.len()));
+    }
+    if &buf[at + len..end] != b"\r\n" {
+        return Err(NotResp("a bulk string longer than announced"));
+    }
+    Ok(Ok((Some(at..at + len), end)))
+}
+
+/// The line starting at `at` (without its CRLF) and where the next one starts; `None` while
+/// its CRLF has not arrived. A line may be `max` bytes long.
+fn line(buf: &[u8], at: usize, max: usize) -> Result<Option<(&[u8], usize)>, NotResp> {
+    let rest = buf.get(at..).unwrap_or_default();
+    let window = &rest[..rest.len().min(max + 2)];
+    match memchr::memchr(b'\n', window) {
+        Some(0) => Err(NotResp("an empty line")),
+        Some(nl) if window[nl - 1] == b'\r' => Ok(Some((&rest[..nl - 1], at + nl + 1))),
+        Some(_) => Err(NotResp("a bare line feed")),
+        None if window.len() == rest.len() => Ok(None),
+        None => Err(NotResp("an overlong line")),
+    }
+}
+
+/// A length or count: decimal digits up to `max`, or `-1` (nil, as `None`).
+fn number(digits: &[u8], max: usize) -> Result<Option<usize>, NotResp> {
+    if digits == b"-1" {
+        return Ok(None);
+    }
+    if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
+        return Err(NotResp("a length that is not a number"));
+    }
+    let n = digits
+        .iter()
+        .fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
+    if n > max {
+        return Err(NotResp("a length past the limit"));
+    }
+    Ok(Some(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The RESP2 encoding of an array of bulk strings and nils.
+    fn encode(items: &[Option<Vec<u8>>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_array(&mut out, items.len());
+        for item in items {
+            match item {
+                Some(bytes) => write_arg(&mut out, bytes.len(), |o| o.extend_from_slice(bytes)),
+                None => out.extend_from_slice(b"$-1\r\n"),
+            }
+        }
+        out
+    }
+
+    fn info(url: &str) -> ConnectionInfo {
+        url.parse().expect("a redis URL")
+    }
+
+    fn framed(buf: &[u8]) -> (Result<Frame, NotResp>, Vec<Option<Range<usize>>>) {
+        let mut items = Vec::new();
+        let frame = frame(buf, &mut items);
+        (frame, items)
+    }
+
+    #[test]
+    fn replies_a_lookup_reads_are_framed() {
+        assert_eq!(
+            framed(b"+OK\r\n").0,
+            Ok(Frame::Complete {
+                len: 5,
+                kind: Kind::Simple
+            })
+        );
+        assert_eq!(
+            framed(b"-ERR wrong\r\nrest").0,
+            Ok(Frame::Complete {
+                len: 12,
+                kind: Kind::Error(1..10)
+            })
+        );
+        assert_eq!(
+            framed(b"$3\r\nabc\r\n").0,
+            Ok(Frame::Complete {
+                len: 9,
+                kind: Kind::Bulk(Some(4..7))
+            })
+        );
+        assert_eq!(framed(b"$3\r\nab").0, Ok(Frame::Incomplete(3)));
+        let (frame, items) = framed(b"*3\r\n$2\r\nab\r\n$-1\r\n$0\r\n\r\n");
+        assert_eq!(
+            frame,
+            Ok(Frame::Complete {
+                len: 23,
+                kind: Kind::Array
+            })
+        );
+        assert_eq!(items, vec![Some(8..10), None, Some(21..21)]);
+        for bad in [
+            &b"*-1\r\n"[..],
+            b"*1\r\n:1\r\n",
+            b"$3\r\nabcd\r\n",
+            b"$x\r\n",
+            b"\r\n",
+            b"+a\nb",
+            b"!3\r\nabc\r\n",
+            b"$536870913\r\n",
+        ] {
+            assert!(framed(bad).0.is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn commands_are_written_as_resp_arrays_of_bulk_strings() {
+        let mut out = Vec::new();
+        write_command(&mut out, &[b"MGET", b"k", b""]);
+        assert_eq!(out, b"*3\r\n$4\r\nMGET\r\n$1\r\nk\r\n$0\r\n\r\n");
+        let mut big = Vec::new();
+        write_decimal(&mut big, usize::MAX);
+        assert_eq!(big, usize::MAX.to_string().as_bytes());
+    }
+
+
+    #[test]
+    fn only_a_plain_tcp_url_gets_a_lookup_connection_with_the_urls_auth_and_database() {
+        let second = Duration::from_secs(1);
+        let tls = info("redis://127.0.0.1:6380/").set_addr(ConnectionAddr::TcpTls {
+            host: "127.0.0.1".into(),
+            port: 6380,
+            insecure: false,
+            tls_params: None,
+        });
+        assert!(Lean::new(&tls, second, Vec::new()).is_none());
+        let unix = info("redis+unix:///tmp/redis.sock");
+        assert!(Lean::new(&unix, second, Vec::new()).is_none());
+        let lean = Lean::new(&info("redis://127.0.0.1:1/"), second, Vec::new()).expect("TCP");
+        // No `AUTH` or `SELECT` unless the URL asks for them.
+        assert!(lean.shared.hello.is_empty());
+        let lean = Lean::new(&info("redis://u:p@127.0.0.1:1/3"), second, Vec::new()).unwrap();
+        assert_eq!(
+            lean.shared.hello,
+            b"*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$1\r\np\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"
+        );
+        assert_eq!(lean.shared.hello_replies, 2);
+    }
+
+    #[test]
+    fn replies_in_one_read_complete_their_lookups_in_order_and_a_partial_one_waits() {
+        let mut read = BytesMut::new();
+        read.extend_from_slice(&encode(&[Some(b"one".to_vec()), None]));
+        read.extend_from_slice(b"-ERR two\r\n");
+        read.extend_from_slice(&encode(&[Some(b"three".to_vec())]));
+        let partial = encode(&[Some(b"four".to_vec())]);
+        read.extend_from_slice(&partial[..partial.len() - 3]);
+        let (mut ranges, mut answers, mut hello) = (Vec::new(), Vec::new(), 0);
+        let more = take_replies(&mut read, &mut ranges, &mut answers, &mut hello).unwrap();
+        assert_eq!(more, 3);
+        assert_eq!(read.len(), partial.len() - 3);
+        assert_eq!(answers.len(), 3);
+        let mut answers = answers.into_iter();
+        assert_eq!(
+            answers.next().unwrap().unwrap(),
+            vec![Some(Bytes::from_static(b"one")), None]
+        );
+        assert_eq!(answers.next().unwrap().unwrap_err().message(), "ERR two");
+        assert_eq!(
+            answers.next().unwrap().unwrap(),
+            vec![Some(Bytes::from_static(b"three"))]
+        );
+    }
+
+    #[test]
+    fn the_hellos_replies_come_before_any_lookups_and_a_refused_hello_breaks_the_connection() {
+        let (mut ranges, mut answers) = (Vec::new(), Vec::new());
+        let mut read = BytesMut::from(&b"+OK\r\n+OK\r\n*1\r\n$-1\r\n"[..]);
+        let mut hello = 2;
+        take_replies(&mut read, &mut ranges, &mut answers, &mut hello).unwrap();
+        assert_eq!(hello, 0);
+        assert_eq!(answers.len(), 1);
+        let mut read = BytesMut::from(&b"-WRONGPASS invalid\r\n"[..]);
+        let err = take_replies(&mut read, &mut ranges, &mut Vec::new(), &mut 1).unwrap_err();
+        assert!(err.message().contains("WRONGPASS"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_fails_the_waiting_lookups_and_leaves_none_queued() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let lean = Lean::new(
+            &info(&format!("redis://127.0.0.1:{port}/")),
+            Duration::from_secs(1),
+            Vec::new(),
+        )
+        .unwrap();
+        let mget = |out: &mut Vec<u8>| write_command(out, &[b"MGET", b"k"]);
+        let (a, b) = tokio::join!(lean.query(mget), lean.query(mget));
+        assert_eq!(a.unwrap_err().kind(), StoreErrorKind::Backend);
+        assert_eq!(b.unwrap_err().kind(), StoreErrorKind::Backend);
+        assert_eq!(lean.waiting(), 0);
+        assert!(lean.query(mget).await.is_err());
+    }
+
+    mod prop {
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn items() -> impl Strategy<Value = Vec<Option<Vec<u8>>>> {
+            vec(proptest::option::of(vec(any::<u8>(), 0..64)), 0..6)
+        }
+
+        proptest! {
+            #[test]
+            fn every_array_reply_reads_back_and_every_prefix_is_incomplete(
+                items in items(),
+                tail in vec(any::<u8>(), 0..8),
+            ) {
+                let raw = encode(&items);
+                let mut buf = raw.clone();
+                buf.extend_from_slice(&tail);
+                let (frame, ranges) = framed(&buf);
+                prop_assert_eq!(frame, Ok(Frame::Complete { len: raw.len(), kind: Kind::Array }));
+                let read: Vec<Option<Vec<u8>>> =
+                    ranges.into_iter().map(|r| r.map(|r| buf[r].to_vec())).collect();
+                prop_assert_eq!(read, items);
+                for cut in 0..raw.len() {
+                    let (frame, _) = framed(&raw[..cut]);
+                    match frame {
+                        Ok(Frame::Incomplete(more)) => prop_assert!(more >= 1 && cut + more <= raw.len()),
+                        other => prop_assert!(false, "cut at {}: {:?}", cut, other),
+                    }
+                }
+            }
+
+            #[test]
+            fn arbitrary_bytes_are_framed_within_the_buffer_or_refused(
+                head in prop_oneof![Just(b"*".to_vec()), Just(b"$".to_vec()), Just(Vec::new())],
+                bytes in vec(any::<u8>(), 0..200),
+            ) {
+                let mut buf = head;
+                buf.extend_from_slice(&bytes);
+                let (frame, ranges) = framed(&buf);
+                if let Ok(Frame::Complete { len, .. }) = frame {
+                    prop_assert!(len <= buf.len());
+                    for r in ranges.into_iter().flatten() {
+                        prop_assert!(r.end <= len);
+                    }
+                }
+            }
+        }
+    }
+}
