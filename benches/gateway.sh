@@ -32,11 +32,16 @@ if [ "$with_redis" = 1 ] && ! command -v redis-server >/dev/null; then
 fi
 features=gateway
 [ "$with_redis" = 1 ] && features=gateway,redis
+# Cargo links a binary into release/ only when it builds it: one left there by a build of
+# another checkout (the baseline below) would stay. Removed first, each build links its own.
+rm -f "$target/release/cachecore-gateway"
 cargo build -q --release --features "$features" --bin cachecore-gateway --example completion_server
-gateway_bin="$target/release/cachecore-gateway"
 server_bin="$target/release/examples/completion_server"
 
 work="$(mktemp -d)"
+# This tree's binary, copied out before the baseline's build replaces it.
+cp "$target/release/cachecore-gateway" "$work/gateway-here"
+gateway_bin="$work/gateway-here"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -51,9 +56,13 @@ trap cleanup EXIT
 baseline="${GATEWAY_BASELINE:-}"
 if [ -n "$baseline" ]; then
   git worktree add -f "$work/base" "$baseline" >/dev/null 2>&1
+  rm -f "$target/release/cachecore-gateway"
   (cd "$work/base" && CARGO_TARGET_DIR="$target" cargo build -q --release --features "$features" --bin cachecore-gateway)
   cp "$target/release/cachecore-gateway" "$work/gateway-baseline"
-  cargo build -q --release --features "$features" --bin cachecore-gateway
+  if cmp -s "$work/gateway-baseline" "$gateway_bin"; then
+    echo "the baseline and this tree built the same binary" >&2
+    exit 1
+  fi
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

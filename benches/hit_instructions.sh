@@ -17,12 +17,19 @@ command -v valgrind >/dev/null || { echo "needs valgrind: apt-get install -y val
 
 work="$(mktemp -d)"
 trap 'git worktree remove --force "$work/tree" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
+# Cargo links a binary into release/ only when it builds it, so one that another checkout's
+# build left there (BASE_TARGET_DIR the same as CARGO_TARGET_DIR) would stay: each probe is
+# removed before its build and copied out after it.
+rm -f "${CARGO_TARGET_DIR:-target}/release/examples/hit_probe"
+cargo build -q --release --features redis --example hit_probe
+cp "${CARGO_TARGET_DIR:-target}/release/examples/hit_probe" "$work/probe-here"
 git worktree add -f "$work/tree" "$base" >/dev/null 2>&1
 cp examples/hit_probe.rs "$work/tree/examples/hit_probe.rs"
+rm -f "${BASE_TARGET_DIR:-$work/target}/release/examples/hit_probe"
 (cd "$work/tree" && CARGO_TARGET_DIR="${BASE_TARGET_DIR:-$work/target}" cargo build -q --release --features redis --example hit_probe)
-cargo build -q --release --features redis --example hit_probe
-here="${CARGO_TARGET_DIR:-target}/release/examples/hit_probe"
-there="${BASE_TARGET_DIR:-$work/target}/release/examples/hit_probe"
+cp "${BASE_TARGET_DIR:-$work/target}/release/examples/hit_probe" "$work/probe-base"
+here="$work/probe-here"
+there="$work/probe-base"
 
 count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$@" 2>&1 | grep -oE 'refs: +[0-9,]+' | tr -d ', ' | cut -d: -f2; }
 # Per request: the difference between 3000 and 1000 requests, over 2000 (start-up cancels out).
