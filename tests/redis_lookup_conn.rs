@@ -209,11 +209,12 @@ struct Seen {
     given_up: AtomicU64,
 }
 
-impl Seen {
-    fn count(&self, c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
-    }
+/// Counts one more of what `c` counts.
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
 
+impl Seen {
     fn summary(&self) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         format!(
@@ -231,11 +232,15 @@ fn check(seen: &Seen, n: u32, answer: Result<Lookup, cachecore::StoreError>, rep
     match answer.map(hit_body) {
         Ok(Some(body)) => {
             assert!(n < STORED, "key {n} was never stored, yet hit: {replay}");
-            assert_eq!(body, body_of(n), "key {n} got another key's value: {replay}");
-            seen.count(&seen.hits);
+            assert_eq!(
+                body,
+                body_of(n),
+                "key {n} got another key's value: {replay}"
+            );
+            count(&seen.hits);
         }
-        Ok(None) => seen.count(&seen.misses),
-        Err(_) => seen.count(&seen.errors),
+        Ok(None) => count(&seen.misses),
+        Err(_) => count(&seen.errors),
     }
 }
 
@@ -250,7 +255,7 @@ async fn lookups(store: RedisStore, seed: u64, task: usize, seen: Arc<Seen>, rep
                 let within = Duration::from_micros(rng.random_range(0..3000));
                 match tokio::time::timeout(within, store.lookup(&key(n), &DEPS)).await {
                     Ok(answer) => check(&seen, n, answer, &replay),
-                    Err(_) => seen.count(&seen.given_up),
+                    Err(_) => count(&seen.given_up),
                 }
             }
             _ => {
@@ -263,7 +268,7 @@ async fn lookups(store: RedisStore, seed: u64, task: usize, seen: Arc<Seen>, rep
                 handle.abort();
                 match handle.await {
                     Ok(()) => {}
-                    Err(e) if e.is_cancelled() => seen.count(&seen.given_up),
+                    Err(e) if e.is_cancelled() => count(&seen.given_up),
                     Err(e) => std::panic::resume_unwind(e.into_panic()),
                 }
             }
@@ -374,7 +379,10 @@ fn one_seed(seed: u64) {
                     }
                     Err(e) => assert!(Instant::now() < deadline, "{e}; {replay}"),
                 }
-                assert!(Instant::now() < deadline, "key {n} never hit again; {replay}");
+                assert!(
+                    Instant::now() < deadline,
+                    "key {n} never hit again; {replay}"
+                );
             }
         }
         eprintln!("seed {seed}: {}", seen.summary());

@@ -145,6 +145,23 @@ impl Lean {
         })
     }
 
+    /// Connects now, unless it is connected or connecting already. Called when the store is
+    /// built, so that the connection is up before a restart of Redis can break it: a
+    /// reconnection (which pings the store's other connections) then follows the restart,
+    /// whichever connection the first lookup after it goes over.
+    pub(super) fn start(&self) {
+        let nth = {
+            let mut queue = self.shared.lock();
+            if queue.running {
+                return;
+            }
+            queue.running = true;
+            queue.started += 1;
+            queue.started
+        };
+        tokio::spawn(run(Arc::clone(&self.shared), nth));
+    }
+
     /// Sends the command `write` appends (with [`write_array`] and [`write_arg`]; one command,
     /// whose reply is an array of bulk strings and nils) and waits for its reply. Dropped
     /// before the reply comes, the command still goes out and its reply is read and dropped.
@@ -219,11 +236,8 @@ impl Shared {
     async fn ping_others(&self) {
         let ping = redis::cmd("PING");
         for conn in &self.others {
-            let _ = tokio::time::timeout(
-                self.connect_timeout,
-                conn.query::<redis::Value>(&ping),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(self.connect_timeout, conn.query::<redis::Value>(&ping)).await;
         }
     }
 }
@@ -257,6 +271,7 @@ async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> 
     let mut read = BytesMut::with_capacity(READ_CHUNK);
     let mut ranges = Vec::new();
     let mut answers: Vec<Answer> = Vec::new();
+    let mut finished = Vec::new();
     loop {
         // Read everything that has come, then frame every complete reply in it.
         let mut need = 0;
@@ -281,7 +296,7 @@ async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> 
         // Hand the answers out and take what was queued meanwhile, under one lock; wake the
         // lookups outside it.
         if !answers.is_empty() || written == pending.len() {
-            let finished = {
+            {
                 let mut queue = shared.lock();
                 if queue.waiters.len() < answers.len() {
                     return Err(not_resp("a reply no lookup waits for"));
@@ -291,9 +306,9 @@ async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> 
                     written = 0;
                     std::mem::swap(&mut queue.out, &mut pending);
                 }
-                queue.waiters.drain(..answers.len()).collect::<Vec<_>>()
-            };
-            for (waiter, answer) in finished.into_iter().zip(answers.drain(..)) {
+                finished.extend(queue.waiters.drain(..answers.len()));
+            }
+            for (waiter, answer) in finished.drain(..).zip(answers.drain(..)) {
                 // A lookup given up on has no receiver: its reply is dropped here.
                 let _ = waiter.send(answer);
             }
@@ -635,7 +650,6 @@ mod tests {
         write_decimal(&mut big, usize::MAX);
         assert_eq!(big, usize::MAX.to_string().as_bytes());
     }
-
 
     #[test]
     fn only_a_plain_tcp_url_gets_a_lookup_connection_with_the_urls_auth_and_database() {

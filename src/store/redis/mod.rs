@@ -306,6 +306,9 @@ impl RedisStoreBuilder {
                 store.timed(conn.load(script)).await?;
             }
         }
+        if let Some(lean) = &store.lean {
+            lean.start();
+        }
         if let Some(near) = &store.near {
             near.connect().await?;
             near.supervise();
@@ -594,9 +597,8 @@ impl RedisStore {
                 self.bounded(lean.query(mget)).await?
             }
             None => {
-                let size = 4
-                    + entry_key.len()
-                    + deps.iter().map(|d| keys.dep_ver(d).len()).sum::<usize>();
+                let size =
+                    4 + entry_key.len() + deps.iter().map(|d| keys.dep_ver(d).len()).sum::<usize>();
                 let mut cmd = redis::Cmd::with_capacity(2 + deps.len(), size);
                 cmd.arg("MGET").arg(&entry_key);
                 for dep in deps {
