@@ -13,6 +13,12 @@
 #   GATEWAY_REDIS=0 benches/gateway.sh      # bare hyper and the in-memory gateway only
 #   RUST_LOG=info benches/gateway.sh        # the gateway with its per-request log line on
 #   GATEWAY_BASELINE=394d3ae benches/gateway.sh   # adds that commit's gateway binary, same load
+#   GATEWAY_CELLS="bare redis base_redis" GATEWAY_ROUNDS=15 GATEWAY_SECONDS=3 \
+#     GATEWAY_BASELINE=f1ee82d benches/gateway.sh   # only those cells: a tighter A/B
+#
+# Each round runs its cells in the opposite order of the round before (ABBA), and with a
+# baseline the script also prints the median of the per-round ratios of each row to its
+# baseline row (adjacent cells of one round share the machine's load).
 #
 # Needs wrk (`apt-get install -y wrk`; benches are not run in CI) and, for the Redis rows,
 # redis-server and redis-benchmark (the Debian package redis-server). Servers listen on free
@@ -177,9 +183,23 @@ run_cell() { # NAME: prints req/s
   echo "$out" | awk '/^Requests\/sec/ { print $2 }'
 }
 
+if [ -n "${GATEWAY_CELLS:-}" ]; then
+  kept=()
+  for name in "${names[@]}"; do
+    case " $GATEWAY_CELLS " in *" $name "*) kept+=("$name") ;; esac
+  done
+  names=("${kept[@]}")
+  case " ${names[*]} " in *" bare "*) ;; *) echo "GATEWAY_CELLS must include bare" >&2; exit 1 ;; esac
+fi
+
 declare -A results
 for round in $(seq "$rounds"); do
-  for name in "${names[@]}"; do
+  order=("${names[@]}")
+  if [ $(( round % 2 )) -eq 0 ]; then
+    order=()
+    for (( i = ${#names[@]} - 1; i >= 0; i-- )); do order+=("${names[$i]}"); done
+  fi
+  for name in "${order[@]}"; do
     rps=$(run_cell "$name")
     results[$name]="${results[$name]:-} $rps"
     printf 'round %d %-10s %10.0f req/s\n' "$round" "$name" "$rps" >&2
@@ -207,6 +227,13 @@ echo "|---|---:|---:|"
 for name in "${names[@]}"; do
   m=$(echo "${results[$name]}" | median)
   printf '| %s | %.0f | %.0f%% |\n' "$(label "$name")" "$m" "$(awk "BEGIN { print $m * 100 / $bare }")"
+done
+for name in memory redis; do
+  [ -n "${results[$name]:-}" ] && [ -n "${results[base_$name]:-}" ] || continue
+  ratios=$(paste -d' ' <(echo "${results[$name]}" | tr ' ' '\n' | grep -v '^$') \
+    <(echo "${results[base_$name]}" | tr ' ' '\n' | grep -v '^$') | awk '{ printf "%.2f ", $1 / $2 }')
+  printf '\n%s against %s, per round: %s(median %sx)\n' "$(label "$name")" "$baseline" "$ratios" \
+    "$(echo "$ratios" | median)"
 done
 if [ "$with_redis" = 1 ] && [ -z "${near_args:-}" ]; then
   echo "| gateway, Redis + near cache | (slot: the binary has no near-cache flag yet) | |"

@@ -200,6 +200,22 @@ async fn killed_connections_and_a_restart_cost_at_most_one_failed_lookup_each() 
     assert_eq!(hit, Some(body_of(2)));
 }
 
+#[test]
+fn a_store_outliving_the_runtime_that_built_it_still_looks_up() {
+    let server = RedisServer::start();
+    let built = tokio::runtime::Runtime::new().unwrap();
+    let store = built.block_on(async {
+        let store = store(server.url()).await;
+        assert!(fill(&store, 1).await);
+        store
+    });
+    // The lookup connection's task goes with that runtime; the next lookup starts another.
+    drop(built);
+    let other = tokio::runtime::Runtime::new().unwrap();
+    let hit = other.block_on(async { store.lookup(&key(1), &DEPS).await.map(hit_body) });
+    assert_eq!(hit.unwrap(), Some(body_of(1)));
+}
+
 /// What the lookups of one seed saw.
 #[derive(Default)]
 struct Seen {

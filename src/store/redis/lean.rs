@@ -245,19 +245,48 @@ impl Shared {
 /// The I/O task: drives one socket until it breaks, then fails every waiter and marks the
 /// connection down, so the next lookup starts another.
 async fn run(shared: Arc<Shared>, nth: u64) {
+    let mut ended = Ended {
+        shared: Arc::clone(&shared),
+        why: None,
+    };
     if nth > 1 {
         shared.ping_others().await;
     }
     let Err(broke) = drive(&shared).await;
-    let waiters = {
-        let mut queue = shared.lock();
-        queue.running = false;
-        queue.out.clear();
-        std::mem::take(&mut queue.waiters)
-    };
-    tracing::debug!(error = %broke, failed = waiters.len(), "cachecore: Redis lookup connection broke");
-    for waiter in waiters {
-        let _ = waiter.send(Err(StoreError::new(broke.kind(), broke.message())));
+    ended.why = Some(broke);
+}
+
+/// Ends an I/O task, however it ends: a broken socket, or the runtime shutting down and
+/// dropping the task (without this, the connection would count as running forever, and every
+/// later lookup would wait for its timeout).
+struct Ended {
+    shared: Arc<Shared>,
+    why: Option<StoreError>,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let waiters = {
+            let mut queue = self.shared.lock();
+            queue.running = false;
+            queue.out.clear();
+            std::mem::take(&mut queue.waiters)
+        };
+        let (kind, why) = match &self.why {
+            Some(e) => (e.kind(), e.message()),
+            None => (
+                StoreErrorKind::Backend,
+                "the lookup connection's runtime shut down",
+            ),
+        };
+        tracing::debug!(
+            error = why,
+            failed = waiters.len(),
+            "cachecore: Redis lookup connection ended"
+        );
+        for waiter in waiters {
+            let _ = waiter.send(Err(StoreError::new(kind, why)));
+        }
     }
 }
 
