@@ -193,7 +193,7 @@ impl Lean {
         }
         match rx.await {
             Ok(answer) => answer,
-            // The task ended without answering: only if it panicked.
+            // Not expected: the task answers every waiter, with a reply or when it ends.
             Err(_) => Err(StoreError::new(
                 StoreErrorKind::Backend,
                 "the lookup connection's task ended",
