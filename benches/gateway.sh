@@ -6,7 +6,10 @@
 # target: -t2 -c32, POST of a 564-byte chat request with a tenant JWT, answered by a 1194-byte
 # cached completion. Every measured gateway request must be a hit: the gateway's /metrics are read
 # before and after, and a single non-hit fails the run. Prints req/s, and each row as a share of
-# bare hyper (the ratios survive a noisy machine; the absolute numbers do not).
+# bare hyper (the ratios survive a noisy machine; the absolute numbers do not), and the CPU time
+# the whole machine spent per request (busy ticks of /proc/stat over the requests served, steal
+# left out) with bare hyper's as a share of each row's: the share each row would get if the two
+# cores did nothing else, which moves much less with the VM's moments than req/s.
 #
 #   benches/gateway.sh                      # 3 rounds of 5 s cells, interleaved; medians
 #   GATEWAY_SECONDS=10 GATEWAY_ROUNDS=5 benches/gateway.sh
@@ -155,18 +158,31 @@ if [ "$with_redis" = 1 ]; then
   names+=(redis_get)
 fi
 
-run_cell() { # NAME: prints req/s
-  local name="$1" out url before after
+# The whole machine's busy CPU time in ticks (/proc/stat: user, nice, system, irq and softirq;
+# idle, I/O wait and the time the hypervisor took, steal, left out): read around each measured
+# cell, divided by the requests it served, it is the CPU a request costs everything on the
+# machine (the load generator, the servers, Redis and the kernel's loopback), a figure that a
+# slower moment of the VM moves much less than req/s.
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat; }
+tick_us=$(( 1000000 / $(getconf CLK_TCK) ))
+
+run_cell() { # NAME: prints "req/s CPU-µs-per-request"
+  local name="$1" out url before after t0 t1
   if [ "$name" = redis_get ]; then
-    out=$(redis-benchmark -p "$redis_port" -c 32 --threads 2 -n $(( seconds * 100000 )) -q --csv \
+    local n=$(( seconds * 100000 ))
+    t0=$(busy_ticks)
+    out=$(redis-benchmark -p "$redis_port" -c 32 --threads 2 -n "$n" -q --csv \
       GET cachecore:bench:payload)
-    echo "$out" | awk -F'","' 'NR==2 { print $2 }' | tr -d '"'
+    t1=$(busy_ticks)
+    echo "$(echo "$out" | awk -F'","' 'NR==2 { print $2 }' | tr -d '"') $(awk "BEGIN { print ($t1 - $t0) * $tick_us / $n }")"
     return
   fi
   if [ "$name" = bare ]; then url="http://$upstream"; else url=$(cat "$work/$name.url"); fi
   wrk -t2 -c32 -d1s -s "$work/post.lua" "$url" > /dev/null # warm-up: connections, allocator
   [ "$name" = bare ] || before=$(counts "$url")
+  t0=$(busy_ticks)
   out=$(wrk -t2 -c32 -d"${seconds}s" -s "$work/post.lua" "$url")
+  t1=$(busy_ticks)
   if echo "$out" | grep -qE 'Non-2xx|Socket errors'; then
     echo "$name: errors under load:" >&2; echo "$out" >&2; exit 1
   fi
@@ -180,7 +196,9 @@ run_cell() { # NAME: prints req/s
       echo "$name: $done requests measured, $hits hits and $others others in /metrics" >&2; exit 1
     fi
   fi
-  echo "$out" | awk '/^Requests\/sec/ { print $2 }'
+  local served
+  served=$(echo "$out" | awk '/requests in/ { print $1 }')
+  echo "$(echo "$out" | awk '/^Requests\/sec/ { print $2 }') $(awk "BEGIN { print ($t1 - $t0) * $tick_us / $served }")"
 }
 
 if [ -n "${GATEWAY_CELLS:-}" ]; then
@@ -192,7 +210,7 @@ if [ -n "${GATEWAY_CELLS:-}" ]; then
   case " ${names[*]} " in *" bare "*) ;; *) echo "GATEWAY_CELLS must include bare" >&2; exit 1 ;; esac
 fi
 
-declare -A results
+declare -A results cpus
 for round in $(seq "$rounds"); do
   order=("${names[@]}")
   if [ $(( round % 2 )) -eq 0 ]; then
@@ -200,9 +218,10 @@ for round in $(seq "$rounds"); do
     for (( i = ${#names[@]} - 1; i >= 0; i-- )); do order+=("${names[$i]}"); done
   fi
   for name in "${order[@]}"; do
-    rps=$(run_cell "$name")
+    read -r rps cpu <<< "$(run_cell "$name")"
     results[$name]="${results[$name]:-} $rps"
-    printf 'round %d %-10s %10.0f req/s\n' "$round" "$name" "$rps" >&2
+    cpus[$name]="${cpus[$name]:-} $cpu"
+    printf 'round %d %-10s %10.0f req/s %8.1f µs CPU/request\n' "$round" "$name" "$rps" "$cpu" >&2
   done
 done
 
@@ -222,11 +241,14 @@ bare=$(echo "${results[bare]}" | median)
 echo
 echo "wrk -t2 -c32 -d${seconds}s, median of $rounds rounds, RUST_LOG=$RUST_LOG, $(nproc) cores"
 echo
-echo "| target | req/s | of bare hyper |"
-echo "|---|---:|---:|"
+bare_cpu=$(echo "${cpus[bare]}" | median)
+echo "| target | req/s | of bare hyper | CPU per request (whole machine) | bare hyper's CPU per request / this row's |"
+echo "|---|---:|---:|---:|---:|"
 for name in "${names[@]}"; do
   m=$(echo "${results[$name]}" | median)
-  printf '| %s | %.0f | %.0f%% |\n' "$(label "$name")" "$m" "$(awk "BEGIN { print $m * 100 / $bare }")"
+  c=$(echo "${cpus[$name]}" | median)
+  printf '| %s | %.0f | %.0f%% | %.1f µs | %.0f%% |\n' "$(label "$name")" "$m" \
+    "$(awk "BEGIN { print $m * 100 / $bare }")" "$c" "$(awk "BEGIN { print $bare_cpu * 100 / $c }")"
 done
 for name in memory redis; do
   [ -n "${results[$name]:-}" ] && [ -n "${results[base_$name]:-}" ] || continue
