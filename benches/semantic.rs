@@ -279,6 +279,11 @@ async fn main() {
     }
     let dir = assets();
     let model = load_model(&dir);
+    if mode("latency") {
+        // The latency part alone: no pair is scored, no Redis index is filled.
+        latency(&model, false).await;
+        return;
+    }
     let pairs: Vec<Pair> = read_jsonl(&dir.join("fow-cache/pairs.jsonl"));
     let (tune_pairs, eval_pairs) = split(&pairs);
     // The tuning half split again the same way: D to design rules on, C to judge them.
@@ -441,7 +446,7 @@ async fn main() {
     marginal_table(&eval);
 
     if !mode("quality") {
-        latency(&model).await;
+        latency(&model, true).await;
     }
 }
 
@@ -635,7 +640,7 @@ fn marginal_table(rows: &[&Scored<'_>]) {
     }
 }
 
-async fn latency(model: &Arc<LocalEmbedder>) {
+async fn latency(model: &Arc<LocalEmbedder>, with_index: bool) {
     println!("\nlatency:\n");
     // About 30 tokens.
     let question = vec![
@@ -656,8 +661,37 @@ async fn latency(model: &Arc<LocalEmbedder>) {
         "embedding one ~30-token question (all-MiniLM-L6-v2, CPU): {}",
         summary(samples)
     );
+    // Misses that arrive together are embedded in one forward pass: per-question cost and
+    // latency when 8 distinct questions are in flight at once, against one at a time.
+    for width in [1usize, 8] {
+        let started = Instant::now();
+        let mut latencies = Vec::new();
+        let rounds = 400 / width;
+        for round in 0..rounds {
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in 0..width {
+                let model = Arc::clone(model);
+                let q = vec![format!("{} (ticket {round}-{i})", question[0])];
+                tasks.spawn(async move {
+                    let t = Instant::now();
+                    model.embed(&q).await.unwrap();
+                    t.elapsed()
+                });
+            }
+            while let Some(d) = tasks.join_next().await {
+                latencies.push(d.unwrap());
+            }
+        }
+        let per = started.elapsed() / u32::try_from(rounds * width).unwrap();
+        println!(
+            "  {width} in flight: {per:>9.3?} of wall clock per question, latency {}",
+            summary(latencies)
+        );
+    }
 
-    index_search().await;
+    if with_index {
+        index_search().await;
+    }
 
     // What L2 adds to a request, against a stand-in upstream that answers at once.
     let plain = CachecoreLayer::builder()
