@@ -152,6 +152,11 @@ if [ "$with_redis" = 1 ]; then
     # shellcheck disable=SC2086 # the flag and its value, split on purpose
     start_gateway near --redis "redis://127.0.0.1:$redis_port/" $near_args
     names+=(near)
+    if [ -n "$baseline" ]; then
+      # shellcheck disable=SC2086
+      start_gateway base_near --redis "redis://127.0.0.1:$redis_port/" $near_args
+      names+=(base_near)
+    fi
   fi
   # Redis itself: GET of the cached completion's bytes.
   head -c 1194 /dev/zero | tr '\0' x | redis-cli -p "$redis_port" -x SET cachecore:bench:payload >/dev/null
@@ -235,6 +240,7 @@ label() {
     redis_get) echo "Redis GET of the payload (redis-benchmark -c 32)" ;;
     base_memory) echo "gateway at $baseline, in-memory store" ;;
     base_redis) echo "gateway at $baseline, Redis" ;;
+    base_near) echo "gateway at $baseline, Redis + near cache" ;;
   esac
 }
 bare=$(echo "${results[bare]}" | median)
@@ -242,15 +248,21 @@ echo
 echo "wrk -t2 -c32 -d${seconds}s, median of $rounds rounds, RUST_LOG=$RUST_LOG, $(nproc) cores"
 echo
 bare_cpu=$(echo "${cpus[bare]}" | median)
-echo "| target | req/s | of bare hyper | CPU per request (whole machine) | bare hyper's CPU per request / this row's |"
-echo "|---|---:|---:|---:|---:|"
+# Per-round shares: each row's req/s over bare hyper's in the same round (the cells of one
+# round are minutes apart at most, so they share more of the VM's moment than the medians do).
+shares() { # NAME: the median of the row's per-round shares of bare hyper, in percent
+  paste -d' ' <(echo "${results[$1]}" | tr ' ' '\n' | grep -v '^$') \
+    <(echo "${results[bare]}" | tr ' ' '\n' | grep -v '^$') | awk '{ printf "%.4f\n", $1 * 100 / $2 }' | median
+}
+echo "| target | req/s | of bare hyper | median of per-round shares | CPU per request (whole machine) | bare hyper's CPU per request / this row's |"
+echo "|---|---:|---:|---:|---:|---:|"
 for name in "${names[@]}"; do
   m=$(echo "${results[$name]}" | median)
   c=$(echo "${cpus[$name]}" | median)
-  printf '| %s | %.0f | %.0f%% | %.1f µs | %.0f%% |\n' "$(label "$name")" "$m" \
-    "$(awk "BEGIN { print $m * 100 / $bare }")" "$c" "$(awk "BEGIN { print $bare_cpu * 100 / $c }")"
+  printf '| %s | %.0f | %.0f%% | %.0f%% | %.1f µs | %.0f%% |\n' "$(label "$name")" "$m" \
+    "$(awk "BEGIN { print $m * 100 / $bare }")" "$(shares "$name")" "$c" "$(awk "BEGIN { print $bare_cpu * 100 / $c }")"
 done
-for name in memory redis; do
+for name in memory redis near; do
   [ -n "${results[$name]:-}" ] && [ -n "${results[base_$name]:-}" ] || continue
   ratios=$(paste -d' ' <(echo "${results[$name]}" | tr ' ' '\n' | grep -v '^$') \
     <(echo "${results[base_$name]}" | tr ' ' '\n' | grep -v '^$') | awk '{ printf "%.2f ", $1 / $2 }')

@@ -157,10 +157,11 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
 }
 
 fn strip_scheme(v: &str) -> Option<&str> {
-    // The auth scheme is case-insensitive (RFC 9110 section 11.1).
-    let (scheme, rest) = v.split_once(' ')?;
+    // The auth scheme is case-insensitive (RFC 9110 section 11.1). A prefix compare, not a
+    // search for the space: this runs on every request.
+    let (scheme, rest) = (v.get(..7)?, &v[7..]);
     scheme
-        .eq_ignore_ascii_case("bearer")
+        .eq_ignore_ascii_case("bearer ")
         .then(|| rest.trim_start())
 }
 
@@ -205,6 +206,31 @@ mod tests {
         let h = headers(&[("x-cachecore-token", "Bearer xyz")]);
         assert_eq!(bearer_token(&h), Some("xyz"));
         assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn only_the_bearer_scheme_followed_by_a_space_gives_a_token() {
+        for (value, token) in [
+            ("Bearer t", Some("t")),
+            ("BEARER   t", Some("t")),
+            ("bEaReR t ", Some("t")),
+            ("Bearer", None),
+            ("Bearer ", None),
+            ("Bearert", None),
+            ("Bearer\tt", None),
+            ("Bear t", None),
+            ("Basic t", None),
+            ("Bearé t", None),
+            ("", None),
+        ] {
+            let h: HeaderMap = [(
+                header::AUTHORIZATION,
+                http::HeaderValue::from_bytes(value.as_bytes()).unwrap(),
+            )]
+            .into_iter()
+            .collect();
+            assert_eq!(bearer_token(&h), token, "{value:?}");
+        }
     }
 
     #[test]

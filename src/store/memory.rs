@@ -40,7 +40,7 @@ pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
-    entries: Cache<CacheKey, Arc<Stored>>,
+    entries: Cache<CacheKey, Arc<Stored>, foldhash::quality::RandomState>,
     deps: Arc<DepIndex>,
     max_entry_bytes: usize,
     put_deadline: Duration,
@@ -86,7 +86,7 @@ impl MemoryStoreBuilder {
                     listener_deps.untag(&key, &entry);
                 }
             })
-            .build();
+            .build_with_hasher(foldhash::quality::RandomState::default());
         MemoryStore {
             entries,
             deps,

@@ -157,7 +157,7 @@ pub(super) struct Near {
 }
 
 struct Shared {
-    cache: Cache<Box<[u8]>, Slot>,
+    cache: Cache<Box<[u8]>, Slot, foldhash::quality::RandomState>,
     /// Held by every eviction and by each fill's check-and-insert, never across an await.
     gate: Mutex<()>,
     stripes: Box<[AtomicU64]>,
@@ -203,7 +203,7 @@ impl Near {
             .max_capacity(max_bytes)
             .weigher(weigh)
             .expire_after(SlotExpiry)
-            .build();
+            .build_with_hasher(foldhash::quality::RandomState::default());
         let reader = Reader::start()?;
         Ok(Self {
             shared: Arc::new(Shared {
@@ -282,7 +282,10 @@ impl Near {
             if !declared.contains(&id) {
                 return NearHit::Absent;
             }
+            // A version key (`cc:{<tag>}:dep:ver:<id>`) is never longer than the entry's key
+            // (`cc:{<tag>}:l1:<64 hex digits>`) plus the id: one allocation, no regrowth.
             buf.clear();
+            buf.reserve(entry_key.len() + id.len());
             ver_key(id, &mut buf);
             match cache.get(buf.as_slice()) {
                 Some(Slot {
