@@ -258,6 +258,55 @@ async fn an_invalidation_from_another_process_evicts_when_the_push_arrives() {
     }
 }
 
+/// Near hits look a dep's version up once, not on every hit, while nothing in the near cache
+/// changed: a push for the version key alone (the entry itself untouched in Redis and held
+/// here) must still end them.
+#[tokio::test]
+async fn a_push_for_a_dep_version_alone_ends_near_hits_that_had_confirmed_it() {
+    let server = RedisServer::start();
+    let near = near_store(&server, NEAR_BYTES).await;
+    // The doc gets a version key in Redis before the entry is written.
+    plain_store(&server)
+        .await
+        .invalidate("t", DOC, "v1")
+        .await
+        .unwrap();
+    fill(&near, &key(1), b"one").await;
+    let before = mgets(&server);
+    for _ in 0..3 {
+        assert_eq!(
+            body_of(&near.lookup(&key(1), &DEPS).await.unwrap()),
+            Some(&b"one"[..])
+        );
+    }
+    assert_eq!(mgets(&server), before, "near hits, the versions confirmed");
+
+    let pattern = format!("*dep:ver:{DOC}");
+    let found = server.cli(&["--scan", "--pattern", &pattern]);
+    let ver_key = found.lines().next().expect("the doc's version key").trim();
+    // Touching the key's expiry modifies it without changing its value: Redis pushes an
+    // invalidation for it, and for nothing else.
+    server.cli(&["EXPIRE", ver_key, "100000"]);
+    server.cli(&["PERSIST", ver_key]);
+    let started = Instant::now();
+    loop {
+        let seen = mgets(&server);
+        assert_eq!(
+            body_of(&near.lookup(&key(1), &DEPS).await.unwrap()),
+            Some(&b"one"[..]),
+            "the entry is still current"
+        );
+        if mgets(&server) > seen {
+            break;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "near hits went on after the version's push"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_push_the_reader_has_not_read_yet_stops_near_hits() {
     let server = RedisServer::start();

@@ -77,8 +77,18 @@ pub(super) const CLIENT_NAME: &str = "cachecore-near";
 /// What a near slot holds.
 #[derive(Clone)]
 enum Held {
-    Entry(Arc<Entry>),
+    Entry(Arc<NearEntry>),
     Version(Version),
+}
+
+/// A held entry, and the last time its dep versions were found held and equal to its own.
+struct NearEntry {
+    entry: Arc<Entry>,
+    /// The value of [`Shared::changes`] read just before a lookup found every dep version of
+    /// this entry held at the entry's version; 0 until one did. While the counter still has
+    /// that value, no version slot can have been dropped, replaced or filled since, so a hit
+    /// skips looking them up again (docs/design.md §7, "Near cache").
+    confirmed: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -91,7 +101,7 @@ struct Slot {
 impl Slot {
     fn weight(&self, key: &[u8]) -> u32 {
         let value = match &self.held {
-            Held::Entry(e) => e.weight(),
+            Held::Entry(e) => e.entry.weight(),
             Held::Version(_) => 16,
         };
         u32::try_from(key.len() + value + SLOT_OVERHEAD).unwrap_or(u32::MAX)
@@ -163,6 +173,12 @@ struct Shared {
     stripes: Box<[AtomicU64]>,
     /// Raised by every flush (lost connection, `FLUSHALL`), which every fill checks too.
     flushes: AtomicU64,
+    /// Raised, under `gate`, after every change to the slots other than moka's own eviction
+    /// for room: each eviction (a push, or this process's invalidation), each fill, each flush
+    /// and each change of connection. Starts at 1, so a new [`NearEntry`] (0) is unconfirmed.
+    /// An eviction for room needs no raise: the key stays tracked by Redis, so a later change
+    /// still pushes, and that push raises it.
+    changes: AtomicU64,
     /// The generation near copies may be served under; 0 while there is no tracking connection.
     live: AtomicU64,
     /// The highest generation known lost.
@@ -211,6 +227,7 @@ impl Near {
                 gate: Mutex::new(()),
                 stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
                 flushes: AtomicU64::new(0),
+                changes: AtomicU64::new(1),
                 live: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
                 next_gen: AtomicU64::new(0),
@@ -245,7 +262,6 @@ impl Near {
         lock(&self.shared.conn).clone()
     }
 
-    /// The generation near copies may be served under now, if any.
     /// The generation near copies may be served under now, if any, and now (in nanoseconds
     /// after `base`).
     fn serving(&self) -> Option<(u64, u64)> {
@@ -258,7 +274,8 @@ impl Near {
     /// The entry under `entry_key` if it is held and every dep it records is held at the
     /// version the entry records, all under the serving connection, and no unread bytes wait on
     /// that connection's socket. `ver_key` writes the ver key of a dep id; `declared` are the dep
-    /// ids the request declares.
+    /// ids the request declares. The versions are looked up once per entry and change of the
+    /// slots ([`NearEntry::confirmed`]), not on every hit.
     pub(super) fn hit(
         &self,
         entry_key: &[u8],
@@ -269,37 +286,44 @@ impl Near {
             return NearHit::Absent;
         };
         let cache = &self.shared.cache;
-        let entry = match cache.get(entry_key) {
+        // Read before the slots: a change made after this read raises the counter past it.
+        let changes = self.shared.changes.load(Ordering::Acquire);
+        let held = match cache.get(entry_key) {
             Some(Slot {
                 gen: g,
                 held: Held::Entry(e),
             }) if g == gen => e,
             _ => return NearHit::Absent,
         };
-        // Allocated by the first dep's key only: a hit on an entry without deps allocates nothing.
-        let mut buf = Vec::new();
-        for (id, epoch, life) in entry.deps.iter_lives() {
-            if !declared.contains(&id) {
-                return NearHit::Absent;
+        let entry = &held.entry;
+        if entry.deps.iter().any(|(id, _)| !declared.contains(&id)) {
+            return NearHit::Absent;
+        }
+        if held.confirmed.load(Ordering::Acquire) != changes {
+            // Allocated by the first dep's key only: a hit on an entry without deps allocates
+            // nothing.
+            let mut buf = Vec::new();
+            for (id, epoch, life) in entry.deps.iter_lives() {
+                // A version key (`cc:{<tag>}:dep:ver:<id>`) is never longer than the entry's
+                // key (`cc:{<tag>}:l1:<64 hex digits>`) plus the id: one allocation, no regrowth.
+                buf.clear();
+                buf.reserve(entry_key.len() + id.len());
+                ver_key(id, &mut buf);
+                match cache.get(buf.as_slice()) {
+                    Some(Slot {
+                        gen: g,
+                        held: Held::Version(v),
+                    }) if g == gen && v == (epoch, life) => {}
+                    _ => return NearHit::Absent,
+                }
             }
-            // A version key (`cc:{<tag>}:dep:ver:<id>`) is never longer than the entry's key
-            // (`cc:{<tag>}:l1:<64 hex digits>`) plus the id: one allocation, no regrowth.
-            buf.clear();
-            buf.reserve(entry_key.len() + id.len());
-            ver_key(id, &mut buf);
-            match cache.get(buf.as_slice()) {
-                Some(Slot {
-                    gen: g,
-                    held: Held::Version(v),
-                }) if g == gen && v == (epoch, life) => {}
-                _ => return NearHit::Absent,
-            }
+            held.confirmed.store(changes, Ordering::Release);
         }
         // Last, so only a hit pays for it.
         if self.unread(gen, now) {
             return NearHit::Unread;
         }
-        NearHit::Hit(entry)
+        NearHit::Hit(Arc::clone(entry))
     }
 
     /// Whether the tracking connection of generation `gen` may have bytes its reader has not
@@ -367,10 +391,15 @@ impl Near {
         }
         if let Some((key, entry)) = entry {
             if entry.weight() <= s.max_entry_bytes {
-                let held = Held::Entry(entry);
+                let held = Held::Entry(Arc::new(NearEntry {
+                    entry,
+                    confirmed: AtomicU64::new(0),
+                }));
                 s.cache.insert(key.into_boxed_slice(), Slot { gen, held });
             }
         }
+        // After the inserts (see `changes`).
+        s.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Drops the local copies of `keys` (an invalidation made by this process, before it
@@ -431,12 +460,15 @@ impl Shared {
             self.stripes[stripe(key)].fetch_add(1, Ordering::AcqRel);
             self.cache.invalidate(key);
         }
+        // After the slots are gone: a hit that reads the new value finds them gone.
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     fn flush(&self) {
         let _gate = lock(&self.gate);
         self.flushes.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate_all();
+        self.changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The tracking connection of generation `gen` is gone: nothing filled under it is served
@@ -452,6 +484,7 @@ impl Shared {
             }
             self.flushes.fetch_add(1, Ordering::AcqRel);
             self.cache.invalidate_all();
+            self.changes.fetch_add(1, Ordering::AcqRel);
         }
         let mut conn = lock(&self.conn);
         if conn.as_ref().is_some_and(|t| t.gen == gen) {
@@ -515,6 +548,7 @@ impl Shared {
         // Nothing filled under an earlier connection is served under this one.
         self.flushes.fetch_add(1, Ordering::AcqRel);
         self.cache.invalidate_all();
+        self.changes.fetch_add(1, Ordering::AcqRel);
         *lock(&self.conn) = Some(Tracked { conn, gen, probe });
         self.quiet_until.store(0, Ordering::Release);
         self.live.store(gen, Ordering::Release);
@@ -707,8 +741,8 @@ impl moka::Expiry<Box<[u8]>, Slot> for SlotExpiry {
     ) -> Option<Duration> {
         match &slot.held {
             Held::Entry(e) => {
-                let age = Duration::from_millis(e.age_ms(now_ms()));
-                Some(e.lifetime().saturating_sub(age))
+                let age = Duration::from_millis(e.entry.age_ms(now_ms()));
+                Some(e.entry.lifetime().saturating_sub(age))
             }
             Held::Version(_) => None,
         }
