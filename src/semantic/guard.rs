@@ -368,6 +368,20 @@ const DETERMINERS: &[&str] = &[
     "those", "some", "any", "each", "every", "all",
 ];
 
+/// A guard: the veto it gives, and whether it objects to answering the first question with
+/// the second's answer.
+type Guard = (Veto, fn(&Lexicon, &Lexicon) -> bool);
+
+/// The guards, in the order they are checked.
+const GUARDS: [Guard; 6] = [
+    (Veto::Numbers, Lexicon::numbers_differ),
+    (Veto::Negation, Lexicon::negations_differ),
+    (Veto::Entities, Lexicon::names_missing),
+    (Veto::Opposites, Lexicon::opposite),
+    (Veto::Direction, Lexicon::reversed),
+    (Veto::Qualifier, Lexicon::qualified),
+];
+
 /// What the guards need to know about one question, computed once.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Lexicon {
@@ -670,55 +684,64 @@ impl Lexicon {
             + self.opposites.capacity() * std::mem::size_of::<(u16, u16)>()
     }
 
-    /// `Ok` when no guard objects to answering `self` with an answer to `other`.
+    /// `Ok` when no guard objects to answering `self` with an answer to `other`. Stops at the
+    /// first objection: the later guards are not run.
     pub(crate) fn agrees_with(&self, other: &Self) -> Result<(), Veto> {
-        match self.objections(other).first() {
-            Some(&veto) => Err(veto),
+        match self.objections(other).next() {
+            Some(veto) => Err(veto),
             None => Ok(()),
         }
     }
 
-    /// Every guard that objects, in the order they are checked: what the benchmark needs to
-    /// tell what one guard alone adds (a pair only it turns down). Empty when all agree.
-    pub(crate) fn objections(&self, other: &Self) -> Vec<Veto> {
-        let mut out = Vec::new();
-        if self.numbers != other.numbers {
-            out.push(Veto::Numbers);
-        }
-        if self.negations != other.negations {
-            out.push(Veto::Negation);
-        }
-        // Casing is a hint, not a fact ("UK" / "uk", a title-cased question): a name of
-        // either side must be among the words of the other.
-        if !names_found(&self.entities, &other.words) || !names_found(&other.entities, &self.words)
-        {
-            out.push(Veto::Entities);
-        }
+    /// Every guard that objects, in the order they are checked, each run only when asked for:
+    /// the benchmark takes them all, to tell what one guard alone adds (a pair only it turns
+    /// down); a lookup only the first.
+    pub(crate) fn objections<'a>(&'a self, other: &'a Self) -> impl Iterator<Item = Veto> + 'a {
+        GUARDS
+            .iter()
+            .filter(move |(_, objects)| objects(self, other))
+            .map(|&(veto, _)| veto)
+    }
+
+    fn numbers_differ(&self, other: &Self) -> bool {
+        self.numbers != other.numbers
+    }
+
+    fn negations_differ(&self, other: &Self) -> bool {
+        self.negations != other.negations
+    }
+
+    /// Casing is a hint, not a fact ("UK" / "uk", a title-cased question): a name of either
+    /// side must be among the words of the other.
+    fn names_missing(&self, other: &Self) -> bool {
+        !names_found(&self.entities, &other.words) || !names_found(&other.entities, &self.words)
+    }
+
+    fn opposite(&self, other: &Self) -> bool {
         let flipped = self.opposites.iter().zip(&other.opposites).any(|(a, b)| {
             let yes = i32::from(a.0) - i32::from(b.0);
             let no = i32::from(a.1) - i32::from(b.1);
             yes * no < 0
         });
-        if flipped
+        flipped
             || prefix_antonym(&self.words, &other.words)
             || prefix_antonym(&other.words, &self.words)
-        {
-            out.push(Veto::Opposites);
+    }
+
+    /// `from` in one where the other has `to`, or each sends to a name the other has
+    /// elsewhere: swapped ends ("a Word document to PDF" and "a PDF to a Word document").
+    /// Names only: `to` is also the infinitive.
+    fn reversed(&self, other: &Self) -> bool {
+        if crossed(&self.from, &other.to) || crossed(&other.from, &self.to) {
+            return true;
         }
-        // Each sends to a name the other has elsewhere: swapped ends ("a Word document to PDF"
-        // and "a PDF to a Word document"). Names only: `to` is also the infinitive.
         let (a, b) = (self.named_to(), other.named_to());
-        if crossed(&self.from, &other.to)
-            || crossed(&other.from, &self.to)
-            || (a.iter().any(|t| !b.contains(t) && other.has_stem(t))
-                && b.iter().any(|t| !a.contains(t) && self.has_stem(t)))
-        {
-            out.push(Veto::Direction);
-        }
-        if self.adds_qualifier(other) || other.adds_qualifier(self) {
-            out.push(Veto::Qualifier);
-        }
-        out
+        a.iter().any(|t| !b.contains(t) && other.has_stem(t))
+            && b.iter().any(|t| !a.contains(t) && self.has_stem(t))
+    }
+
+    fn qualified(&self, other: &Self) -> bool {
+        self.adds_qualifier(other) || other.adds_qualifier(self)
     }
 
     /// Whether `self` narrows `other` with a qualifying phrase: a qualifier whose word the
@@ -1059,7 +1082,7 @@ mod tests {
             Lexicon::of("Can I not return 3 shirts in the sale?"),
         );
         assert_eq!(
-            a.objections(&b),
+            a.objections(&b).collect::<Vec<_>>(),
             vec![Veto::Numbers, Veto::Negation, Veto::Qualifier]
         );
         assert_eq!(a.agrees_with(&b), Err(Veto::Numbers));

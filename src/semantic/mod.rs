@@ -562,7 +562,6 @@ pub mod __bench {
     pub fn lexical_vetoes(question: &str, cached: &str) -> Vec<GuardVeto> {
         Lexicon::of(question)
             .objections(&Lexicon::of(cached))
-            .into_iter()
             .map(GuardVeto::from)
             .collect()
     }

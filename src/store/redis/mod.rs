@@ -559,11 +559,10 @@ impl RedisStore {
             let mut name = Vec::with_capacity(entry_key.len());
             entry_key.write_into(&mut name);
             let held = near.hit(&name, deps, |id, out| keys.dep_ver(id).write_into(out));
-            let unread = matches!(held, near::NearHit::Unread);
-            if let near::NearHit::Hit(held) = held {
+            let unread = matches!(held, Err(near::NearMiss::Unread));
+            if let Ok(mut entry) = held {
                 // Served, the epochs count as observed now (a refresh put is checked by Redis
                 // anyway).
-                let mut entry = Entry::clone(&held);
                 entry.deps.restamp(Instant::now());
                 match entry.freshness(now_ms()) {
                     Freshness::Fresh => return Ok(Lookup::Fresh(entry)),
@@ -643,7 +642,7 @@ impl RedisStore {
         let shown = String::from_utf8_lossy(&entry_name);
         let (lookup, versions) = resolve_lookup(mget_items(reply)?, deps, Instant::now(), &shown)?;
         let served = match &lookup {
-            Lookup::Fresh(e) | Lookup::Stale(e) => Some((entry_name, Arc::new(e.clone()))),
+            Lookup::Fresh(e) | Lookup::Stale(e) => Some((entry_name, e.clone())),
             Lookup::Miss(_) => None,
         };
         near.fill(

@@ -83,7 +83,7 @@ enum Held {
 
 /// A held entry, and the last time its dep versions were found held and equal to its own.
 struct NearEntry {
-    entry: Arc<Entry>,
+    entry: Entry,
     /// The value of [`Shared::changes`] read just before a lookup found every dep version of
     /// this entry held at the entry's version; 0 until one did. While the counter still has
     /// that value, no version slot can have been dropped, replaced or filled since, so a hit
@@ -142,10 +142,9 @@ impl Drop for Probe {
     }
 }
 
-/// What the near cache answers for a lookup.
-pub(super) enum NearHit {
-    /// A near copy, valid under the serving connection.
-    Hit(Arc<Entry>),
+/// Why the near cache does not answer a lookup (its answer is `Ok` with a copy of the held
+/// entry, valid under the serving connection).
+pub(super) enum NearMiss {
     /// Nothing to serve here: the lookup goes to Redis (and may fill the near cache).
     Absent,
     /// A copy is held, but the tracking socket has bytes the reader has not read yet (maybe an
@@ -281,9 +280,9 @@ impl Near {
         entry_key: &[u8],
         declared: &[&str],
         mut ver_key: impl FnMut(&str, &mut Vec<u8>),
-    ) -> NearHit {
+    ) -> Result<Entry, NearMiss> {
         let Some((gen, now)) = self.serving() else {
-            return NearHit::Absent;
+            return Err(NearMiss::Absent);
         };
         let cache = &self.shared.cache;
         // Read before the slots: a change made after this read raises the counter past it.
@@ -293,11 +292,11 @@ impl Near {
                 gen: g,
                 held: Held::Entry(e),
             }) if g == gen => e,
-            _ => return NearHit::Absent,
+            _ => return Err(NearMiss::Absent),
         };
         let entry = &held.entry;
         if entry.deps.iter().any(|(id, _)| !declared.contains(&id)) {
-            return NearHit::Absent;
+            return Err(NearMiss::Absent);
         }
         if held.confirmed.load(Ordering::Acquire) != changes {
             // Allocated by the first dep's key only: a hit on an entry without deps allocates
@@ -314,16 +313,16 @@ impl Near {
                         gen: g,
                         held: Held::Version(v),
                     }) if g == gen && v == (epoch, life) => {}
-                    _ => return NearHit::Absent,
+                    _ => return Err(NearMiss::Absent),
                 }
             }
             held.confirmed.store(changes, Ordering::Release);
         }
         // Last, so only a hit pays for it.
         if self.unread(gen, now) {
-            return NearHit::Unread;
+            return Err(NearMiss::Unread);
         }
-        NearHit::Hit(Arc::clone(entry))
+        Ok(entry.clone())
     }
 
     /// Whether the tracking connection of generation `gen` may have bytes its reader has not
@@ -370,7 +369,7 @@ impl Near {
         &self,
         tracked: &Tracked,
         snapshot: &Snapshot,
-        entry: Option<(Vec<u8>, Arc<Entry>)>,
+        entry: Option<(Vec<u8>, Entry)>,
         versions: Vec<(Vec<u8>, Version)>,
     ) {
         let s = &self.shared;
