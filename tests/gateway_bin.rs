@@ -381,14 +381,14 @@ async fn an_invalidation_through_one_instance_reaches_the_other_near_cache() {
     assert_eq!(send(b, "/v1/chat/completions", CHAT).await, "HIT_L1");
     assert_eq!(send(b, "/v1/chat/completions", CHAT).await, "HIT_L1");
     send(a, "/v1/invalidate", r#"{"dep_id":"doc:7"}"#).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = Instant::now() + Duration::from_secs(2);
     loop {
         let seen = send(b, "/v1/chat/completions", CHAT).await;
         if seen == "MISS" {
             break;
         }
         assert!(
-            std::time::Instant::now() < deadline,
+            Instant::now() < deadline,
             "the other instance still answers {seen} 2 s after the invalidation"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -410,6 +410,39 @@ fn a_bad_near_cache_size_is_refused_at_start_up() {
             "{size}"
         );
     }
+}
+
+/// A near cache is a `RedisStore` option: asked for without `--redis` (where entries stay in
+/// memory and it would do nothing), start-up stops and says so.
+#[cfg(feature = "redis")]
+#[test]
+fn a_near_cache_without_redis_is_refused_at_start_up() {
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+        ])
+        .args(["--jwt-secret", SECRET, "--redis-near-cache", "64MiB"])
+        .env_remove("CACHECORE_REDIS_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A gateway that started instead would serve until killed: give it a bounded time.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the gateway started with a near cache and no Redis");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--redis <REDIS>"), "{stderr}");
 }
 
 /// Cached SSE answer, a bad `new_hash` refused with 422, invalidation over HTTP, then a miss,

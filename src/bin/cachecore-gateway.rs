@@ -90,7 +90,7 @@ struct Args {
     /// Redis only): hits without a round trip, kept coherent by Redis's invalidation pushes, so
     /// another instance's invalidation is seen here a moment later, not at once.
     #[cfg(feature = "redis")]
-    #[arg(long, env = "CACHECORE_REDIS_NEAR_CACHE", value_parser = byte_size)]
+    #[arg(long, env = "CACHECORE_REDIS_NEAR_CACHE", value_parser = byte_size, requires = "redis")]
     redis_near_cache: Option<u64>,
 
     /// Longest wait for a TCP connection to the upstream (then 502).
