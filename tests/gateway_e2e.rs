@@ -1233,6 +1233,34 @@ async fn health_and_metrics() {
     }
 }
 
+// A gateway's responses say what the cache did in `X-Cache` only: the `CacheStatus` extension,
+// made and dropped on every request for nothing once the response is on the wire, is left off
+// (module docs of `cachecore::gateway`), also when the gateway is called in process.
+#[tokio::test]
+async fn gateway_responses_carry_x_cache_and_no_status_extension() {
+    use cachecore::testing::CacheStatusOf;
+    use cachecore::CacheStatus;
+    use tower::ServiceExt;
+    let env = Env::start().await;
+    let token = env.token("acme", "v1");
+    let request = || {
+        Request::post("/v1/chat/completions")
+            .header("x-cachecore-token", &token)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"m","messages":[]}"#,
+            )))
+            .unwrap()
+    };
+    for expected in [CacheStatus::Miss, CacheStatus::Hit] {
+        let res = env.gateway.clone().oneshot(request()).await.unwrap();
+        assert_eq!(res.headers()["x-cache"], expected.as_str());
+        assert_eq!(res.extensions().get::<CacheStatus>(), None);
+        assert_eq!(res.cache_status(), Some(expected));
+        res.into_body().collect().await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502_never_cached() {
     let dead = {

@@ -201,6 +201,9 @@ pub(crate) struct Config {
     pub(crate) breaker_failures: u32,
     pub(crate) breaker_cooldown: Duration,
     pub(crate) similarity_header: bool,
+    /// Whether a marked response carries the [`CacheStatus`](crate::CacheStatus) extension
+    /// (always, except in the gateway, whose responses only ever go to the wire).
+    pub(crate) status_extension: bool,
     pub(crate) credential_headers: Vec<HeaderName>,
     pub(crate) coalesce_wait: Duration,
     pub(crate) coalesce_body_wait: Duration,
@@ -236,6 +239,7 @@ impl Default for Config {
             breaker_failures: defaults::BREAKER_FAILURES,
             breaker_cooldown: defaults::BREAKER_COOLDOWN,
             similarity_header: false,
+            status_extension: true,
             credential_headers: crate::headers::default_credential_headers(),
             coalesce_wait: defaults::COALESCE_WAIT,
             coalesce_body_wait: defaults::COALESCE_BODY_WAIT,

@@ -6,7 +6,7 @@
 
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
@@ -175,14 +175,13 @@ impl Engine {
         *res.status_mut() = entry.status;
         *res.headers_mut() = entry.headers;
         res.headers_mut().remove(VARY_KEY);
-        res.headers_mut()
-            .insert(X_CACHE_AGE, HeaderValue::from(age));
+        res.headers_mut().insert(X_CACHE_AGE, age_value(age));
         self.mark(&mut res, status);
         res
     }
 
-    /// Sets `X-Cache` (and the similarity header in wire mode) and the [`CacheStatus`]
-    /// extension, and counts the outcome.
+    /// Sets `X-Cache` (and the similarity header in wire mode) and, unless the layer leaves it
+    /// off, the [`CacheStatus`] extension, and counts the outcome.
     pub(crate) fn mark<B>(&self, res: &mut Response<B>, status: CacheStatus) {
         // `http::Response` lends one part at a time; an empty `Extensions` does not allocate.
         let mut extensions = std::mem::take(res.extensions_mut());
@@ -221,7 +220,53 @@ impl Engine {
             };
             headers.insert(X_CACHE_SIMILARITY, HeaderValue::from_static(similarity));
         }
-        extensions.insert(status);
+        if self.config.status_extension {
+            extensions.insert(status);
+        }
         tracing::debug!(target: "cachecore", status = status.as_str(), "request served");
+    }
+}
+
+/// How many `X-Cache-Age` values [`age_value`] keeps made: the first hour's.
+const AGES_MADE: usize = 3600;
+
+/// The `X-Cache-Age` value of an age in seconds. The first hour's are made once, into one
+/// string, so a hit copies a static value instead of formatting and allocating one (and
+/// freeing it once written).
+fn age_value(age: u64) -> HeaderValue {
+    static AGES: LazyLock<Box<[HeaderValue]>> = LazyLock::new(|| {
+        let mut digits = String::new();
+        let mut ends = Vec::with_capacity(AGES_MADE);
+        for age in 0..AGES_MADE {
+            digits.push_str(&age.to_string());
+            ends.push(digits.len());
+        }
+        // Made once per process and kept for its life.
+        let digits: &'static str = Box::leak(digits.into_boxed_str());
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let value = HeaderValue::from_static(&digits[start..end]);
+                start = end;
+                value
+            })
+            .collect()
+    });
+    match usize::try_from(age).ok().and_then(|i| AGES.get(i)) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(age),
+    }
+}
+
+#[cfg(test)]
+mod age_tests {
+    use super::*;
+
+    #[test]
+    fn a_made_age_value_is_the_formatted_age() {
+        let edges = [0, 1, 9, 10, 99, 100, 999, 1000, 3599, 3600, 3601, u64::MAX];
+        for age in (0..AGES_MADE as u64).chain(edges) {
+            assert_eq!(age_value(age), HeaderValue::from(age), "age {age}");
+        }
     }
 }

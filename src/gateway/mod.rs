@@ -13,6 +13,11 @@
 //! Every request logs one `tracing` event (target `cachecore::gateway`) with method, path,
 //! status, `X-Cache` and the time to the response head.
 //!
+//! What the cache did is in the `X-Cache` header only: unlike [`CachecoreLayer`](crate::CachecoreLayer)'s, the
+//! gateway's responses do not carry the [`CacheStatus`](crate::CacheStatus) extension, since
+//! they are made to be written to a connection (making and dropping it was about 2% of a hit).
+//! [`CacheStatusOf::cache_status`](crate::testing::CacheStatusOf::cache_status) reads either.
+//!
 //! ```no_run
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use cachecore::auth::jwt::JwtAuth;
@@ -326,7 +331,12 @@ impl GatewayBuilder {
                     .map_err(|why| GatewayError(format!("cacheable path {entry:?}: {why}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let cache = self.cache.trusted_headers(Arc::clone(&self.auth)).build();
+        // A gateway's responses go to the wire, where only `X-Cache` says what the cache did.
+        let cache = self
+            .cache
+            .trusted_headers(Arc::clone(&self.auth))
+            .without_status_extension()
+            .build();
         let max_body = cache.engine().config().max_body;
         let metrics = Arc::new(GatewayMetrics::default());
         let mut registry = Registry::default();

@@ -325,6 +325,14 @@ impl CachecoreBuilder {
         self
     }
 
+    /// Leaves the [`CacheStatus`](crate::CacheStatus) extension off responses (they still
+    /// carry `X-Cache`): for a server whose responses only ever go to the wire, where the
+    /// extension would be an allocation made and dropped on every request.
+    pub(crate) fn without_status_extension(mut self) -> Self {
+        self.config.status_extension = false;
+        self
+    }
+
     /// The longest any store call may take before the request goes on without the cache
     /// (default 250 ms).
     pub fn store_timeout(mut self, timeout: Duration) -> Self {
