@@ -1552,6 +1552,66 @@ async fn prompt_heads_keep_a_connection_open_longer_than_the_head_timeout() {
 }
 
 #[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_after_the_head_timeout() {
+    use tokio::io::AsyncReadExt;
+    let timeout = Duration::from_millis(200);
+    let env = Env::serving(
+        CachecoreLayer::builder(),
+        |b| b,
+        ServeOptions::default().header_read_timeout(timeout),
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    assert!(raw_health(&mut conn).await.starts_with("HTTP/1.1 200"));
+    let started = tokio::time::Instant::now();
+    let mut buf = vec![0; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        .await
+        .expect("the idle connection is closed within the head timeout's bound");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(started.elapsed() >= timeout - Duration::from_millis(20));
+}
+
+// The head timeout runs only while a head is awaited: a request whose upstream call, or whose
+// stream, takes longer than it keeps its connection, and the connection serves the next.
+#[tokio::test]
+async fn a_request_served_for_longer_than_the_head_timeout_is_not_cut() {
+    let timeout = Duration::from_millis(200);
+    let env = Env::serving(
+        CachecoreLayer::builder(),
+        |b| b,
+        ServeOptions::default().header_read_timeout(timeout),
+    )
+    .await;
+    let auth = format!("Bearer {}", env.token("acme", "v1"));
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    // The same client, so the second request may reuse the kept-alive connection.
+    for body in [
+        r#"{"model": "m", "delay_ms": 600}"#,
+        r#"{"model": "m", "delay_ms": 600, "n": 2}"#,
+    ] {
+        let res = env
+            .send(Method::POST, "/v1/chat/completions", &headers, body)
+            .await;
+        assert_eq!(res.status, StatusCode::OK, "{:?}", res.body);
+    }
+    // A stream held open for three timeouts arrives whole.
+    let token = env.token("acme", "v1");
+    let body = open_stream(&env, &token, "long").await;
+    tokio::time::sleep(timeout * 3).await;
+    env.up.sse_gate.add_permits(1);
+    let text = tokio::time::timeout(Duration::from_secs(5), body.collect())
+        .await
+        .expect("the stream ends")
+        .expect("the stream is not cut")
+        .to_bytes();
+    assert!(text.ends_with(b"data: [DONE]\n\n"), "{text:?}");
+}
+
+#[tokio::test]
 async fn an_upstream_slower_than_the_head_timeout_is_a_504() {
     let env = Env::with(CachecoreLayer::builder(), |b| {
         b.upstream_timeout(Duration::from_millis(200))

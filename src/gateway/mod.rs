@@ -111,6 +111,7 @@ use memchr::memmem::Finder;
 use tower_layer::Layer;
 use tower_service::Service;
 
+mod heads;
 mod proxy;
 mod serve;
 

@@ -5,25 +5,49 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Gateway, ResponseFuture};
+use super::heads::{HeadWatch, Watched, WatchedBody};
+use super::Gateway;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 /// The gateway as one connection's hyper service: called by shared reference, so a request
-/// clones nothing of the gateway.
-struct Connection(Gateway);
+/// clones nothing of the gateway. Tells the connection's [`HeadWatch`] when a head is in and
+/// when its response is written.
+struct Connection {
+    gateway: Gateway,
+    heads: Arc<HeadWatch>,
+}
 
 impl hyper::service::Service<http::Request<hyper::body::Incoming>> for Connection {
-    type Response = http::Response<super::GatewayBody>;
+    type Response = http::Response<WatchedBody>;
     type Error = std::convert::Infallible;
-    type Future = ResponseFuture;
+    type Future = Watched;
 
-    fn call(&self, req: http::Request<hyper::body::Incoming>) -> ResponseFuture {
-        self.0.dispatch(req)
+    fn call(&self, req: http::Request<hyper::body::Incoming>) -> Watched {
+        self.heads.serving();
+        Watched {
+            response: self.gateway.dispatch(req),
+            watch: Some(Arc::clone(&self.heads)),
+        }
+    }
+}
+
+/// What a connection's task holds until it ends, however it ends (its watchdog aborts it when
+/// no head comes in time): its slot, its count in the metrics, and its watchdog.
+struct Open {
+    gateway: Gateway,
+    heads: Arc<HeadWatch>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.heads.close();
+        self.gateway.metrics().connections.dec();
     }
 }
 
@@ -54,9 +78,9 @@ impl ServeOptions {
     /// under the 1024 open files most systems allow a process by default.
     pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 
-    /// Longest time a client may take to send a request head by default: hyper's own default
-    /// once a timer is set, and what keeps a client that trickles bytes (slowloris) from
-    /// holding a connection slot.
+    /// Longest time a client may take to send a request head by default (hyper's default for
+    /// the same bound): what keeps a client that trickles bytes (slowloris), or an idle
+    /// kept-alive connection, from holding a connection slot.
     pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
     /// Longest wait, after a shutdown signal, for in-flight requests and streams to finish by
@@ -71,7 +95,9 @@ impl ServeOptions {
         self
     }
 
-    /// Longest time a client may take to send a request head; the connection is closed then.
+    /// Longest time a client may take to send a request head, counted from the accept and
+    /// from the end of each response; the connection is closed then. Not counted while a
+    /// request is served, however long its upstream call or its stream takes.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.header_read_timeout = timeout;
         self
@@ -169,21 +195,28 @@ where
         };
         let _ = stream.set_nodelay(true);
         report.connections += 1;
-        let service = Connection(gateway.clone());
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(options.header_read_timeout)
-            .serve_connection(TokioIo::new(stream), service);
+        let heads = HeadWatch::accepted();
+        let service = Connection {
+            gateway: gateway.clone(),
+            heads: Arc::clone(&heads),
+        };
+        // No hyper timer: the head timeout is the connection's watchdog (heads.rs), which
+        // costs a request no timer of its own.
+        let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        let metrics = gateway.clone();
-        connections.spawn(async move {
-            metrics.metrics().connections.inc();
+        gateway.metrics().connections.inc();
+        let open = Open {
+            gateway: gateway.clone(),
+            heads: Arc::clone(&heads),
+            _slot: slot,
+        };
+        let task = connections.spawn(async move {
+            let _open = open;
             if let Err(e) = conn.await {
                 tracing::debug!(target: "cachecore::gateway", error = %e, "connection ended with an error");
             }
-            metrics.metrics().connections.dec();
-            drop(slot);
         });
+        heads.watch(task, options.header_read_timeout);
     }
 
     gateway.start_draining();
