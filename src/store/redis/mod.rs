@@ -552,30 +552,49 @@ impl RedisStore {
         }
     }
 
-    async fn lookup_inner(&self, key: &CacheKey, deps: &[&str]) -> Result<Lookup, StoreError> {
+    /// The near cache's answer to a lookup, found without I/O; otherwise what the lookup in
+    /// Redis needs from it.
+    fn near_lookup(near: &near::Near, key: &CacheKey, deps: &[&str]) -> Result<Lookup, NearNext> {
         let keys = TenantKeys::new(key.tenant());
         let entry_key = keys.entry(key);
-        if let Some(near) = &self.near {
-            let mut name = Vec::with_capacity(entry_key.len());
-            entry_key.write_into(&mut name);
-            let held = near.hit(&name, deps, |id, out| keys.dep_ver(id).write_into(out));
-            let unread = matches!(held, Err(near::NearMiss::Unread));
-            if let Ok(mut entry) = held {
-                // Served, the epochs count as observed now (a refresh put is checked by Redis
-                // anyway).
-                entry.deps.restamp(Instant::now());
-                match entry.freshness(now_ms()) {
-                    Freshness::Fresh => return Ok(Lookup::Fresh(entry)),
-                    Freshness::Stale => return Ok(Lookup::Stale(entry)),
-                    Freshness::Expired => {}
-                }
+        let mut name = Vec::with_capacity(entry_key.len());
+        entry_key.write_into(&mut name);
+        let held = near.hit(&name, deps, |id, out| keys.dep_ver(id).write_into(out));
+        let unread = matches!(held, Err(near::NearMiss::Unread));
+        if let Ok(mut entry) = held {
+            // Served, the epochs count as observed now (a refresh put is checked by Redis
+            // anyway).
+            entry.deps.restamp(Instant::now());
+            match entry.freshness(now_ms()) {
+                Freshness::Fresh => return Ok(Lookup::Fresh(entry)),
+                Freshness::Stale => return Ok(Lookup::Stale(entry)),
+                Freshness::Expired => {}
             }
-            // With unread bytes on the tracking socket, its next reply waits behind them: the
-            // ordinary connection answers (and nothing is filled from it).
-            if !unread {
-                if let Some(tracked) = near.tracked() {
-                    return self.lookup_tracked(near, tracked, &keys, name, deps).await;
-                }
+        }
+        Err(NearNext { name, unread })
+    }
+
+    /// A lookup in Redis; `near` is what the near cache said, when there is one.
+    async fn lookup_inner(
+        &self,
+        key: &CacheKey,
+        deps: &[&str],
+        near: Option<NearNext>,
+    ) -> Result<Lookup, StoreError> {
+        let keys = TenantKeys::new(key.tenant());
+        let entry_key = keys.entry(key);
+        // With unread bytes on the tracking socket, its next reply waits behind them: the
+        // ordinary connection answers (and nothing is filled from it).
+        if let (
+            Some(cache),
+            Some(NearNext {
+                name,
+                unread: false,
+            }),
+        ) = (&self.near, near)
+        {
+            if let Some(tracked) = cache.tracked() {
+                return self.lookup_tracked(cache, tracked, &keys, name, deps).await;
             }
         }
         // One command reads the entry and every dep's current epoch. A single command is atomic,
@@ -1036,9 +1055,25 @@ impl fmt::Debug for RedisStore {
     }
 }
 
+/// What a lookup the near cache could not answer takes to Redis: the entry's key as the near
+/// cache names it, and whether unread bytes wait on the tracking socket.
+struct NearNext {
+    name: Vec<u8>,
+    unread: bool,
+}
+
 impl CacheStore for RedisStore {
     fn lookup<'a>(&'a self, key: &'a CacheKey, deps: &'a [&'a str]) -> StoreFuture<'a, Lookup> {
-        Box::pin(self.lookup_inner(key, deps))
+        // A near hit needs no I/O: it is answered without making (and boxing) the lookup's
+        // future, which has room for a round trip to Redis.
+        let near = match &self.near {
+            Some(cache) => match Self::near_lookup(cache, key, deps) {
+                Ok(found) => return Box::pin(std::future::ready(Ok(found))),
+                Err(next) => Some(next),
+            },
+            None => None,
+        };
+        Box::pin(self.lookup_inner(key, deps, near))
     }
 
     /// Every call is bounded by [`RedisStoreBuilder::timeout`].
