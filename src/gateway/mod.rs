@@ -586,8 +586,7 @@ impl Gateway {
                 HEALTH_PATH if read_only => Destination::Health,
                 METRICS_PATH if read_only => Destination::Metrics,
                 _ if self.routes.iter().any(|r| r.matches(method, path)) => Destination::Cache {
-                    read_store: (!read_only)
-                        .then(|| path.rsplit('/').next() == Some(STORES_BY_DEFAULT)),
+                    read_store: (!read_only).then(|| last_segment_is(path, STORES_BY_DEFAULT)),
                 },
                 _ => Destination::Bypass,
             }
@@ -779,6 +778,13 @@ where
     }
 }
 
+/// Whether the last `/`-separated segment of `path` is `segment` (a suffix compare: this runs
+/// on every POST).
+fn last_segment_is(path: &str, segment: &str) -> bool {
+    path.strip_suffix(segment)
+        .is_some_and(|rest| rest.is_empty() || rest.ends_with('/'))
+}
+
 /// Whether a request body asks the provider to keep what it produces: `"store": true` at the
 /// top level, or no `"store": false` where the path stores `by_default` (the Responses API).
 fn asks_to_store(by_default: bool, body: &[u8]) -> bool {
@@ -787,11 +793,13 @@ fn asks_to_store(by_default: bool, body: &[u8]) -> bool {
         store: Option<bool>,
     }
     // Most bodies never name the field: skip the parse. A key spelled with `\u` escapes is the
-    // same key, so a body with escapes is parsed too. The searchers are built once: building
-    // one costs about as much as scanning a chat request with it.
+    // same key, so a body with escapes is parsed too (and a body without a backslash has
+    // none: one byte search rules them out). The searchers are built once: building one costs
+    // about as much as scanning a chat request with it.
     static STORE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"store\""));
     static ESCAPE: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\\u"));
-    if STORE_KEY.find(body).is_none() && ESCAPE.find(body).is_none() {
+    let escaped = || memchr::memchr(b'\\', body).is_some() && ESCAPE.find(body).is_some();
+    if STORE_KEY.find(body).is_none() && !escaped() {
         return by_default;
     }
     match serde_json::from_slice::<Store>(body) {
@@ -818,5 +826,48 @@ impl Future for ResponseFuture {
 impl fmt::Debug for ResponseFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn last_segment_is_the_text_after_the_last_slash(
+            path in proptest::collection::vec(
+                prop_oneof![Just("/"), Just("responses"), Just("x"), Just("s"), Just("v1")],
+                0..6,
+            ),
+        ) {
+            let path = path.concat();
+            let expected = path.rsplit('/').next() == Some(STORES_BY_DEFAULT);
+            prop_assert_eq!(last_segment_is(&path, STORES_BY_DEFAULT), expected, "{}", path);
+        }
+    }
+
+    #[test]
+    fn a_store_key_is_found_however_it_is_spelled() {
+        for (body, by_default, expected) in [
+            (r#"{"model":"m"}"#, false, false),
+            (r#"{"model":"m"}"#, true, true),
+            (r#"{"model":"m","store":true}"#, false, true),
+            (r#"{"model":"m","store":false}"#, true, false),
+            // An escape anywhere sends the body to the parser, which reads the key.
+            (r#"{"model":"m","\u0073tore":true}"#, false, true),
+            (r#"{"model":"m","st\u006Fre":false}"#, true, false),
+            // Backslashes but no `\u` escape: nothing to find.
+            (r#"{"model":"m","content":"a\nb \"q\""}"#, false, false),
+            // Not a boolean: left to the upstream, never cached.
+            (r#"{"store":"yes"}"#, false, true),
+        ] {
+            assert_eq!(
+                asks_to_store(by_default, body.as_bytes()),
+                expected,
+                "{body} (by default {by_default})"
+            );
+        }
     }
 }
