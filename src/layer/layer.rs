@@ -328,6 +328,7 @@ impl CachecoreBuilder {
     /// Leaves the [`CacheStatus`](crate::CacheStatus) extension off responses (they still
     /// carry `X-Cache`): for a server whose responses only ever go to the wire, where the
     /// extension would be an allocation made and dropped on every request.
+    #[cfg(feature = "gateway")]
     pub(crate) fn without_status_extension(mut self) -> Self {
         self.config.status_extension = false;
         self
