@@ -179,6 +179,16 @@ impl Env {
         Self::with(CachecoreLayer::builder(), |b| b).await
     }
 
+    /// The default gateway, served with a request-head timeout of `timeout`.
+    async fn with_head_timeout(timeout: Duration) -> Self {
+        Self::serving(
+            CachecoreLayer::builder(),
+            |b| b,
+            ServeOptions::default().header_read_timeout(timeout),
+        )
+        .await
+    }
+
     async fn with(
         cache: CachecoreBuilder,
         configure: impl FnOnce(cachecore::gateway::GatewayBuilder) -> cachecore::gateway::GatewayBuilder,
@@ -1501,14 +1511,9 @@ async fn raw_health(conn: &mut tokio::net::TcpStream) -> String {
 
 #[tokio::test]
 async fn a_head_trickled_past_the_head_timeout_closes_the_connection_after_earlier_requests() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let timeout = Duration::from_millis(200);
-    let env = Env::serving(
-        CachecoreLayer::builder(),
-        |b| b,
-        ServeOptions::default().header_read_timeout(timeout),
-    )
-    .await;
+    let env = Env::with_head_timeout(timeout).await;
     let mut conn = tokio::net::TcpStream::connect(env.addr).await.unwrap();
     for _ in 0..3 {
         assert!(raw_health(&mut conn).await.starts_with("HTTP/1.1 200"));
@@ -1517,26 +1522,29 @@ async fn a_head_trickled_past_the_head_timeout_closes_the_connection_after_earli
     conn.write_all(b"GET /health HTTP/1.1\r\nhost:")
         .await
         .unwrap();
+    closed_at_the_head_timeout(&mut conn, started, timeout).await;
+}
+
+/// Waits (bounded) for the server to close `conn`, and checks it did not before `timeout`
+/// had passed since `started`.
+async fn closed_at_the_head_timeout(
+    conn: &mut tokio::net::TcpStream,
+    started: tokio::time::Instant,
+    timeout: Duration,
+) {
+    use tokio::io::AsyncReadExt;
     let mut buf = vec![0; 1024];
     let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
         .await
         .expect("the connection is closed within the head timeout's bound");
-    assert!(
-        matches!(read, Ok(0) | Err(_)),
-        "an answer to half a head: {read:?}"
-    );
+    assert!(matches!(read, Ok(0) | Err(_)), "an answer: {read:?}");
     assert!(started.elapsed() >= timeout - Duration::from_millis(20));
 }
 
 #[tokio::test]
 async fn prompt_heads_keep_a_connection_open_longer_than_the_head_timeout() {
     let timeout = Duration::from_millis(200);
-    let env = Env::serving(
-        CachecoreLayer::builder(),
-        |b| b,
-        ServeOptions::default().header_read_timeout(timeout),
-    )
-    .await;
+    let env = Env::with_head_timeout(timeout).await;
     let mut conn = tokio::net::TcpStream::connect(env.addr).await.unwrap();
     let started = tokio::time::Instant::now();
     // Each head comes 50 ms after the last answer: four times the timeout in all.
@@ -1553,23 +1561,12 @@ async fn prompt_heads_keep_a_connection_open_longer_than_the_head_timeout() {
 
 #[tokio::test]
 async fn an_idle_kept_alive_connection_is_closed_after_the_head_timeout() {
-    use tokio::io::AsyncReadExt;
     let timeout = Duration::from_millis(200);
-    let env = Env::serving(
-        CachecoreLayer::builder(),
-        |b| b,
-        ServeOptions::default().header_read_timeout(timeout),
-    )
-    .await;
+    let env = Env::with_head_timeout(timeout).await;
     let mut conn = tokio::net::TcpStream::connect(env.addr).await.unwrap();
     assert!(raw_health(&mut conn).await.starts_with("HTTP/1.1 200"));
     let started = tokio::time::Instant::now();
-    let mut buf = vec![0; 64];
-    let read = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
-        .await
-        .expect("the idle connection is closed within the head timeout's bound");
-    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
-    assert!(started.elapsed() >= timeout - Duration::from_millis(20));
+    closed_at_the_head_timeout(&mut conn, started, timeout).await;
 }
 
 // The head timeout runs only while a head is awaited: a request whose upstream call, or whose
@@ -1577,12 +1574,7 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_head_timeout() {
 #[tokio::test]
 async fn a_request_served_for_longer_than_the_head_timeout_is_not_cut() {
     let timeout = Duration::from_millis(200);
-    let env = Env::serving(
-        CachecoreLayer::builder(),
-        |b| b,
-        ServeOptions::default().header_read_timeout(timeout),
-    )
-    .await;
+    let env = Env::with_head_timeout(timeout).await;
     let auth = format!("Bearer {}", env.token("acme", "v1"));
     let headers = [
         ("authorization", auth.as_str()),

@@ -196,57 +196,51 @@ mod tests {
         (watch, conn)
     }
 
-    async fn settle() {
+    /// Lets `d` pass on the paused clock, and the woken tasks run.
+    async fn pass(d: Duration) {
+        tokio::time::sleep(d).await;
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
     }
 
+    /// Checks that `conn` is still open 10 ms before `timeout` from now, and aborted 10 ms
+    /// after.
+    async fn closed_after(conn: tokio::task::JoinHandle<()>, timeout: Duration) {
+        pass(timeout - Duration::from_millis(10)).await;
+        assert!(!conn.is_finished(), "closed before the timeout");
+        pass(Duration::from_millis(20)).await;
+        assert!(conn.await.unwrap_err().is_cancelled());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_sends_no_head_is_closed_at_the_timeout_and_not_before() {
         let (_watch, conn) = watched(Duration::from_secs(30));
-        tokio::time::sleep(Duration::from_millis(29_990)).await;
-        settle().await;
-        assert!(!conn.is_finished());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        settle().await;
-        assert!(conn.await.unwrap_err().is_cancelled());
+        closed_after(conn, Duration::from_secs(30)).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_request_served_for_longer_than_the_timeout_keeps_its_connection() {
         let (watch, conn) = watched(Duration::from_secs(30));
-        tokio::time::sleep(Duration::from_secs(10)).await;
+        pass(Duration::from_secs(10)).await;
         watch.serving();
-        tokio::time::sleep(Duration::from_secs(100)).await;
-        settle().await;
+        pass(Duration::from_secs(100)).await;
         assert!(!conn.is_finished(), "closed while serving");
         // The response ends: the next head is awaited from now, for the whole timeout.
         watch.awaiting();
-        tokio::time::sleep(Duration::from_millis(29_990)).await;
-        settle().await;
-        assert!(
-            !conn.is_finished(),
-            "closed before the timeout after the response"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        settle().await;
-        assert!(conn.await.unwrap_err().is_cancelled());
+        closed_after(conn, Duration::from_secs(30)).await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn each_response_restarts_the_wait() {
         let (watch, conn) = watched(Duration::from_secs(30));
         for _ in 0..10 {
-            tokio::time::sleep(Duration::from_secs(20)).await;
+            pass(Duration::from_secs(20)).await;
             watch.serving();
             watch.awaiting();
         }
-        settle().await;
         assert!(!conn.is_finished());
-        tokio::time::sleep(Duration::from_secs(31)).await;
-        settle().await;
-        assert!(conn.is_finished());
+        closed_after(conn, Duration::from_secs(30)).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -255,15 +249,14 @@ mod tests {
         let watchdog = watch.watchdog.get().unwrap().clone();
         conn.abort();
         watch.close();
-        settle().await;
+        pass(Duration::ZERO).await;
         assert!(watchdog.is_finished());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_timeout_too_long_to_add_never_closes_and_never_panics() {
         let (_watch, conn) = watched(Duration::MAX);
-        tokio::time::sleep(Duration::from_secs(10 * 365 * 24 * 3600)).await;
-        settle().await;
+        pass(Duration::from_secs(10 * 365 * 24 * 3600)).await;
         assert!(!conn.is_finished());
     }
 
