@@ -16,6 +16,13 @@
 //!   waiters of every complete reply in order, each with slices of the read buffer (no copy).
 //! - **Cancel-safe.** A lookup given up on (its timeout, a dropped future) leaves its bytes to be
 //!   written and its reply to be read and dropped, in order; nothing else moves.
+//! - **One timer per connection, not one per lookup.** Each waiter carries its deadline (the
+//!   store's timeout from when it was queued). A sweeper task sleeps until the oldest live
+//!   waiter's deadline and fails every waiter past its own with a timeout, leaving its place in
+//!   the FIFO for its reply to be dropped. Deadlines only grow along the FIFO, so the sweeper
+//!   stops at the first live one, and with nothing waiting it sleeps one timeout: no lookup
+//!   waits past its deadline by more than the timer's millisecond. A tokio timeout around each
+//!   lookup cost a timer registration and removal per hit (about 1,100 instructions).
 //! - **A break fails the waiters.** An I/O error, the server closing, or a reply that is not
 //!   RESP ends the task and fails every waiter (the layer fails open); the next lookup starts a
 //!   new task, which first pings the store's other connections so they notice the restart too.
@@ -34,6 +41,8 @@ use bytes::{Bytes, BytesMut};
 use redis::{ConnectionAddr, ConnectionInfo};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
 
 use super::{timeout_error, Conn};
 use crate::store::{StoreError, StoreErrorKind};
@@ -77,6 +86,8 @@ struct Shared {
     hello: Vec<u8>,
     hello_replies: usize,
     connect_timeout: Duration,
+    /// How long a lookup waits for its reply, from when it is queued.
+    timeout: Duration,
     /// Pinged before a reconnection (the store's other connections; see [`Lean::new`]).
     others: Vec<Conn>,
     queue: Mutex<Queue>,
@@ -88,12 +99,29 @@ struct Queue {
     /// Commands not yet taken by the I/O task, in the order of `waiters`' tail.
     out: Vec<u8>,
     /// One per command written or to be written whose reply has not been read, oldest first.
-    /// A sender whose receiver is gone is a lookup given up on: its reply is dropped.
-    waiters: VecDeque<oneshot::Sender<Answer>>,
+    /// A waiter whose receiver is gone, or whose sender the sweeper took, is a lookup given up
+    /// on: its reply is dropped.
+    waiters: VecDeque<Waiter>,
     /// Whether an I/O task is running (connecting or connected).
     running: bool,
     /// I/O tasks started so far: the first connects, the later ones reconnect.
     started: u64,
+}
+
+/// A lookup waiting for its reply.
+struct Waiter {
+    /// `None` once the sweeper has failed it with a timeout.
+    tx: Option<oneshot::Sender<Answer>>,
+    deadline: Instant,
+}
+
+impl Waiter {
+    fn answer(self, answer: Answer) {
+        if let Some(tx) = self.tx {
+            // A lookup given up on has no receiver: its answer is dropped here.
+            let _ = tx.send(answer);
+        }
+    }
 }
 
 impl Lean {
@@ -104,6 +132,7 @@ impl Lean {
     pub(super) fn new(
         info: &ConnectionInfo,
         connect_timeout: Duration,
+        timeout: Duration,
         others: Vec<Conn>,
     ) -> Option<Self> {
         let ConnectionAddr::Tcp(host, port) = info.addr() else {
@@ -133,6 +162,7 @@ impl Lean {
                 hello,
                 hello_replies,
                 connect_timeout,
+                timeout,
                 others,
                 queue: Mutex::new(Queue {
                     out: Vec::with_capacity(4096),
@@ -167,6 +197,7 @@ impl Lean {
     /// before the reply comes, the command still goes out and its reply is read and dropped.
     pub(super) async fn query(&self, write: impl FnOnce(&mut Vec<u8>)) -> Answer {
         let (tx, rx) = oneshot::channel();
+        let deadline = after(Instant::now(), self.shared.timeout);
         let (start, wake) = {
             let mut queue = self.shared.lock();
             if queue.waiters.len() >= MAX_WAITERS {
@@ -177,7 +208,10 @@ impl Lean {
             }
             let was_empty = queue.out.is_empty();
             write(&mut queue.out);
-            queue.waiters.push_back(tx);
+            queue.waiters.push_back(Waiter {
+                tx: Some(tx),
+                deadline,
+            });
             if queue.running {
                 (None, was_empty)
             } else {
@@ -246,6 +280,7 @@ async fn run(shared: Arc<Shared>, nth: u64) {
     let mut ended = Ended {
         shared: Arc::clone(&shared),
         why: None,
+        sweeper: tokio::spawn(sweep(Arc::clone(&shared))).abort_handle(),
     };
     if nth > 1 {
         shared.ping_others().await;
@@ -260,10 +295,13 @@ async fn run(shared: Arc<Shared>, nth: u64) {
 struct Ended {
     shared: Arc<Shared>,
     why: Option<StoreError>,
+    /// The task's sweeper, stopped with it.
+    sweeper: AbortHandle,
 }
 
 impl Drop for Ended {
     fn drop(&mut self) {
+        self.sweeper.abort();
         let waiters = {
             let mut queue = self.shared.lock();
             queue.running = false;
@@ -283,7 +321,7 @@ impl Drop for Ended {
             "cachecore: Redis lookup connection ended"
         );
         for waiter in waiters {
-            let _ = waiter.send(Err(StoreError::new(kind, why)));
+            waiter.answer(Err(StoreError::new(kind, why)));
         }
     }
 }
@@ -336,8 +374,7 @@ async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> 
                 finished.extend(queue.waiters.drain(..answers.len()));
             }
             for (waiter, answer) in finished.drain(..).zip(answers.drain(..)) {
-                // A lookup given up on has no receiver: its reply is dropped here.
-                let _ = waiter.send(answer);
+                waiter.answer(answer);
             }
         }
         // Write as much as the socket takes now.
@@ -366,6 +403,45 @@ async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> 
             }
             () = shared.wake.notified(), if !unwritten => {}
         }
+    }
+}
+
+/// `at + d`, or a moment decades away when that overflows.
+fn after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(30 * 365 * 24 * 3600)))
+        .unwrap_or(at)
+}
+
+/// Fails, with a timeout, every waiter past its deadline, for as long as its I/O task runs
+/// (module docs).
+async fn sweep(shared: Arc<Shared>) {
+    let sleep = tokio::time::sleep(shared.timeout);
+    tokio::pin!(sleep);
+    let mut expired = Vec::new();
+    loop {
+        sleep.as_mut().await;
+        let now = Instant::now();
+        let next = {
+            let mut queue = shared.lock();
+            let mut next = None;
+            for waiter in queue.waiters.iter_mut().filter(|w| w.tx.is_some()) {
+                if waiter.deadline > now {
+                    next = Some(waiter.deadline);
+                    break;
+                }
+                expired.extend(waiter.tx.take());
+            }
+            next
+        };
+        for tx in expired.drain(..) {
+            let _ = tx.send(Err(timeout_error("waiting for Redis")));
+        }
+        // Nothing waiting: a lookup queued from now on has its deadline a timeout from now
+        // or later.
+        sleep
+            .as_mut()
+            .reset(next.unwrap_or_else(|| after(now, shared.timeout)));
     }
 }
 
@@ -687,13 +763,20 @@ mod tests {
             insecure: false,
             tls_params: None,
         });
-        assert!(Lean::new(&tls, second, Vec::new()).is_none());
+        assert!(Lean::new(&tls, second, second, Vec::new()).is_none());
         let unix = info("redis+unix:///tmp/redis.sock");
-        assert!(Lean::new(&unix, second, Vec::new()).is_none());
-        let lean = Lean::new(&info("redis://127.0.0.1:1/"), second, Vec::new()).expect("TCP");
+        assert!(Lean::new(&unix, second, second, Vec::new()).is_none());
+        let lean =
+            Lean::new(&info("redis://127.0.0.1:1/"), second, second, Vec::new()).expect("TCP");
         // No `AUTH` or `SELECT` unless the URL asks for them.
         assert!(lean.shared.hello.is_empty());
-        let lean = Lean::new(&info("redis://u:p@127.0.0.1:1/3"), second, Vec::new()).unwrap();
+        let lean = Lean::new(
+            &info("redis://u:p@127.0.0.1:1/3"),
+            second,
+            second,
+            Vec::new(),
+        )
+        .unwrap();
         assert_eq!(
             lean.shared.hello,
             b"*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$1\r\np\r\n*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"
@@ -748,6 +831,7 @@ mod tests {
         let lean = Lean::new(
             &info(&format!("redis://127.0.0.1:{port}/")),
             Duration::from_secs(1),
+            Duration::from_secs(1),
             Vec::new(),
         )
         .unwrap();
@@ -757,6 +841,49 @@ mod tests {
         assert_eq!(b.unwrap_err().kind(), StoreErrorKind::Backend);
         assert_eq!(lean.waiting(), 0);
         assert!(lean.query(mget).await.is_err());
+    }
+
+    /// A server that accepts and never answers: each lookup fails with a timeout at its own
+    /// deadline (not at the first one's, nor never), and keeps its place for a reply.
+    #[tokio::test]
+    async fn a_silent_server_fails_each_lookup_at_its_own_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            std::future::pending::<()>().await;
+            drop(socket);
+        });
+        let timeout = Duration::from_millis(150);
+        let lean = Lean::new(
+            &info(&format!("redis://127.0.0.1:{port}/")),
+            Duration::from_secs(1),
+            timeout,
+            Vec::new(),
+        )
+        .unwrap();
+        let mget = |out: &mut Vec<u8>| write_command(out, &[b"MGET", b"k"]);
+        let timed = |delay: Duration| {
+            let lean = lean.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                let started = Instant::now();
+                let answer = lean.query(mget).await;
+                (answer, started.elapsed())
+            }
+        };
+        let both = async { tokio::join!(timed(Duration::ZERO), timed(Duration::from_millis(100))) };
+        let (first, second) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("the lookups are bounded");
+        for (answer, waited) in [first, second] {
+            assert_eq!(answer.unwrap_err().kind(), StoreErrorKind::Timeout);
+            assert!(waited >= timeout, "failed early: {waited:?}");
+            assert!(waited < timeout * 4, "failed late: {waited:?}");
+        }
+        // Both still hold their places: a reply that came now would be dropped, in order.
+        assert_eq!(lean.waiting(), 2);
+        server.abort();
     }
 
     mod prop {

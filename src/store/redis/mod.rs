@@ -446,7 +446,12 @@ impl RedisStoreBuilder {
                 let client = redis::Client::open(url.as_str()).map_err(store_error)?;
                 let mut others = vec![conn.clone()];
                 others.extend(ack.as_ref().map(|(c, _)| c.clone()));
-                lean::Lean::new(client.get_connection_info(), self.connect_timeout, others)
+                lean::Lean::new(
+                    client.get_connection_info(),
+                    self.connect_timeout,
+                    self.timeout,
+                    others,
+                )
             }
             Target::Cluster(_) | Target::Unset => None,
         };
@@ -541,17 +546,6 @@ impl RedisStore {
         }
     }
 
-    /// Like [`timed`](Self::timed), for a call that already answers a [`StoreError`].
-    async fn bounded<T>(
-        &self,
-        fut: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(result) => result,
-            Err(_) => Err(timeout_error("waiting for Redis")),
-        }
-    }
-
     /// The near cache's answer to a lookup, found without I/O; otherwise what the lookup in
     /// Redis needs from it.
     fn near_lookup(near: &near::Near, key: &CacheKey, deps: &[&str]) -> Result<Lookup, NearNext> {
@@ -612,7 +606,8 @@ impl RedisStore {
                         lean::write_arg(out, ver.len(), |out| ver.write_into(out));
                     }
                 };
-                self.bounded(lean.query(mget)).await?
+                // Bounded by the connection's sweeper (lean.rs), not by a timer per lookup.
+                lean.query(mget).await?
             }
             None => {
                 let size =
