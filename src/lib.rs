@@ -65,6 +65,8 @@ pub mod auth;
 pub mod client;
 mod context;
 mod counters;
+#[cfg(any(feature = "gateway", feature = "redis"))]
+mod deadline;
 mod dep;
 mod edge;
 mod engine;

@@ -31,6 +31,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::{GatewayBody, ResponseFuture};
+use crate::deadline::after;
 use crate::edge::BoxError;
 
 /// Since when one connection has awaited a request head, if it does.
@@ -94,14 +95,6 @@ impl HeadWatch {
             watchdog.abort();
         }
     }
-}
-
-/// `at + d`, or a moment decades away when that overflows (a timeout of `Duration::MAX`).
-fn after(at: Instant, d: Duration) -> Instant {
-    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
-    at.checked_add(d)
-        .or_else(|| at.checked_add(FAR))
-        .unwrap_or(at)
 }
 
 async fn watchdog(watch: Arc<HeadWatch>, conn: AbortHandle, timeout: Duration) {

@@ -45,6 +45,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::{timeout_error, Conn};
+use crate::deadline::after;
 use crate::store::{StoreError, StoreErrorKind};
 
 /// Longest bulk string a reply may announce: Redis's own ceiling (`proto-max-bulk-len`).
@@ -404,13 +405,6 @@ async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> 
             () = shared.wake.notified(), if !unwritten => {}
         }
     }
-}
-
-/// `at + d`, or a moment decades away when that overflows.
-fn after(at: Instant, d: Duration) -> Instant {
-    at.checked_add(d)
-        .or_else(|| at.checked_add(Duration::from_secs(30 * 365 * 24 * 3600)))
-        .unwrap_or(at)
 }
 
 /// Fails, with a timeout, every waiter past its deadline, for as long as its I/O task runs
