@@ -123,6 +123,58 @@ fn a_weak_secret_or_a_bad_duration_is_refused_at_start_up() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--shutdown-timeout"));
 }
 
+/// How `command` exits, given 10 s: a gateway that starts instead of refusing its arguments
+/// would serve until killed, so it is killed then and the test fails.
+fn exit_of(command: &mut Command) -> std::process::Output {
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the gateway started: {command:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_zero_timeout_or_ttl_is_refused_at_start_up() {
+    // A zero wait would fail every request, and a zero request-head timeout would close every
+    // connection before its first request: each is a usage error, not a gateway that runs.
+    let mut flags = vec![
+        "--default-ttl",
+        "--store-timeout",
+        "--upstream-connect-timeout",
+        "--upstream-timeout",
+        "--upstream-idle-timeout",
+        "--header-read-timeout",
+    ];
+    if cfg!(feature = "semantic") {
+        flags.push("--semantic-timeout");
+    }
+    for flag in flags {
+        for zero in ["0", "0s", "0ms", " 0m"] {
+            let out = exit_of(
+                Command::new(BIN)
+                    .args(["--upstream", "http://127.0.0.1:9", "--jwt-secret", SECRET])
+                    .args(["--listen", "127.0.0.1:0"])
+                    .arg(format!("{flag}={zero}")),
+            );
+            assert_eq!(out.status.code(), Some(2), "{flag}={zero}: a usage error");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(flag) && err.contains("longer than zero"),
+                "{flag}={zero}: {err}"
+            );
+        }
+    }
+}
+
 #[cfg(feature = "semantic")]
 #[test]
 fn a_bad_semantic_threshold_or_model_is_refused_at_start_up() {
@@ -417,29 +469,17 @@ fn a_bad_near_cache_size_is_refused_at_start_up() {
 #[cfg(feature = "redis")]
 #[test]
 fn a_near_cache_without_redis_is_refused_at_start_up() {
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            "http://127.0.0.1:9",
-        ])
-        .args(["--jwt-secret", SECRET, "--redis-near-cache", "64MiB"])
-        .env_remove("CACHECORE_REDIS_URL")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // A gateway that started instead would serve until killed: give it a bounded time.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("the gateway started with a near cache and no Redis");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+    let out = exit_of(
+        Command::new(BIN)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "http://127.0.0.1:9",
+            ])
+            .args(["--jwt-secret", SECRET, "--redis-near-cache", "64MiB"])
+            .env_remove("CACHECORE_REDIS_URL"),
+    );
     assert_eq!(out.status.code(), Some(2), "a usage error");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--redis <REDIS>"), "{stderr}");

@@ -58,11 +58,11 @@ struct Args {
     cacheable_paths: Option<Vec<String>>,
 
     /// How long an entry is fresh (e.g. 90s, 10m, 1h).
-    #[arg(long, env = "CACHECORE_DEFAULT_TTL", default_value = "1h", value_parser = duration)]
+    #[arg(long, env = "CACHECORE_DEFAULT_TTL", default_value = "1h", value_parser = nonzero_duration)]
     default_ttl: Duration,
 
     /// Longest wait for one cache store call; past it the request goes upstream uncached.
-    #[arg(long, env = "CACHECORE_STORE_TIMEOUT", default_value = "250ms", value_parser = duration)]
+    #[arg(long, env = "CACHECORE_STORE_TIMEOUT", default_value = "250ms", value_parser = nonzero_duration)]
     store_timeout: Duration,
 
     /// Redis URL for the entries (shared by every gateway instance) and the invalidation queue
@@ -94,17 +94,17 @@ struct Args {
     redis_near_cache: Option<u64>,
 
     /// Longest wait for a TCP connection to the upstream (then 502).
-    #[arg(long, env = "CACHECORE_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "CACHECORE_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_parser = nonzero_duration)]
     upstream_connect_timeout: Duration,
 
     /// Longest wait for the upstream's response head, waiting for a free slot included (then
     /// 504). 10 minutes: what the OpenAI SDKs wait themselves.
-    #[arg(long, env = "CACHECORE_UPSTREAM_TIMEOUT", default_value = "10m", value_parser = duration)]
+    #[arg(long, env = "CACHECORE_UPSTREAM_TIMEOUT", default_value = "10m", value_parser = nonzero_duration)]
     upstream_timeout: Duration,
 
     /// Longest silence between two chunks of an upstream body (then the response is cut and
     /// not cached).
-    #[arg(long, env = "CACHECORE_UPSTREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = duration)]
+    #[arg(long, env = "CACHECORE_UPSTREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = nonzero_duration)]
     upstream_idle_timeout: Duration,
 
     /// Upstream requests in flight at once; more wait for a slot.
@@ -120,7 +120,7 @@ struct Args {
     max_connections: usize,
 
     /// Longest time a client may take to send a request head.
-    #[arg(long, env = "CACHECORE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "CACHECORE_HEADER_READ_TIMEOUT", default_value = "30s", value_parser = nonzero_duration)]
     header_read_timeout: Duration,
 
     /// On SIGTERM or Ctrl-C: longest wait for in-flight requests and streams to finish.
@@ -144,7 +144,7 @@ struct Args {
 
     /// Longest wait for one embedding (with --semantic-model); past it the request is a miss.
     #[cfg(feature = "semantic")]
-    #[arg(long, env = "CACHECORE_SEMANTIC_TIMEOUT", default_value = "250ms", value_parser = duration)]
+    #[arg(long, env = "CACHECORE_SEMANTIC_TIMEOUT", default_value = "250ms", value_parser = nonzero_duration)]
     semantic_timeout: Duration,
 }
 
@@ -188,6 +188,16 @@ fn duration(text: &str) -> Result<Duration, String> {
         other => Err(format!(
             "unknown unit {other:?} in {text:?}: use ms, s, m or h"
         )),
+    }
+}
+
+/// A duration that must be longer than zero: a zero timeout would fail every request (a zero
+/// request-head timeout would close every connection before its first request), and a zero
+/// TTL would store entries that are never fresh.
+fn nonzero_duration(text: &str) -> Result<Duration, String> {
+    match duration(text)? {
+        Duration::ZERO => Err(format!("{:?} must be longer than zero", text.trim())),
+        d => Ok(d),
     }
 }
 

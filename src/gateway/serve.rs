@@ -97,7 +97,8 @@ impl ServeOptions {
 
     /// Longest time a client may take to send a request head, counted from the accept and
     /// from the end of each response; the connection is closed then. Not counted while a
-    /// request is served, however long its upstream call or its stream takes.
+    /// request is served, however long its upstream call or its stream takes. A zero timeout
+    /// closes each connection before its first request (the gateway binary refuses it).
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.header_read_timeout = timeout;
         self
