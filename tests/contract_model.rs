@@ -1410,6 +1410,20 @@ impl CacheStore for Faulty {
         })
     }
 
+    // Stores that answer at once (the memory store, a near hit) are answered here, so the
+    // layer's synchronous hit path runs under the same faults. A delay is no answer at once:
+    // `lookup` then runs, with a fault of its own.
+    fn lookup_now(&self, key: &CacheKey, deps: &[&str]) -> Option<Result<Lookup, StoreError>> {
+        let fault = match self.pick(true) {
+            Fault::Delay(_) | Fault::Stall => return None,
+            Fault::FailBefore => return Some(Err(injected())),
+            fault => fault,
+        };
+        let key = CacheKey::new(self.tenant(key.tenant()), *key.digest());
+        let out = self.inner.lookup_now(&key, deps)?;
+        Some(Self::after(fault, out))
+    }
+
     fn put<'a>(&'a self, key: &'a CacheKey, entry: Entry) -> StoreFuture<'a, PutOutcome> {
         let fault = self.pick(true);
         let key = CacheKey::new(self.tenant(key.tenant()), *key.digest());

@@ -368,6 +368,73 @@ async fn a_store_that_always_errors_never_fails_a_request() {
 }
 
 #[tokio::test]
+async fn a_store_that_answers_at_once_is_asked_once_per_request_and_never_asynchronously() {
+    // `lookup_now` answers hits and misses alike: `lookup` is never needed, and a miss is not
+    // looked up a second time on its way upstream.
+    let up = Upstream::new();
+    let store = AtOnceStore {
+        answers_at_once: true,
+        ..AtOnceStore::default()
+    };
+    let layer = CachecoreLayer::builder().store(store.clone()).build();
+    let svc = stack(&layer, &up);
+    let first = send(&svc, chat(BODY)).await;
+    assert_eq!(first.x_cache, "MISS");
+    eventually("the entry is stored", || layer.metrics().stored == 1).await;
+    for _ in 0..3 {
+        let hit = send(&svc, chat(BODY)).await;
+        assert_eq!(hit.x_cache, "HIT_L1");
+        assert_eq!(hit.body, first.body);
+    }
+    assert_eq!(up.calls(), 1);
+    assert_eq!((store.now_calls(), store.later_calls()), (4, 0));
+    // A refresh reads the store's current epochs the ordinary way, then replaces the entry.
+    let mut req = chat(BODY);
+    req.extensions_mut().insert(RequestContext::new().refresh());
+    let refreshed = send(&svc, req).await;
+    assert_eq!(refreshed.x_cache, "MISS");
+    assert_eq!((store.now_calls(), store.later_calls()), (4, 1));
+
+    // A store that cannot answer at once is asked through `lookup`, once per request.
+    let up = Upstream::new();
+    let store = AtOnceStore::default();
+    let layer = CachecoreLayer::builder().store(store.clone()).build();
+    let svc = stack(&layer, &up);
+    assert_eq!(send(&svc, chat(BODY)).await.x_cache, "MISS");
+    eventually("the entry is stored", || layer.metrics().stored == 1).await;
+    assert_eq!(send(&svc, chat(BODY)).await.x_cache, "HIT_L1");
+    assert_eq!((store.now_calls(), store.later_calls()), (0, 2));
+}
+
+#[tokio::test]
+async fn errors_answered_at_once_open_the_breaker_like_any_other() {
+    let up = Upstream::new();
+    let store = AtOnceStore {
+        answers_at_once: true,
+        ..AtOnceStore::default()
+    };
+    store
+        .fail_now
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let layer = CachecoreLayer::builder()
+        .store(store.clone())
+        .circuit_breaker(3, Duration::from_secs(60))
+        .build();
+    let svc = stack(&layer, &up);
+    for i in 1..=5 {
+        let seen = send(&svc, chat(BODY)).await;
+        assert_eq!(seen.status, StatusCode::OK, "fails open");
+        assert_eq!(seen.x_cache, "MISS");
+        assert!(seen.text().starts_with(&format!("call {i}")));
+    }
+    let m = layer.metrics();
+    assert_eq!(m.store_errors, 3, "{m:?}");
+    // Open, the breaker skips the store: neither lookup is made, and the skip is counted.
+    assert_eq!((store.now_calls(), store.later_calls()), (3, 0));
+    assert_eq!(m.store_skipped, 2, "{m:?}");
+}
+
+#[tokio::test]
 async fn a_store_that_never_answers_costs_at_most_the_store_timeout() {
     let up = Upstream::new();
     let timeout = Duration::from_millis(50);

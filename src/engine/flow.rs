@@ -1,7 +1,8 @@
-//! The request flow every adapter shares, in one function ([`Engine::serve`]): key → lookup
-//! (L1, then the L2 step in one place) → single-flight → forward → record → mark. Planning
-//! comes first and is synchronous ([`Engine::plan`]); an adapter only converts its request to
-//! an [`Upstream`] and the response back.
+//! The request flow every adapter shares: key → lookup (L1, then the L2 step in one place) →
+//! single-flight → forward → record → mark. Planning comes first and is synchronous
+//! ([`Engine::plan`]); so is the start of the flow ([`Engine::serve_now`]: the key, and a hit
+//! when the store can answer at once), and [`Engine::serve_later`] is the rest. An adapter
+//! only converts its request to an [`Upstream`] and the response back.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -56,18 +57,69 @@ pub(crate) trait Upstream: Send + Sized {
 pub(crate) type RefreshCall<B> = Pin<Box<dyn Future<Output = Option<Response<B>>> + Send>>;
 
 impl Engine {
-    /// The cache path of one planned request whose body is buffered: key → lookup → single-flight
-    /// → forward → record → mark. The one function every adapter's cached requests go through.
+    /// The cache path of one planned request whose body is buffered: [`serve_now`](Self::serve_now),
+    /// then, when that cannot answer, [`serve_later`](Self::serve_later) in the same future (the
+    /// tower service and the gateway box the latter instead, to keep their hit path small).
+    #[cfg(feature = "reqwest")]
     pub(crate) async fn serve<U: Upstream>(
         self: &Arc<Self>,
         plan: Plan,
         request: U::Request,
         upstream: U,
     ) -> Result<Response<ResponseBody<U::Body>>, U::Error> {
+        match self.serve_now::<U>(&plan, &request) {
+            Ok(res) => Ok(res),
+            Err(later) => self.serve_later(plan, later, request, upstream).await,
+        }
+    }
+
+    /// The synchronous start of a cached request's flow: the key, and a fresh hit when the store
+    /// can answer at once ([`Engine::lookup_now`]). Anything else (a miss, a stale entry, a
+    /// store that answers asynchronously, a refresh) is left to [`serve_later`](Self::serve_later)
+    /// with what was learnt here, so the store is asked once.
+    ///
+    /// An adapter that runs this before building the rest of its future keeps that future small
+    /// on the hit path: a hit then moves no room meant for an upstream call.
+    // `Later` carries what the store gave (an entry, possibly) and is moved once, to the
+    // caller; the hit's response is about as large.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn serve_now<U: Upstream>(
+        &self,
+        plan: &Plan,
+        request: &U::Request,
+    ) -> Result<Response<ResponseBody<U::Body>>, Later> {
+        let head = U::head(request);
+        let key = self.key(plan, &head, U::body(request));
+        if plan.refresh {
+            return Err(Later { key, found: None });
+        }
+        let found = self.lookup_now(&key, &plan.dep_ids());
+        match found {
+            Some(Found::Hit(entry, CacheStatus::Hit))
+                if vary_matches(&entry.headers, head.headers) =>
+            {
+                Ok(self.hit_response(entry, CacheStatus::Hit, ResponseBody::cached))
+            }
+            found => Err(Later { key, found }),
+        }
+    }
+
+    /// The rest of a cached request's flow after [`serve_now`](Self::serve_now): lookup (unless
+    /// `serve_now` had the store's answer), L2, single-flight, forward, record, mark.
+    pub(crate) async fn serve_later<U: Upstream>(
+        self: &Arc<Self>,
+        plan: Plan,
+        later: Later,
+        request: U::Request,
+        upstream: U,
+    ) -> Result<Response<ResponseBody<U::Body>>, U::Error> {
+        let Later { key, found } = later;
         let head = U::head(&request);
         let body = U::body(&request);
-        let key = self.key(&plan, &head, body);
-        let forward = match self.route(&key, &plan, &head, body, U::REFRESHES).await {
+        let forward = match self
+            .route(&key, &plan, &head, body, U::REFRESHES, found)
+            .await
+        {
             Route::Serve(entry, status) => {
                 if status == CacheStatus::StaleHit {
                     let observed = entry.deps.clone();
@@ -159,6 +211,13 @@ impl Engine {
     }
 }
 
+/// What [`Engine::serve_now`] leaves to [`Engine::serve_later`]: the key, and the store's
+/// answer when it gave one at once.
+pub(crate) struct Later {
+    key: CacheKey,
+    found: Option<Found>,
+}
+
 /// What to do with a cached request once its key is known.
 enum Route {
     /// Serve this entry. A [`CacheStatus::StaleHit`] asks for one background refresh.
@@ -175,7 +234,8 @@ impl Engine {
     /// request body (L2 reads the question from it).
     ///
     /// `serve_stale`: whether the adapter can run a background refresh ([`Upstream::REFRESHES`]).
-    /// When it cannot, a stale entry is revalidated in line instead.
+    /// When it cannot, a stale entry is revalidated in line instead. `found`: the store's
+    /// answer, when [`Engine::serve_now`] already had it.
     async fn route(
         self: &Arc<Self>,
         key: &CacheKey,
@@ -183,10 +243,14 @@ impl Engine {
         head: &RequestHead<'_>,
         body: &[u8],
         serve_stale: bool,
+        found: Option<Found>,
     ) -> Route {
         let headers = head.headers;
         let deps = plan.dep_ids();
-        let found = self.lookup(key, &deps).await;
+        let found = match found {
+            Some(found) => found,
+            None => self.lookup(key, &deps).await,
+        };
         #[cfg(feature = "semantic")]
         let l1_missed = matches!(found, Found::Miss(_));
         let observed = match found {

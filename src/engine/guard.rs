@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::config::Config;
 use crate::counters::{LatencyHistogram, Metrics, StoreOp};
-use crate::store::{duration_ms, CacheStore, StoreFuture};
+use crate::store::{duration_ms, CacheStore, StoreError, StoreFuture};
 
 /// The store, behind its timeout and its breakers: the only way the engine reaches the store.
 pub(super) struct StoreGuard {
@@ -77,6 +77,36 @@ impl StoreGuard {
                 Err(_) => Err(format!("no answer within {:?}", self.timeout)),
             },
         };
+        self.settle(outcome, &breaker, metrics)
+    }
+
+    /// [`call`](Self::call) for a store that can answer at once ([`CacheStore::lookup_now`]).
+    /// An answer at once is timed as zero, like a `call` answered on its first poll.
+    pub(super) fn call_now<T>(
+        &self,
+        op: StoreOp,
+        tenant: &str,
+        metrics: &Metrics,
+        call: impl FnOnce(&dyn CacheStore) -> Option<Result<T, StoreError>>,
+    ) -> Now<T> {
+        let breaker = self.breakers.domain(self.store.failure_domain(tenant));
+        if !breaker.allows() {
+            return Now::Later;
+        }
+        let Some(outcome) = call(&*self.store) else {
+            return Now::Later;
+        };
+        metrics.latency(op).observe(Duration::ZERO);
+        Now::Answered(self.settle(outcome.map_err(|e| e.to_string()), &breaker, metrics))
+    }
+
+    /// A store call's outcome, told to the breaker and the metrics.
+    fn settle<T>(
+        &self,
+        outcome: Result<T, String>,
+        breaker: &DomainBreaker<'_>,
+        metrics: &Metrics,
+    ) -> Option<T> {
         let error = match outcome {
             Ok(value) => {
                 breaker.success();
@@ -94,6 +124,15 @@ impl StoreGuard {
         }
         None
     }
+}
+
+/// What [`StoreGuard::call_now`] gives.
+pub(super) enum Now<T> {
+    /// The store cannot answer at once, or its breaker is open: ask [`StoreGuard::call`] (which
+    /// skips the store, and counts the skip, while the breaker is open).
+    Later,
+    /// What [`StoreGuard::call`] would have given.
+    Answered(Option<T>),
 }
 
 /// Records a store call's time in its histogram when the call ends, however it ends (a caller

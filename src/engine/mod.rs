@@ -52,6 +52,18 @@ pub(crate) enum Found {
     Unavailable,
 }
 
+impl Found {
+    /// What a guarded store lookup gave (`None`: skipped, failed or timed out).
+    fn of(lookup: Option<Lookup>) -> Self {
+        match lookup {
+            Some(Lookup::Fresh(entry)) => Found::Hit(entry, CacheStatus::Hit),
+            Some(Lookup::Stale(entry)) => Found::Hit(entry, CacheStatus::StaleHit),
+            Some(Lookup::Miss(epochs)) => Found::Miss(epochs),
+            None => Found::Unavailable,
+        }
+    }
+}
+
 /// The engine behind every adapter.
 pub(crate) struct Engine {
     store: StoreGuard,
@@ -127,17 +139,25 @@ impl Engine {
     /// Looks the key up, failing open: a store error, a timeout or an open breaker is
     /// `Unavailable`, never an error.
     pub(crate) async fn lookup(&self, key: &CacheKey, deps: &[&str]) -> Found {
+        Found::of(
+            self.store
+                .call(StoreOp::Lookup, key.tenant(), &self.metrics, |s| {
+                    s.lookup(key, deps)
+                })
+                .await,
+        )
+    }
+
+    /// [`lookup`](Self::lookup) when the store can answer at once ([`CacheStore::lookup_now`]);
+    /// `None` when it cannot.
+    pub(crate) fn lookup_now(&self, key: &CacheKey, deps: &[&str]) -> Option<Found> {
         match self
             .store
-            .call(StoreOp::Lookup, key.tenant(), &self.metrics, |s| {
-                s.lookup(key, deps)
-            })
-            .await
-        {
-            Some(Lookup::Fresh(entry)) => Found::Hit(entry, CacheStatus::Hit),
-            Some(Lookup::Stale(entry)) => Found::Hit(entry, CacheStatus::StaleHit),
-            Some(Lookup::Miss(epochs)) => Found::Miss(epochs),
-            None => Found::Unavailable,
+            .call_now(StoreOp::Lookup, key.tenant(), &self.metrics, |s| {
+                s.lookup_now(key, deps)
+            }) {
+            guard::Now::Answered(lookup) => Some(Found::of(lookup)),
+            guard::Now::Later => None,
         }
     }
 

@@ -773,7 +773,8 @@ where
             mark_bypass_parts(&mut parts.extensions);
             let body = RequestBody::replay(prefix, error, rest).boxed_unsync();
             let mut cached = cached;
-            cached.call(Request::from_parts(parts, body)).await
+            // Boxed: the hit path's future keeps no room for an upstream call.
+            Box::pin(cached.call(Request::from_parts(parts, body))).await
         }
     }
 }

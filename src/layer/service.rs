@@ -131,15 +131,24 @@ impl<S> Cachecore<S> {
         async move {
             let request = (parts, body);
             let plan = self.engine.plan(&Inner::<S, ReqB, ResB>::head(&request));
+            let inner = Inner::<S, ReqB, ResB>(self.inner, PhantomData);
             match plan {
                 Ok(plan) => {
-                    let inner = Inner(self.inner, PhantomData);
-                    self.engine.serve(plan, request, inner).await
+                    let later = match self
+                        .engine
+                        .serve_now::<Inner<S, ReqB, ResB>>(&plan, &request)
+                    {
+                        Ok(hit) => return Ok(hit),
+                        Err(later) => later,
+                    };
+                    // Boxed, as everything that waits for the upstream: a hit answered at once
+                    // then builds and moves a future of a few words, not one with room for an
+                    // upstream call.
+                    Box::pin(self.engine.serve_later(plan, later, request, inner)).await
                 }
                 Err(reason) => {
                     let error = reason.error_header();
-                    let inner = Inner::<S, ReqB, ResB>(self.inner, PhantomData);
-                    let (mut parts, body) = inner.call(request).await?.into_parts();
+                    let (mut parts, body) = Box::pin(inner.call(request)).await?.into_parts();
                     self.engine
                         .mark_bypass(&mut parts.headers, &mut parts.extensions, error);
                     Ok(Response::from_parts(parts, ResponseBody::passthrough(body)))
@@ -250,8 +259,15 @@ where
     let (parts, body) = req.into_parts();
     match buffer(body, engine.config().max_body).await {
         Ok(body) => {
+            let request = (parts, body);
+            let later = match engine.serve_now::<Inner<S, ReqB, ResB>>(&plan, &request) {
+                Ok(hit) => return Ok(hit),
+                Err(later) => later,
+            };
+            // Boxed, as everything that waits for the upstream: a hit answered at once then
+            // builds and moves a future of a few words, not one with room for an upstream call.
             let inner = Inner(inner, PhantomData);
-            engine.serve(plan, (parts, body), inner).await
+            Box::pin(engine.serve_later(plan, later, request, inner)).await
         }
         Err(Unbuffered {
             prefix,
@@ -259,7 +275,9 @@ where
             rest,
         }) => {
             let req = Request::from_parts(parts, RequestBody::replay(prefix, error, rest));
-            let mut res = inner.call(req).await?.map(ResponseBody::passthrough);
+            let mut res = Box::pin(inner.call(req))
+                .await?
+                .map(ResponseBody::passthrough);
             engine.mark(&mut res, CacheStatus::Bypass);
             Ok(res)
         }

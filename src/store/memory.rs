@@ -193,7 +193,7 @@ impl MemoryStore {
         self.entries.run_pending_tasks();
     }
 
-    fn lookup_now(&self, key: &CacheKey, deps: &[&str]) -> Lookup {
+    fn lookup_here(&self, key: &CacheKey, deps: &[&str]) -> Lookup {
         if let Some(entry) = self.entries.get(key) {
             // No write to the dep index since this entry was last found valid: it still is,
             // without taking the lock or looking its deps up again.
@@ -355,8 +355,12 @@ impl fmt::Debug for MemoryStore {
 
 impl CacheStore for MemoryStore {
     fn lookup<'a>(&'a self, key: &'a CacheKey, deps: &'a [&'a str]) -> StoreFuture<'a, Lookup> {
-        let out = self.lookup_now(key, deps);
+        let out = self.lookup_here(key, deps);
         Box::pin(std::future::ready(Ok(out)))
+    }
+
+    fn lookup_now(&self, key: &CacheKey, deps: &[&str]) -> Option<Result<Lookup, StoreError>> {
+        Some(Ok(self.lookup_here(key, deps)))
     }
 
     fn put<'a>(&'a self, key: &'a CacheKey, entry: Entry) -> StoreFuture<'a, PutOutcome> {
@@ -648,14 +652,14 @@ mod tests {
         // The first hit validates under the lock and remembers it; the second uses the memo.
         for _ in 0..2 {
             assert!(matches!(
-                store.lookup_now(&key(1), &declared),
+                store.lookup_here(&key(1), &declared),
                 Lookup::Fresh(_)
             ));
         }
         // Another dep's invalidation: the entry is checked again, and still valid.
         store.invalidate_now("t", "doc:2", "h").unwrap();
         assert!(matches!(
-            store.lookup_now(&key(1), &declared),
+            store.lookup_here(&key(1), &declared),
             Lookup::Fresh(_)
         ));
         // The epoch moves while the entry is still held (its deletion not done yet, rule 3).
@@ -668,7 +672,7 @@ mod tests {
             .expect("tagged")
             .epoch += 1;
         assert!(matches!(
-            store.lookup_now(&key(1), &declared),
+            store.lookup_here(&key(1), &declared),
             Lookup::Miss(_)
         ));
     }
@@ -700,12 +704,12 @@ mod tests {
         let deps = [("doc:1", 0), (POLICY_DEP, 0)];
         store.put_now(&key(1), entry(10, Duration::from_millis(30), &deps));
         assert!(matches!(
-            store.lookup_now(&key(1), &["doc:1", POLICY_DEP]),
+            store.lookup_here(&key(1), &["doc:1", POLICY_DEP]),
             Lookup::Fresh(_)
         ));
         std::thread::sleep(Duration::from_millis(60));
         assert!(matches!(
-            store.lookup_now(&key(1), &["doc:1", POLICY_DEP]),
+            store.lookup_here(&key(1), &["doc:1", POLICY_DEP]),
             Lookup::Miss(_)
         ));
         // moka reaps expired entries on its timer wheel (about one-second ticks).
@@ -740,7 +744,7 @@ mod tests {
                 while !stop.load(Ordering::Relaxed) {
                     let k = key(t << 24 | i);
                     i += 1;
-                    let Lookup::Miss(epochs) = store.lookup_now(&k, &["doc", POLICY_DEP]) else {
+                    let Lookup::Miss(epochs) = store.lookup_here(&k, &["doc", POLICY_DEP]) else {
                         continue;
                     };
                     let mut e = entry(16, Duration::from_secs(60), &[]);
@@ -813,7 +817,7 @@ mod tests {
             .put_deadline(Duration::from_millis(100))
             .build();
         store.invalidate_now("t", "doc:1", "h").unwrap();
-        let Lookup::Miss(observed) = store.lookup_now(&key(1), &["doc:1"]) else {
+        let Lookup::Miss(observed) = store.lookup_here(&key(1), &["doc:1"]) else {
             panic!("expected a miss");
         };
         let mut e = entry(10, Duration::from_secs(60), &[]);
@@ -822,7 +826,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(250));
         store.invalidate_now("t", "doc:other", "h").unwrap();
         assert_eq!(store.dep_epoch("t", "doc:1"), 1, "an entry records it");
-        let Lookup::Fresh(hit) = store.lookup_now(&key(1), &["doc:1"]) else {
+        let Lookup::Fresh(hit) = store.lookup_here(&key(1), &["doc:1"]) else {
             panic!("expected a hit");
         };
         store.entries.invalidate(&key(1));

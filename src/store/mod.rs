@@ -39,6 +39,18 @@ pub trait CacheStore: Send + Sync + 'static {
     /// present.
     fn lookup<'a>(&'a self, key: &'a CacheKey, deps: &'a [&'a str]) -> StoreFuture<'a, Lookup>;
 
+    /// [`lookup`](Self::lookup) answered at once, when the store can answer without waiting
+    /// for anything: an in-process store always can, a store with a process-local copy can
+    /// for what the copy holds. `None` means "call `lookup`" (the default: a store that only
+    /// answers asynchronously need not implement it). The answer must be the one `lookup`
+    /// would give now.
+    ///
+    /// The layer asks this first, so a hit it answers never builds the asynchronous path.
+    fn lookup_now(&self, key: &CacheKey, deps: &[&str]) -> Option<Result<Lookup, StoreError>> {
+        let _ = (key, deps);
+        None
+    }
+
     /// Writes `entry` under `key` if none of the epochs in `entry.deps` (those observed at
     /// lookup time) has moved since; otherwise refuses. Tags the key under each dep.
     fn put<'a>(&'a self, key: &'a CacheKey, entry: Entry) -> StoreFuture<'a, PutOutcome>;
@@ -104,6 +116,9 @@ impl<T: CacheStore + ?Sized> CacheStore for Arc<T> {
     }
     fn lookup<'a>(&'a self, key: &'a CacheKey, deps: &'a [&'a str]) -> StoreFuture<'a, Lookup> {
         (**self).lookup(key, deps)
+    }
+    fn lookup_now(&self, key: &CacheKey, deps: &[&str]) -> Option<Result<Lookup, StoreError>> {
+        (**self).lookup_now(key, deps)
     }
     fn put<'a>(&'a self, key: &'a CacheKey, entry: Entry) -> StoreFuture<'a, PutOutcome> {
         (**self).put(key, entry)

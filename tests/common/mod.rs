@@ -245,6 +245,54 @@ impl CacheStore for SilentStore {
     }
 }
 
+/// A store that answers lookups at once ([`CacheStore::lookup_now`]) or only through
+/// `lookup`, counting each, over a `MemoryStore`; `fail_now` makes each answer at once an error.
+#[derive(Default, Clone)]
+pub struct AtOnceStore {
+    pub inner: cachecore::MemoryStore,
+    pub answers_at_once: bool,
+    pub fail_now: Arc<std::sync::atomic::AtomicBool>,
+    pub now_calls: Arc<AtomicUsize>,
+    pub later_calls: Arc<AtomicUsize>,
+}
+
+impl AtOnceStore {
+    pub fn now_calls(&self) -> usize {
+        self.now_calls.load(Ordering::SeqCst)
+    }
+    pub fn later_calls(&self) -> usize {
+        self.later_calls.load(Ordering::SeqCst)
+    }
+}
+
+impl CacheStore for AtOnceStore {
+    fn lookup<'a>(&'a self, key: &'a CacheKey, deps: &'a [&'a str]) -> StoreFuture<'a, Lookup> {
+        self.later_calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.lookup(key, deps)
+    }
+    fn lookup_now(&self, key: &CacheKey, deps: &[&str]) -> Option<Result<Lookup, StoreError>> {
+        if !self.answers_at_once {
+            return None;
+        }
+        self.now_calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail_now.load(Ordering::SeqCst) {
+            return Some(Err(StoreError::new(StoreErrorKind::Backend, "injected")));
+        }
+        self.inner.lookup_now(key, deps)
+    }
+    fn put<'a>(&'a self, key: &'a CacheKey, entry: Entry) -> StoreFuture<'a, PutOutcome> {
+        self.inner.put(key, entry)
+    }
+    fn invalidate<'a>(
+        &'a self,
+        tenant: &'a str,
+        dep_id: &'a str,
+        new_hash: &'a str,
+    ) -> StoreFuture<'a, DepInvalidated> {
+        self.inner.invalidate(tenant, dep_id, new_hash)
+    }
+}
+
 /// Waits (bounded) until `cond` holds; entries are written in the background after a
 /// response body ends, so tests wait for the write rather than sleep a guessed time.
 pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {

@@ -1071,6 +1071,12 @@ impl CacheStore for RedisStore {
         Box::pin(self.lookup_inner(key, deps, near))
     }
 
+    /// A near hit; anything else needs Redis.
+    fn lookup_now(&self, key: &CacheKey, deps: &[&str]) -> Option<Result<Lookup, StoreError>> {
+        let cache = self.near.as_ref()?;
+        Self::near_lookup(cache, key, deps).ok().map(Ok)
+    }
+
     /// Every call is bounded by [`RedisStoreBuilder::timeout`].
     fn bounds_its_own_calls(&self) -> bool {
         true
