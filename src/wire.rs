@@ -129,6 +129,11 @@ pub fn encode_deps(deps: &[Dep]) -> String {
 pub fn context_from_headers(
     headers: &HeaderMap,
 ) -> Result<Option<RequestContext>, DepsHeaderError> {
+    // Most requests carry none of these: one pass over the names rules all three out, where
+    // each lookup would hash its name and probe the map.
+    if !names_a_cachecore_header(headers) {
+        return Ok(None);
+    }
     let min_similarity = match headers.get(X_CACHECORE_MIN_SIMILARITY) {
         None => None,
         Some(v) => Some(
@@ -146,6 +151,13 @@ pub fn context_from_headers(
         (ctx, None) => ctx,
         (ctx, Some(t)) => Some(ctx.unwrap_or_default().min_similarity(t)),
     })
+}
+
+/// Whether a header name starts with `x-cachecore-` (names are stored lower case).
+fn names_a_cachecore_header(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|name| name.as_str().as_bytes().starts_with(b"x-cachecore-"))
 }
 
 fn context_from_deps_headers(
@@ -178,6 +190,7 @@ fn context_from_deps_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderName;
 
     #[test]
     fn deps_round_trip_padded_or_not() {
@@ -188,6 +201,34 @@ mod tests {
         let padded = base64::engine::general_purpose::URL_SAFE
             .encode(br#"[{"dep_id":"a","expected_hash":null}]"#);
         assert_eq!(decode_deps(padded.as_bytes()).unwrap(), vec![Dep::new("a")]);
+    }
+
+    #[test]
+    fn each_context_header_is_found_among_others_and_none_without_them() {
+        let deps = encode_deps(&[Dep::new("doc:1")]);
+        let mut plain = HeaderMap::new();
+        for (name, value) in [
+            ("host", "api.example"),
+            ("authorization", "Bearer t"),
+            ("content-type", "application/json"),
+            ("x-stainless-lang", "python"),
+            ("x-cachecore-token", "t"),
+            ("x-cachecore", "1"),
+        ] {
+            plain.append(HeaderName::from_static(name), value.parse().unwrap());
+        }
+        assert!(context_from_headers(&plain).unwrap().is_none());
+        for (name, value) in [
+            ("X-CacheCore-Deps", deps.as_str()),
+            ("x-cachecore-bypass", "true"),
+            ("X-CACHECORE-MIN-SIMILARITY", "0.95"),
+        ] {
+            let mut headers = plain.clone();
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            headers.append(name.clone(), value.parse().unwrap());
+            let ctx = context_from_headers(&headers).unwrap();
+            assert!(ctx.is_some(), "{name} not seen among {headers:?}");
+        }
     }
 
     #[test]

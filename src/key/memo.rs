@@ -5,10 +5,8 @@
 //! body are byte-for-byte those it was computed from, and the key is a pure function of them.
 //! The fast hash only picks the slot; a collision costs a recomputation, never a wrong key.
 
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, Hasher};
 use std::sync::{Mutex, PoisonError};
-
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Slots in the memo (direct-mapped: a new key evicts whatever shared its slot).
 const SLOTS: usize = 512;
@@ -25,7 +23,8 @@ const MAX_MEMOISED: usize = 20 * 1024;
 #[derive(Debug)]
 pub(crate) struct KeyMemo {
     slots: Box<[Mutex<Option<Slot>>]>,
-    seed: u64,
+    /// Seeded per process: which requests share a slot cannot be steered from outside.
+    hasher: foldhash::fast::RandomState,
 }
 
 #[derive(Debug)]
@@ -40,8 +39,7 @@ impl Default for KeyMemo {
     fn default() -> Self {
         Self {
             slots: (0..SLOTS).map(|_| Mutex::new(None)).collect(),
-            // Per-process seed: which requests share a slot cannot be steered from outside.
-            seed: std::collections::hash_map::RandomState::new().hash_one(0u8),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
@@ -58,7 +56,13 @@ impl KeyMemo {
         if head.len().saturating_add(body.len()) > MAX_MEMOISED {
             return compute();
         }
-        let hash = xxh3_64_with_seed(body, xxh3_64_with_seed(head, self.seed));
+        // The lengths go first, so no two (head, body) splits of the same bytes hash alike
+        // by construction (they would only share a slot; the compare below decides).
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write_usize(head.len());
+        hasher.write(head);
+        hasher.write(body);
+        let hash = hasher.finish();
         let slot = &self.slots[(hash as usize) % SLOTS];
         if let Some(s) = &*slot.lock().unwrap_or_else(PoisonError::into_inner) {
             if s.hash == hash && *s.head == *head && *s.body == *body {
