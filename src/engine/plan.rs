@@ -1,6 +1,7 @@
 //! Planning: from a request's head alone, whether it is cached, in which namespace, with which
 //! deps and lifetime (docs/design.md §3 and §4).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,14 +75,18 @@ impl Plan {
         }
     }
 
-    /// The dep ids to check: the declared ones and the policy dep.
-    pub(crate) fn dep_ids(&self) -> Vec<&str> {
+    /// The dep ids to check: the declared ones and the policy dep (sorted, each once). Most
+    /// requests declare none: the policy dep alone is a static slice, not an allocation.
+    pub(crate) fn dep_ids(&self) -> Cow<'_, [&str]> {
+        if self.deps.is_empty() {
+            return Cow::Borrowed(&[POLICY_DEP]);
+        }
         let mut ids = Vec::with_capacity(self.deps.len() + 1);
         ids.extend(self.deps.iter().map(Dep::id));
         ids.push(POLICY_DEP);
         ids.sort_unstable();
         ids.dedup();
-        ids
+        Cow::Owned(ids)
     }
 }
 

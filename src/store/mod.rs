@@ -221,8 +221,11 @@ impl DepEpochs {
 
     /// The set from `(dep id, epoch, life)` triples, observed at `at`.
     pub(crate) fn observed(mut deps: Vec<(String, u64, u64)>, at: Instant) -> Self {
-        deps.sort_by(|a, b| a.0.cmp(&b.0));
-        deps.dedup_by(|a, b| a.0 == b.0);
+        // Stores write them sorted: strictly ascending ids need neither the sort nor the dedup.
+        if !deps.is_sorted_by(|a, b| a.0 < b.0) {
+            deps.sort_by(|a, b| a.0.cmp(&b.0));
+            deps.dedup_by(|a, b| a.0 == b.0);
+        }
         Self {
             // Shared: entries are cloned on every hit, their epochs need not be.
             deps: deps
@@ -624,6 +627,35 @@ mod room_tests {
                 copy.insert(name, HeaderValue::from_static("1"));
             }
             assert_eq!(copy.capacity(), capacity, "{n} extra headers: grew");
+        }
+    }
+}
+
+#[cfg(test)]
+mod dep_epochs_tests {
+    use super::*;
+
+    fn ids(deps: &DepEpochs) -> Vec<(&str, u64)> {
+        deps.iter().collect()
+    }
+
+    #[test]
+    fn epochs_are_sorted_by_id_and_each_id_kept_once_however_they_come() {
+        let pairs = |p: &[(&str, u64)]| p.iter().map(|(id, e)| (id.to_string(), *e)).collect();
+        // Already in order (as stores write them), out of order, with a duplicate next to its
+        // twin once sorted, and with one that only sorting brings next to its twin.
+        for given in [
+            vec![("a", 1), ("b", 2), ("cc:policy", 3)],
+            vec![("cc:policy", 3), ("a", 1), ("b", 2)],
+            vec![("a", 1), ("a", 1), ("b", 2), ("cc:policy", 3)],
+            vec![("b", 2), ("a", 1), ("cc:policy", 3), ("b", 2)],
+        ] {
+            let deps = DepEpochs::new(pairs(&given));
+            assert_eq!(
+                ids(&deps),
+                [("a", 1), ("b", 2), ("cc:policy", 3)],
+                "{given:?}"
+            );
         }
     }
 }

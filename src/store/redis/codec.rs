@@ -13,7 +13,7 @@
 //! later format, is recognised as foreign and treated as a miss rather than misread.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -123,7 +123,7 @@ pub(super) fn decode(raw: Bytes) -> Result<Entry, DecodeError> {
         let id = std::str::from_utf8(r.bytes()?)
             .map_err(|_| DecodeError::Malformed("dep id"))?
             .to_owned();
-        deps.push((id, r.varint()?));
+        deps.push((id, r.varint()?, 0));
     }
 
     let body = r.shared_bytes(&raw)?;
@@ -137,7 +137,7 @@ pub(super) fn decode(raw: Bytes) -> Result<Entry, DecodeError> {
         stored_at_ms,
         fresh_ttl,
         stale_window,
-        deps: DepEpochs::new(deps),
+        deps: DepEpochs::observed(deps, Instant::now()),
     })
 }
 
