@@ -42,13 +42,13 @@ fi
 features=gateway
 [ "$with_redis" = 1 ] && features=gateway,redis
 # Cargo links a binary into release/ only when it builds it: one left there by a build of
-# another checkout (the baseline below) would stay. Removed first, each build links its own.
+# another checkout in the same target dir would stay. Removed first, the build links its own.
 rm -f "$target/release/cachecore-gateway"
 cargo build -q --release --features "$features" --bin cachecore-gateway --example completion_server
 server_bin="$target/release/examples/completion_server"
 
 work="$(mktemp -d)"
-# This tree's binary, copied out before the baseline's build replaces it.
+# This tree's binary, copied out.
 cp "$target/release/cachecore-gateway" "$work/gateway-here"
 gateway_bin="$work/gateway-here"
 pids=()
@@ -60,14 +60,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The baseline binary: built from its commit in a throwaway worktree (same target dir, so only
-# cachecore itself is compiled again), copied out before this tree's build can replace it.
+# The baseline binary: built from its commit in a throwaway worktree, in a target dir of its
+# own (kept for the next run). Not this tree's: cargo names a workspace's artifacts the same
+# whichever checkout builds them, so a baseline built there would leave artifacts newer than
+# this tree's sources, which the next build here would take as up to date.
 baseline="${GATEWAY_BASELINE:-}"
 if [ -n "$baseline" ]; then
+  base_target="$target/gateway-baseline"
   git worktree add -f "$work/base" "$baseline" >/dev/null 2>&1
-  rm -f "$target/release/cachecore-gateway"
-  (cd "$work/base" && CARGO_TARGET_DIR="$target" cargo build -q --release --features "$features" --bin cachecore-gateway)
-  cp "$target/release/cachecore-gateway" "$work/gateway-baseline"
+  rm -f "$base_target/release/cachecore-gateway"
+  (cd "$work/base" && CARGO_TARGET_DIR="$base_target" cargo build -q --release --features "$features" --bin cachecore-gateway)
+  cp "$base_target/release/cachecore-gateway" "$work/gateway-baseline"
   if cmp -s "$work/gateway-baseline" "$gateway_bin"; then
     echo "the baseline and this tree built the same binary" >&2
     exit 1

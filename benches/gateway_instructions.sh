@@ -12,8 +12,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "needs valgrind: apt-get install -y valgrind" >&2; exit 1; }
-cargo build -q --release --features gateway,redis --example gateway_probe
 probe="${CARGO_TARGET_DIR:-target}/release/examples/gateway_probe"
+# Cargo links a binary into release/ only when it builds it: one that another checkout's build
+# left there (the same target dir) would be counted instead of this tree's.
+rm -f "$probe"
+cargo build -q --release --features gateway,redis --example gateway_probe
 count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$probe" "$@" 2>&1 | grep -oE 'refs: +[0-9,]+' | tr -d ', ' | cut -d: -f2; }
 # The fewer of two runs: the near cache's heartbeat (a PING every 100 ms, answered on a thread
 # of its own) may miss its 1 s lease under valgrind, which runs one thread at a time; near hits
