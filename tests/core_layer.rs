@@ -372,10 +372,7 @@ async fn a_store_that_answers_at_once_is_asked_once_per_request_and_never_asynch
     // `lookup_now` answers hits and misses alike: `lookup` is never needed, and a miss is not
     // looked up a second time on its way upstream.
     let up = Upstream::new();
-    let store = AtOnceStore {
-        answers_at_once: true,
-        ..AtOnceStore::default()
-    };
+    let store = AtOnceStore::answering();
     let layer = CachecoreLayer::builder().store(store.clone()).build();
     let svc = stack(&layer, &up);
     let first = send(&svc, chat(BODY)).await;
@@ -409,10 +406,7 @@ async fn a_store_that_answers_at_once_is_asked_once_per_request_and_never_asynch
 #[tokio::test]
 async fn errors_answered_at_once_open_the_breaker_like_any_other() {
     let up = Upstream::new();
-    let store = AtOnceStore {
-        answers_at_once: true,
-        ..AtOnceStore::default()
-    };
+    let store = AtOnceStore::answering();
     store
         .fail_now
         .store(true, std::sync::atomic::Ordering::SeqCst);

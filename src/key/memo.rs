@@ -56,8 +56,8 @@ impl KeyMemo {
         if head.len().saturating_add(body.len()) > MAX_MEMOISED {
             return compute();
         }
-        // The lengths go first, so no two (head, body) splits of the same bytes hash alike
-        // by construction (they would only share a slot; the compare below decides).
+        // The head's length goes first, so two (head, body) splits of the same bytes do not
+        // hash alike by construction (they would only share a slot; the compare decides).
         let mut hasher = self.hasher.build_hasher();
         hasher.write_usize(head.len());
         hasher.write(head);

@@ -266,6 +266,8 @@ where
             };
             // Boxed, as everything that waits for the upstream: a hit answered at once then
             // builds and moves a future of a few words, not one with room for an upstream call.
+            // (The same five lines stand in `call_buffered`: a shared helper taking the request
+            // by value cost 200-400 instructions a hit more, measured.)
             let inner = Inner(inner, PhantomData);
             Box::pin(engine.serve_later(plan, later, request, inner)).await
         }

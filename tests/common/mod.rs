@@ -257,6 +257,13 @@ pub struct AtOnceStore {
 }
 
 impl AtOnceStore {
+    /// A store that answers every lookup at once.
+    pub fn answering() -> Self {
+        Self {
+            answers_at_once: true,
+            ..Self::default()
+        }
+    }
     pub fn now_calls(&self) -> usize {
         self.now_calls.load(Ordering::SeqCst)
     }
