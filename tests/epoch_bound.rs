@@ -12,9 +12,10 @@ use cachecore::{CacheStore, MemoryStore};
 /// One-off invalidations per test.
 const ROWS: usize = 1_000_000;
 
-/// How much per-dep state may be held at any moment: what one retention's worth of
-/// invalidations leaves at the rates these tests reach, with room to spare, and far below
-/// [`ROWS`]. A store that forgets nothing ends at `ROWS`.
+/// How much per-dep state the memory store may hold at any moment: what one retention's worth
+/// of invalidations leaves at the rate one thread reaches, with room to spare, and far below
+/// [`ROWS`]. A store that forgets nothing ends at `ROWS`. (The Redis test's bound follows its
+/// measured rate: two threads and pipelining reach far more.)
 const FLAT: usize = ROWS / 5;
 
 #[test]
@@ -89,6 +90,16 @@ async fn a_million_one_off_invalidations_leave_redis_dbsize_flat() {
     );
     let dbsize = || -> usize { server.cli(&["DBSIZE"]).trim().parse().unwrap() };
     let started = Instant::now();
+    // How many ids were invalidated by when: what Redis may still hold is what the last
+    // retention (twice the deadline) wrote, plus what its sampled expiry has not reached yet
+    // (it stops a cycle once a tenth of the keys it samples are expired); so the bound follows
+    // the rate this machine reaches (one machine ran 140,000 a second: 200,000 keys were live
+    // within the retention, and a fixed bound failed). A store that forgets nothing grows
+    // past it, and past the drain below.
+    const WINDOW: Duration = DEADLINE
+        .saturating_mul(2)
+        .saturating_add(Duration::from_secs(1));
+    let mut done: Vec<(Instant, usize)> = vec![(started, 0)];
     let mut held = 0;
     let mut next = 0;
     while next < ROWS {
@@ -109,10 +120,19 @@ async fn a_million_one_off_invalidations_leave_redis_dbsize_flat() {
         for call in calls {
             call.await.unwrap();
         }
-        held = held.max(dbsize());
+        let now = Instant::now();
+        done.push((now, next));
+        let before_window = done
+            .iter()
+            .rev()
+            .find(|(at, _)| now.duration_since(*at) >= WINDOW)
+            .map_or(0, |&(_, n)| n);
+        let recent = next - before_window;
+        let size = dbsize();
+        held = held.max(size);
         assert!(
-            held < FLAT,
-            "DBSIZE {held} after {next} one-off invalidations"
+            size < 2 * recent + 20_000,
+            "DBSIZE {size} after {next} one-off invalidations, {recent} of them in the last {WINDOW:?}"
         );
     }
     println!(
