@@ -14,6 +14,11 @@
 //! - **One task owns the socket.** It swaps the out-buffer for an empty one and writes it whole
 //!   (the lookups of c=32 in one system call), reads whatever has arrived and completes the
 //!   waiters of every complete reply in order, each with slices of the read buffer (no copy).
+//! - **Woken, it yields once before writing.** tokio runs a task woken from a worker next, on
+//!   that worker: the I/O task, woken by the first lookup of a batch, would write that lookup
+//!   alone and be woken again by the next (0.73 `send` calls per gateway hit at c=32). Yielding
+//!   once lets the tasks the worker has ready queue their lookups first (0.14 `send` per hit,
+//!   the gateway's Redis hits 7% faster; README, "Issue 12, eighth pass").
 //! - **Cancel-safe.** A lookup given up on (its timeout, a dropped future) leaves its bytes to be
 //!   written and its reply to be read and dropped, in order; nothing else moves.
 //! - **One timer per connection, not one per lookup.** Each waiter carries its deadline (the
@@ -94,6 +99,9 @@ struct Shared {
     queue: Mutex<Queue>,
     /// Wakes the I/O task: the out-buffer went from empty to non-empty.
     wake: Notify,
+    /// Writes to the socket so far (the batching test counts them).
+    #[cfg(test)]
+    writes: std::sync::atomic::AtomicUsize,
 }
 
 struct Queue {
@@ -172,6 +180,8 @@ impl Lean {
                     started: 0,
                 }),
                 wake: Notify::new(),
+                #[cfg(test)]
+                writes: Default::default(),
             }),
         })
     }
@@ -381,7 +391,13 @@ async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> 
         // Write as much as the socket takes now.
         while written < pending.len() {
             match stream.try_write(&pending[written..]) {
-                Ok(n) => written += n,
+                Ok(n) => {
+                    written += n;
+                    #[cfg(test)]
+                    shared
+                        .writes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(backend("writing to Redis", &e)),
             }
@@ -402,7 +418,11 @@ async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> 
             ready = stream.writable(), if unwritten => {
                 ready.map_err(|e| backend("writing to Redis", &e))?;
             }
-            () = shared.wake.notified(), if !unwritten => {}
+            () = shared.wake.notified(), if !unwritten => {
+                // Woken by the first lookup of a batch: let the tasks the worker has ready run
+                // first, so that their lookups join the batch (one `send` for all of them).
+                tokio::task::yield_now().await;
+            }
         }
     }
 }
@@ -878,6 +898,75 @@ mod tests {
         // Both still hold their places: a reply that came now would be dropped, in order.
         assert_eq!(lean.waiting(), 2);
         server.abort();
+    }
+
+    /// A server that answers every `MGET` with one nil, whatever the reads' boundaries.
+    fn nil_server() -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let Ok((mut socket, _)) = listener.accept() else {
+                return;
+            };
+            let finder = memchr::memmem::Finder::new(b"MGET");
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = socket.read(&mut buf) {
+                // The last 3 bytes of the reads before: a name split across two reads is
+                // found once (3 bytes cannot hold a whole one).
+                let start = seen.len().saturating_sub(3);
+                seen.drain(..start);
+                seen.extend_from_slice(&buf[..n]);
+                let reply = b"*1\r\n$-1\r\n".repeat(finder.find_iter(&seen).count());
+                if socket.write_all(&reply).is_err() {
+                    return;
+                }
+            }
+        });
+        port
+    }
+
+    /// Lookups started together on one worker go out in one write: the I/O task, woken by the
+    /// first, lets the others queue theirs before it writes (without that, tokio runs the woken
+    /// task next and each lookup was a `send` of its own).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn lookups_started_together_go_out_in_one_write() {
+        let port = nil_server();
+        let lean = Lean::new(
+            &info(&format!("redis://127.0.0.1:{port}/")),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+            Vec::new(),
+        )
+        .unwrap();
+        let mget = |out: &mut Vec<u8>| write_command(out, &[b"MGET", b"k"]);
+        assert_eq!(lean.query(mget).await.unwrap(), vec![None]);
+        let writes = || {
+            lean.shared
+                .writes
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let before = writes();
+        // Spawned from a task on the worker, the lookups queue on that worker and run in turn.
+        let shared = lean.clone();
+        let all = tokio::spawn(async move {
+            let lookups: Vec<_> = (0..16)
+                .map(|_| {
+                    let lean = shared.clone();
+                    tokio::spawn(async move { lean.query(mget).await })
+                })
+                .collect();
+            for lookup in lookups {
+                assert_eq!(lookup.await.unwrap().unwrap(), vec![None]);
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("the lookups are answered")
+            .unwrap();
+        let batches = writes() - before;
+        assert!(batches <= 2, "16 lookups took {batches} writes");
     }
 
     mod prop {
