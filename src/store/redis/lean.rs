@@ -18,9 +18,10 @@
 //!   that worker: the I/O task, woken by the first lookup of a batch, would write that lookup
 //!   alone and be woken again by the next (0.73 `send` calls per gateway hit at c=32). Yielding
 //!   once lets the tasks the worker has ready queue their lookups first (0.14 `send` per hit,
-//!   the gateway's Redis hits 7% faster; README, "Issue 12, eighth pass"). It yields only when
-//!   other lookups are in flight: a lone lookup has nobody to wait for, and the yield's extra
-//!   turn of the scheduler cost it 2,500 instructions.
+//!   the gateway's Redis hits 7% faster; README, "Issue 12, eighth pass"). A lone lookup pays
+//!   for the extra turn of the scheduler (2,500 instructions at c=1); yielding only when other
+//!   lookups were in flight, or the last batch held several, saved that and lost 1.5–2% at c=32
+//!   in three same-run A/Bs, so it always yields.
 //! - **Cancel-safe.** A lookup given up on (its timeout, a dropped future) leaves its bytes to be
 //!   written and its reply to be read and dropped, in order; nothing else moves.
 //! - **One timer per connection, not one per lookup.** Each waiter carries its deadline (the
@@ -421,12 +422,9 @@ async fn drive(shared: &Shared) -> Result<std::convert::Infallible, StoreError> 
                 ready.map_err(|e| backend("writing to Redis", &e))?;
             }
             () = shared.wake.notified(), if !unwritten => {
-                // Woken by the first lookup of a batch while others are in flight (a loaded
-                // server): let the tasks the worker has ready run first, so that their lookups
-                // join the batch (one `send` for all of them). A lone lookup goes at once.
-                if shared.lock().waiters.len() > 1 {
-                    tokio::task::yield_now().await;
-                }
+                // Woken by the first lookup of a batch: let the tasks the worker has ready run
+                // first, so that their lookups join the batch (one `send` for all of them).
+                tokio::task::yield_now().await;
             }
         }
     }
