@@ -48,7 +48,6 @@ fn a_million_one_off_invalidations_leave_the_memory_dep_index_flat() {
         .enable_time()
         .build()
         .unwrap();
-    let started = Instant::now();
     // The retention (twice the deadline) and as long again for the sweep, which forgets a few
     // states per write once their time has come.
     let pace = Pace::new(DEADLINE * 4);
@@ -73,7 +72,7 @@ fn a_million_one_off_invalidations_leave_the_memory_dep_index_flat() {
     });
     println!(
         "{ROWS} invalidations in {:?}, at most {held} dep states held",
-        started.elapsed()
+        pace.started.elapsed()
     );
     // Once the writes slow down, what the burst left is forgotten too.
     let drained = Instant::now() + Duration::from_secs(10);
@@ -117,7 +116,6 @@ async fn a_million_one_off_invalidations_leave_redis_dbsize_flat() {
             .unwrap(),
     );
     let dbsize = || -> usize { server.cli(&["DBSIZE"]).trim().parse().unwrap() };
-    let started = Instant::now();
     // The retention (twice the deadline), and a second for Redis's sampled expiry, which stops
     // a cycle once a tenth of the keys it samples are expired.
     let pace = Pace::new(
@@ -156,7 +154,7 @@ async fn a_million_one_off_invalidations_leave_redis_dbsize_flat() {
     }
     println!(
         "{ROWS} invalidations in {:?}, DBSIZE at most {held}",
-        started.elapsed()
+        pace.started.elapsed()
     );
     // Redis forgets the rest on its own, with no writes.
     let deadline = Instant::now() + Duration::from_secs(15);

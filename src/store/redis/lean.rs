@@ -689,6 +689,8 @@ fn number(digits: &[u8], max: usize) -> Result<Option<usize>, NotResp> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     /// The RESP2 encoding of an array of bulk strings and nils.
@@ -706,6 +708,17 @@ mod tests {
 
     fn info(url: &str) -> ConnectionInfo {
         url.parse().expect("a redis URL")
+    }
+
+    /// A lookup connection to a server of the test's on `port`, lookups bounded by `timeout`.
+    fn local(port: u16, timeout: Duration) -> Lean {
+        let url = format!("redis://127.0.0.1:{port}/");
+        Lean::new(&info(&url), Duration::from_secs(1), timeout, Vec::new()).unwrap()
+    }
+
+    /// The lookup the tests send.
+    fn mget(out: &mut Vec<u8>) {
+        write_command(out, &[b"MGET", b"k"]);
     }
 
     fn framed(buf: &[u8]) -> (Result<Frame, NotResp>, Vec<Option<Range<usize>>>) {
@@ -845,14 +858,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let lean = Lean::new(
-            &info(&format!("redis://127.0.0.1:{port}/")),
-            Duration::from_secs(1),
-            Duration::from_secs(1),
-            Vec::new(),
-        )
-        .unwrap();
-        let mget = |out: &mut Vec<u8>| write_command(out, &[b"MGET", b"k"]);
+        let lean = local(port, Duration::from_secs(1));
         let (a, b) = tokio::join!(lean.query(mget), lean.query(mget));
         assert_eq!(a.unwrap_err().kind(), StoreErrorKind::Backend);
         assert_eq!(b.unwrap_err().kind(), StoreErrorKind::Backend);
@@ -872,14 +878,7 @@ mod tests {
             drop(socket);
         });
         let timeout = Duration::from_millis(150);
-        let lean = Lean::new(
-            &info(&format!("redis://127.0.0.1:{port}/")),
-            Duration::from_secs(1),
-            timeout,
-            Vec::new(),
-        )
-        .unwrap();
-        let mget = |out: &mut Vec<u8>| write_command(out, &[b"MGET", b"k"]);
+        let lean = local(port, timeout);
         let timed = |delay: Duration| {
             let lean = lean.clone();
             async move {
@@ -936,20 +935,9 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn lookups_started_together_go_out_in_one_write() {
         let port = nil_server();
-        let lean = Lean::new(
-            &info(&format!("redis://127.0.0.1:{port}/")),
-            Duration::from_secs(5),
-            Duration::from_secs(5),
-            Vec::new(),
-        )
-        .unwrap();
-        let mget = |out: &mut Vec<u8>| write_command(out, &[b"MGET", b"k"]);
+        let lean = local(port, Duration::from_secs(5));
         assert_eq!(lean.query(mget).await.unwrap(), vec![None]);
-        let writes = || {
-            lean.shared
-                .writes
-                .load(std::sync::atomic::Ordering::Relaxed)
-        };
+        let writes = || lean.shared.writes.load(Ordering::Relaxed);
         let before = writes();
         // Spawned from a task on the worker, the lookups queue on that worker and run in turn.
         let shared = lean.clone();
